@@ -1,0 +1,195 @@
+// nanobind module sparsepress._native: torch-free, takes any DLPack array
+// (torch tensors, numpy arrays). A NativeLinear is built once per packed weight
+// (validation happens there) and called per forward with x and y only.
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
+
+#include <optional>
+#include <stdexcept>
+#include <string>
+
+#include "dispatch.h"
+#include "plan.h"
+
+namespace nb = nanobind;
+
+namespace {
+
+using Array = nb::ndarray<nb::ro, nb::c_contig, nb::device::cpu>;
+using F32In = nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
+using F32Out = nb::ndarray<float, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
+using Vec = nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+
+void require(bool ok, const std::string& what) {
+  if (!ok) throw std::invalid_argument(what);
+}
+
+template <typename T>
+bool is(const Array& a) { return a.dtype() == nb::dtype<T>(); }
+
+class NativeLinear {
+ public:
+  NativeLinear(sp::Kind kind, sp::LinearArgs args, std::vector<Array> keep)
+      : kind_(kind), args_(args), keep_(std::move(keep)) {}
+
+  // y[B, out] = x[B, in] W^T (+ bias)
+  void call(const F32In& x, F32Out& y, std::optional<Vec> bias, int n_threads) {
+    require(x.shape(1) == size_t(args_.in), "x has " + std::to_string(x.shape(1)) +
+                                                  " features, the weight expects " + std::to_string(args_.in));
+    require(y.shape(0) == x.shape(0) && y.shape(1) == size_t(args_.out), "y must be [batch, out]");
+    sp::LinearArgs a = args_;
+    a.batch = int64_t(x.shape(0));
+    a.x = x.data();
+    a.y = y.data();
+    if (bias) {
+      require(bias->shape(0) == size_t(args_.out), "bias must have out elements");
+      a.bias = bias->data();
+    }
+    if (a.batch == 0) return;
+    nb::gil_scoped_release unlocked;
+    sp::run_linear(kind_, a, n_threads);
+  }
+
+  int64_t in_features() const { return args_.in; }
+  int64_t out_features() const { return args_.out; }
+
+ private:
+  sp::Kind kind_;
+  sp::LinearArgs args_;
+  std::vector<Array> keep_;  // owns the buffers args_ points into
+};
+
+// Fills scale/rowsum/group fields of int8 kinds.
+void set_quant(sp::LinearArgs& a, std::vector<Array>& keep, const std::optional<Array>& scales,
+               const std::optional<Array>& rowsum, int64_t group_size, bool need_rowsum) {
+  require(scales.has_value(), "int8 weights need scales");
+  require(is<float>(*scales) && scales->ndim() == 2 && scales->shape(0) == size_t(a.out),
+          "scales must be float32 [out, n_groups]");
+  a.n_groups = int64_t(scales->shape(1));
+  a.group_size = group_size > 0 ? group_size : a.in;
+  require((a.in + a.group_size - 1) / a.group_size == a.n_groups, "scales do not match group_size");
+  a.scales = static_cast<const float*>(scales->data());
+  keep.push_back(*scales);
+  if (need_rowsum) {
+    require(rowsum.has_value(), "int8 weights need rowsum");
+    require(is<int32_t>(*rowsum) && rowsum->ndim() == 2 && rowsum->shape(0) == size_t(a.out) &&
+                rowsum->shape(1) == size_t(a.n_groups),
+            "rowsum must be int32 [out, n_groups]");
+    a.rowsum = static_cast<const int32_t*>(rowsum->data());
+    keep.push_back(*rowsum);
+  }
+}
+
+NativeLinear make_masked(const Array& mask, const Array& values, const Array& row_offsets, int64_t in,
+                         std::optional<Array> scales, std::optional<Array> rowsum, int64_t group_size) {
+  sp::LinearArgs a;
+  require(is<uint8_t>(mask) && mask.ndim() == 2, "mask must be uint8 [out, ceil(in/8)]");
+  a.out = int64_t(mask.shape(0));
+  a.in = in;
+  require(int64_t(mask.shape(1)) == (in + 7) / 8, "mask must have ceil(in/8) columns");
+  require(is<int64_t>(row_offsets) && row_offsets.ndim() == 1 && row_offsets.shape(0) == size_t(a.out + 1),
+          "row_offsets must be int64 [out+1]");
+  require(values.ndim() == 1, "values must be 1-D");
+  a.mask = static_cast<const uint8_t*>(mask.data());
+  a.mask_stride = int64_t(mask.shape(1));
+  a.row_offsets = static_cast<const int64_t*>(row_offsets.data());
+  a.values = values.data();
+  a.values_len = int64_t(values.shape(0));
+  require(a.row_offsets[0] == 0 && a.row_offsets[a.out] <= a.values_len, "row_offsets exceed values");
+  std::vector<Array> keep{mask, values, row_offsets};
+  sp::Kind kind;
+  if (is<int8_t>(values)) {
+    kind = sp::Kind::MaskedI8;
+    set_quant(a, keep, scales, rowsum, group_size, true);
+  } else if (is<float>(values)) {
+    kind = sp::Kind::MaskedF32;
+  } else if (is<int16_t>(values) || is<uint16_t>(values)) {
+    kind = sp::Kind::MaskedBF16;
+  } else {
+    throw std::invalid_argument("values must be int8, float32 or 16-bit (bf16 bits)");
+  }
+  return NativeLinear(kind, a, std::move(keep));
+}
+
+NativeLinear make_dense_int8(const Array& values, std::optional<Array> scales, std::optional<Array> rowsum,
+                             int64_t group_size) {
+  sp::LinearArgs a;
+  require(is<int8_t>(values) && values.ndim() == 2, "values must be int8 [out, in]");
+  a.out = int64_t(values.shape(0));
+  a.in = int64_t(values.shape(1));
+  a.values = values.data();
+  a.values_len = a.out * a.in;
+  std::vector<Array> keep{values};
+  set_quant(a, keep, scales, rowsum, group_size, true);
+  return NativeLinear(sp::Kind::DenseI8, a, std::move(keep));
+}
+
+NativeLinear make_csr(const Array& row_ptr, const Array& col_indices, const Array& values, int64_t in,
+                      std::optional<Array> scales, int64_t group_size) {
+  sp::LinearArgs a;
+  require(is<int32_t>(row_ptr) && row_ptr.ndim() == 1 && row_ptr.shape(0) >= 1, "row_ptr must be int32 [out+1]");
+  require(is<int16_t>(col_indices) || is<int32_t>(col_indices), "col_indices must be int16 or int32");
+  require(values.ndim() == 1 && col_indices.ndim() == 1 && values.shape(0) == col_indices.shape(0),
+          "values and col_indices must be 1-D of equal length");
+  a.out = int64_t(row_ptr.shape(0)) - 1;
+  a.in = in;
+  a.row_ptr = static_cast<const int32_t*>(row_ptr.data());
+  a.col_idx = col_indices.data();
+  a.col_idx16 = is<int16_t>(col_indices);
+  a.values = values.data();
+  a.values_len = int64_t(values.shape(0));
+  require(a.row_ptr[0] == 0 && a.row_ptr[a.out] <= a.values_len, "row_ptr exceeds values");
+  std::vector<Array> keep{row_ptr, col_indices, values};
+  sp::Kind kind;
+  if (is<float>(values)) {
+    kind = sp::Kind::CsrF32;
+  } else if (is<int8_t>(values)) {
+    kind = sp::Kind::CsrI8;
+    set_quant(a, keep, scales, std::nullopt, group_size, false);
+  } else {
+    throw std::invalid_argument("csr values must be float32 or int8");
+  }
+  return NativeLinear(kind, a, std::move(keep));
+}
+
+}  // namespace
+
+NB_MODULE(_native, m) {
+  m.doc() = "Native CPU kernels of sparsepress (torch-free; DLPack arrays in and out).";
+  m.def("detect_isa", &sp::detect_isa, "Best ISA level of this CPU: 'avx512', 'avx2' or 'scalar'.");
+  m.def("supported_isas", &sp::supported_isas, "ISA levels usable on this CPU, best last.");
+  m.def("set_isa", &sp::set_isa, nb::arg("name"), "Force an ISA level (ValueError if unsupported).");
+  m.def("active_isa", [] { return std::string(sp::active_table().name); }, "The ISA level in use.");
+  m.def("quantize_rows", [](const F32In& x) {
+    // test hook: the activation quantization exactly as the kernels see it
+    const int64_t b = int64_t(x.shape(0)), in = int64_t(x.shape(1));
+    auto* q = new int8_t[size_t(b * in)];
+    auto* u = new uint8_t[size_t(b * in)];
+    auto* s = new float[size_t(b)];
+    sp::quantize_rows(x.data(), b, in, in, q, u, s);
+    delete[] u;
+    nb::capsule qo(q, [](void* p) noexcept { delete[] static_cast<int8_t*>(p); });
+    nb::capsule so(s, [](void* p) noexcept { delete[] static_cast<float*>(p); });
+    return nb::make_tuple(nb::ndarray<nb::numpy, int8_t, nb::ndim<2>>(q, {size_t(b), size_t(in)}, qo),
+                          nb::ndarray<nb::numpy, float, nb::ndim<1>>(s, {size_t(b)}, so));
+  }, nb::arg("x"));
+
+  nb::class_<NativeLinear>(m, "NativeLinear", "A packed weight prepared for the native kernels.")
+      .def("__call__", &NativeLinear::call, nb::arg("x"), nb::arg("y"), nb::arg("bias").none(),
+           nb::arg("n_threads") = 1, "y[B, out] = x[B, in] @ W.T (+ bias); x, y float32 C-contiguous.")
+      .def_prop_ro("in_features", &NativeLinear::in_features)
+      .def_prop_ro("out_features", &NativeLinear::out_features);
+
+  m.def("masked_linear", &make_masked, nb::arg("mask"), nb::arg("values"), nb::arg("row_offsets"),
+        nb::arg("in_features"), nb::arg("scales").none() = nb::none(), nb::arg("rowsum").none() = nb::none(),
+        nb::arg("group_size") = 0,
+        "Masked stream weight (bitmask, and nm/bbs converted to it): int8 / float32 / bf16-bits values.");
+  m.def("dense_int8_linear", &make_dense_int8, nb::arg("values"), nb::arg("scales"), nb::arg("rowsum"),
+        nb::arg("group_size") = 0, "Dense int8 weight [out, in].");
+  m.def("csr_linear", &make_csr, nb::arg("row_ptr"), nb::arg("col_indices"), nb::arg("values"),
+        nb::arg("in_features"), nb::arg("scales").none() = nb::none(), nb::arg("group_size") = 0,
+        "CSR weight: float32 or int8 values.");
+}

@@ -1,0 +1,64 @@
+// Shared, torch-free types of the native kernels: one argument block per call,
+// row-range kernels, and the per-ISA table the dispatcher picks from.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+namespace sp {
+
+// Everything a row-range kernel needs; filled once per call by plan.cpp.
+// Weight layouts are exactly those of docs/formats.md; nm and bbs weights are
+// handed over as masked streams (mask + flat values + row offsets).
+struct LinearArgs {
+  int64_t batch = 0, in = 0, out = 0;
+  // float activations [batch, in], row stride `in`
+  const float* x = nullptr;
+  // int8 activations quantized per token, row stride x_stride (>= in, multiple
+  // of 64, padded with xq = 0 / xu = 128); xu = xq + 128 for u8 x s8 dot products
+  const int8_t* xq = nullptr;
+  const uint8_t* xu = nullptr;
+  int64_t x_stride = 0;
+  const float* sx = nullptr;  // [batch]
+  // masked stream: mask [out, mask_stride] bits LSB first; values from row_offsets[r]
+  const uint8_t* mask = nullptr;
+  int64_t mask_stride = 0;
+  const void* values = nullptr;  // int8 | float | uint16 (bf16 bits)
+  int64_t values_len = 0;        // elements in `values`, to guard vector over-reads
+  const int64_t* row_offsets = nullptr;
+  // dense int8: values [out, in]
+  // csr: row_ptr [out+1], col indices int16 or int32
+  const int32_t* row_ptr = nullptr;
+  const void* col_idx = nullptr;
+  bool col_idx16 = false;
+  // int quantization: scales [out, n_groups], rowsum [out, n_groups] (sum of q per group)
+  const float* scales = nullptr;
+  const int32_t* rowsum = nullptr;
+  int64_t n_groups = 1, group_size = 0;  // group_size = in when n_groups == 1
+  const float* bias = nullptr;  // [out] or null
+  float* y = nullptr;           // [batch, out]
+};
+
+using RowKernel = void (*)(const LinearArgs&, int64_t r0, int64_t r1);
+
+struct KernelTable {
+  const char* name;
+  RowKernel masked_i8;
+  RowKernel dense_i8;
+  RowKernel masked_f32;
+  RowKernel masked_bf16;
+  RowKernel csr_f32;
+  RowKernel csr_i8;
+};
+
+static inline float bf16_to_f32(uint16_t h) {
+  uint32_t u = uint32_t(h) << 16;
+  float f;
+  __builtin_memcpy(&f, &u, 4);
+  return f;
+}
+
+namespace scalar { const KernelTable& table(); }
+namespace avx2 { const KernelTable& table(); }
+namespace avx512 { const KernelTable& table(); }
+
+}  // namespace sp

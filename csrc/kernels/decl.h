@@ -1,0 +1,17 @@
+// Row kernels every ISA tree defines (in namespace sp::<tree>), and its table.
+#include "common.h"
+
+#ifndef SP_ISA_NS
+#error "define SP_ISA_NS before including kernels/decl.h"
+#endif
+
+namespace sp {
+namespace SP_ISA_NS {
+void masked_i8(const LinearArgs& a, int64_t r0, int64_t r1);
+void dense_i8(const LinearArgs& a, int64_t r0, int64_t r1);
+void csr_i8(const LinearArgs& a, int64_t r0, int64_t r1);
+void masked_f32(const LinearArgs& a, int64_t r0, int64_t r1);
+void masked_bf16(const LinearArgs& a, int64_t r0, int64_t r1);
+void csr_f32(const LinearArgs& a, int64_t r0, int64_t r1);
+}  // namespace SP_ISA_NS
+}  // namespace sp

@@ -1,0 +1,14 @@
+// Scalar tree, int8 weights: exact int32 dot products of int8 activations and weights.
+#define SP_ISA_NS scalar
+#include "kernels/decl.h"
+#include "kernels/generic.h"
+
+namespace sp {
+namespace scalar {
+
+void masked_i8(const LinearArgs& a, int64_t r0, int64_t r1) { generic::masked_i8(a, r0, r1); }
+void dense_i8(const LinearArgs& a, int64_t r0, int64_t r1) { generic::dense_i8(a, r0, r1); }
+void csr_i8(const LinearArgs& a, int64_t r0, int64_t r1) { generic::csr_i8(a, r0, r1); }
+
+}  // namespace scalar
+}  // namespace sp

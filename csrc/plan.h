@@ -1,0 +1,21 @@
+// One call of a packed linear layer: quantize activations (int kinds), split the
+// output rows into tasks, and run the active ISA's row kernel on the thread pool.
+#pragma once
+#include "common.h"
+
+namespace sp {
+
+enum class Kind { MaskedI8, DenseI8, MaskedF32, MaskedBF16, CsrF32, CsrI8 };
+
+inline bool is_int8(Kind k) { return k == Kind::MaskedI8 || k == Kind::DenseI8 || k == Kind::CsrI8; }
+
+// `a` carries the weight fields plus x, batch, y and bias; activation fields are
+// filled here. Must be called without the GIL.
+void run_linear(Kind kind, LinearArgs a, int n_threads);
+
+// Per-token int8 quantization of docs/formats.md: sx = max|x|/127 (1 for an all-zero
+// row), xq = clamp(round_half_even(x / sx), -127, 127); writes xu = xq + 128 too.
+void quantize_rows(const float* x, int64_t batch, int64_t in, int64_t stride, int8_t* xq,
+                   uint8_t* xu, float* sx);
+
+}  // namespace sp

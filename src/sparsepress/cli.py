@@ -1,0 +1,260 @@
+"""The `sparsepress` command line (DESIGN section 2): compress, inspect, eval, bench, demo.
+
+Example:
+    >>> from typer.testing import CliRunner
+    >>> CliRunner().invoke(app, ["--help"]).exit_code
+    0
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from .errors import InputError, SparsepressError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Compress trained models with sparsity + quantization; store them small; run them fast on CPUs.")
+console = Console()
+errors = Console(stderr=True)
+
+DEMO_OUT = Path("sparsepress-demo")
+
+
+def _clean_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn errors a user can cause into one red line and exit 1; Ctrl-C into exit 130."""
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except SparsepressError as exc:
+            errors.print(f"[red]error:[/red] {exc}", highlight=False)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            errors.print("[yellow]interrupted[/yellow]: nothing was written", highlight=False)
+            raise typer.Exit(130) from None
+    return wrapper
+
+
+def _progress() -> tuple[Progress, Callable[[str, int, int], None]]:
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=console, transient=False)
+    tasks: dict[str, Any] = {}
+
+    def update(what: str, done: int, total: int) -> None:
+        if what not in tasks:
+            tasks[what] = progress.add_task(what, total=total)
+        progress.update(tasks[what], completed=done, total=total)
+
+    return progress, update
+
+
+def run_compression(model_name: str, recipe_path: Path | None, out: Path, calibration: Path | None, samples: int,
+                    seq_len: int, overwrite: bool, recipe: Any = None) -> tuple[Any, Any]:
+    """Load, compress and save; returns (source, compressed model). Shared by `compress` and `demo`."""
+    from .io import _atomic_folder
+    from .pipeline import compress
+    from .recipe import Recipe
+    from .sources import load_source, read_text, token_samples
+
+    recipe = recipe if recipe is not None else Recipe.from_yaml(recipe_path)  # type: ignore[arg-type]
+    # Refuse a non-empty --out before any expensive work, and create nothing yet.
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        _atomic_folder(out, overwrite)
+    source = load_source(model_name)
+    if source.tokenizer is None:
+        raise InputError(source.path, "no tokenizer files found; calibration needs one")
+    text = read_text(calibration)
+    ids = token_samples(source.tokenizer, text, samples, seq_len, recipe.seed, source=str(calibration or "bundled calibration text"))
+    progress, update = _progress()
+    with progress:
+        model = compress(source.model, recipe, calibration=ids, tokenizer=source.tokenizer, samples=samples,
+                         seq_len=seq_len, progress=update)
+    model.sparsepress_source = source.path
+    from .io import save
+
+    save(model, out, tokenizer=None, source=source.path, overwrite=overwrite)
+    return source, model
+
+
+@app.command("compress")
+@_clean_errors
+def compress_command(
+    model: str = typer.Argument(..., help="Hugging Face model folder, or 'minilm' for the bundled all-MiniLM-L6-v2"),
+    recipe: Path = typer.Option(..., "--recipe", "-r", help="YAML recipe"),
+    out: Path = typer.Option(..., "--out", "-o", help="output folder"),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", help="calibration text file (default: bundled WikiText-2 sample)"),
+    samples: int = typer.Option(128, "--samples", min=1, help="calibration samples"),
+    seq_len: int = typer.Option(128, "--seq-len", min=8, help="tokens per calibration sample"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty --out"),
+) -> None:
+    """Compress MODEL with a recipe and write a packed model folder."""
+    from .io import read_manifest
+    from .report import folder_bytes, human_bytes, layer_table
+
+    source, _ = run_compression(model, recipe, out, calibration, samples, seq_len, overwrite)
+    manifest = read_manifest(out)
+    console.print(layer_table(manifest, title=f"{out}"))
+    dense = sum(p.stat().st_size for p in Path(source.path).glob("model*.safetensors"))
+    tensors = (out / "sparsepress.safetensors").stat().st_size
+    console.print(f"tensors {human_bytes(tensors)} vs dense weights {human_bytes(dense)}: "
+                  f"{tensors / max(dense, 1):.3f} of the dense file; folder {human_bytes(folder_bytes(out))}")
+
+
+@app.command("inspect")
+@_clean_errors
+def inspect_command(folder: Path = typer.Argument(..., help="a sparsepress model folder")) -> None:
+    """Per-layer table of a packed model folder: shape, pattern, sparsity, format, dtype, bytes."""
+    from .io import read_manifest
+    from .report import folder_bytes, human_bytes, kv_table, layer_table
+
+    manifest = read_manifest(folder)
+    console.print(layer_table(manifest, title=str(folder)))
+    console.print(kv_table("folder", [
+        ("model class", manifest["model_class"]),
+        ("format version", str(manifest["format_version"])),
+        ("tensors file", human_bytes((Path(folder) / "sparsepress.safetensors").stat().st_size)),
+        ("folder (all files)", human_bytes(folder_bytes(folder))),
+        ("sha256 verified", "yes"),
+    ]))
+
+
+def _reference_for(manifest: dict[str, Any], reference: str | None) -> str:
+    name = reference or manifest.get("source")
+    if not name:
+        raise InputError("--reference", "the folder does not record its source model; pass --reference MODEL")
+    return name
+
+
+def evaluate_folder(folder: Path, reference: str | None, text: Path | None, samples: int = 64, seq_len: int = 128) -> dict[str, float]:
+    """Fidelity (and perplexity for causal LMs) of a folder against its dense reference."""
+    from .evaluate import fidelity, is_causal_lm, perplexity
+    from .io import load, read_manifest
+    from .sources import load_source, read_text, token_samples
+
+    manifest = read_manifest(folder)
+    model = load(folder)
+    source = load_source(_reference_for(manifest, reference))
+    if source.tokenizer is None:
+        raise InputError(source.path, "no tokenizer files found")
+    ids = token_samples(source.tokenizer, read_text(text, "heldout"), samples, seq_len, seed=1234,
+                        source=str(text or "bundled held-out text"))
+    pad = source.tokenizer.pad_token_id or 0
+    result = {"fidelity": fidelity(model, source.model, ids, pad_id=pad)}
+    if is_causal_lm(model):
+        result["perplexity"] = perplexity(model, ids, pad_id=pad)
+        result["reference perplexity"] = perplexity(source.model, ids, pad_id=pad)
+    return result
+
+
+@app.command("eval")
+@_clean_errors
+def eval_command(
+    folder: Path = typer.Argument(..., help="a sparsepress model folder"),
+    reference: Optional[str] = typer.Option(None, "--reference", help="dense reference model (default: the recorded source)"),
+    text: Optional[Path] = typer.Option(None, "--text", help="held-out text file (default: bundled WikiText-2 test sample)"),
+    samples: int = typer.Option(64, "--samples", min=1),
+    seq_len: int = typer.Option(128, "--seq-len", min=8),
+) -> None:
+    """Fidelity of FOLDER to its dense reference (mean cosine of pooled outputs); perplexity for causal LMs."""
+    from .report import kv_table
+
+    result = evaluate_folder(folder, reference, text, samples, seq_len)
+    console.print(kv_table(f"eval {folder}", [(k, f"{v:.4f}") for k, v in result.items()]))
+
+
+def bench_rows(folder: Path, reference: str | None, batch: int, seq_len: int, repeats: int = 10) -> list[tuple[str, float]]:
+    """Latency (ms) of torch fp32, torch dynamic int8 and the sparsepress folder, measured side by side."""
+    import torch
+
+    from .evaluate import dynamic_int8, latency_ms
+    from .io import load, read_manifest
+    from .sources import load_source
+
+    manifest = read_manifest(folder)
+    model = load(folder)
+    dense = load_source(_reference_for(manifest, reference)).model
+    vocab = int(getattr(dense.config, "vocab_size", 1000))
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000 if vocab > 2000 else 0, min(vocab, 2000 if vocab > 2000 else vocab), (batch, seq_len), generator=gen)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    quantized = dynamic_int8(dense)
+    return [
+        ("torch fp32 (dense)", latency_ms(dense, inputs, repeats)),
+        ("torch dynamic int8 (dense)", latency_ms(quantized, inputs, repeats)),
+        ("sparsepress", latency_ms(model, inputs, repeats)),
+    ]
+
+
+@app.command("bench")
+@_clean_errors
+def bench_command(
+    folder: Path = typer.Argument(..., help="a sparsepress model folder"),
+    batch: int = typer.Option(1, "--batch", min=1),
+    seq_len: int = typer.Option(16, "--seq-len", min=1),
+    reference: Optional[str] = typer.Option(None, "--reference", help="dense reference model (default: the recorded source)"),
+    repeats: int = typer.Option(10, "--repeats", min=1),
+) -> None:
+    """Latency of FOLDER against the dense reference in torch fp32 and torch dynamic int8, side by side."""
+    from .report import latency_table
+
+    rows = bench_rows(folder, reference, batch, seq_len, repeats)
+    console.print(latency_table(f"latency, batch {batch} x {seq_len} tokens", rows, baseline="torch fp32 (dense)"))
+
+
+@app.command("demo")
+@_clean_errors
+def demo_command(
+    out: Path = typer.Option(DEMO_OUT, "--out", help="where the demo writes its folder"),
+    samples: int = typer.Option(64, "--samples", min=1),
+) -> None:
+    """Compress the bundled all-MiniLM-L6-v2 with the default recipe and report size, sparsity, fidelity, latency."""
+    from importlib import resources
+
+    from .io import read_manifest
+    from .recipe import Recipe
+    from .report import folder_bytes, human_bytes, kv_table, latency_table, layer_table
+
+    recipe = Recipe.from_yaml_text(resources.files("sparsepress.recipes").joinpath("demo.yaml").read_text())
+    if out.exists() and any(out.iterdir()) and not (out / "sparsepress.json").is_file():
+        raise InputError(out, "exists, is not empty and is not an earlier demo folder; pass another --out")
+    console.print(f"compressing all-MiniLM-L6-v2 with the demo recipe ({_describe(recipe)}) into {out}/")
+    source, _ = run_compression("minilm", None, out, None, samples, 128, overwrite=True, recipe=recipe)
+    manifest = read_manifest(out)
+    console.print(layer_table(manifest, title="per-layer sparsity"))
+    result = evaluate_folder(out, None, None, samples=64, seq_len=128)
+    dense_bytes = (Path(source.path) / "model.safetensors").stat().st_size
+    tensors = (out / "sparsepress.safetensors").stat().st_size
+    console.print(kv_table("size and quality", [
+        ("dense model.safetensors", human_bytes(dense_bytes)),
+        ("sparsepress.safetensors", human_bytes(tensors)),
+        ("ratio", f"{tensors / dense_bytes:.3f}"),
+        ("whole folder", human_bytes(folder_bytes(out))),
+        ("fidelity (mean cosine to dense, held-out text)", f"{result['fidelity']:.4f}"),
+    ]))
+    for batch, seq_len in ((1, 16), (8, 64)):
+        rows = bench_rows(out, None, batch, seq_len, repeats=10)
+        console.print(latency_table(f"latency, batch {batch} x {seq_len} tokens", rows, baseline="torch fp32 (dense)"))
+
+
+def _describe(recipe: Any) -> str:
+    return ", ".join(
+        " ".join(f"{k}={v}" for k, v in stage.model_dump(exclude_defaults=True).items()) or stage.kind
+        for stage in recipe.stages
+    )
+
+
+def main() -> None:
+    """Entry point of the `sparsepress` console script."""
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

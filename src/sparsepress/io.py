@@ -1,0 +1,357 @@
+"""Model folders (DESIGN section 4): safetensors + a JSON manifest, written atomically, verified on load.
+
+Example:
+    >>> import tempfile, torch, sparsepress as sp
+    >>> from transformers import BertConfig, BertModel
+    >>> model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+    ...                              intermediate_size=64, vocab_size=100)).eval()
+    >>> out = tempfile.mkdtemp() + "/m"
+    >>> sp.save(model, out)
+    >>> type(sp.load(out)).__name__
+    'BertModel'
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import __version__
+from .errors import ChecksumError, FormatError, InputError, TensorLayoutError, VersionError
+from .formats import FORMATS, LayoutMismatch
+from .models import convert_conv1d_, replace_module
+from .nn import QuantizedEmbedding, SparseLinear
+
+FORMAT_VERSION = 1
+MANIFEST = "sparsepress.json"
+TENSORS = "sparsepress.safetensors"
+# Files of the source folder that travel with the model (tokenizer, sentence-transformers layout).
+SIDE_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
+    "merges.txt", "tokenizer.model", "added_tokens.json", "modules.json", "sentence_bert_config.json",
+    "config_sentence_transformers.json", "generation_config.json",
+)
+SIDE_FOLDERS = ("1_Pooling", "2_Normalize")
+
+
+def sha256_of(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks.
+
+    Example:
+        >>> import tempfile; p = tempfile.mktemp(); _ = open(p, "wb").write(b"x")
+        >>> sha256_of(Path(p))[:8]
+        '2d711642'
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _collect_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any], dict[str, str]]:
+    tensors: dict[str, torch.Tensor] = {}
+    layers: dict[str, Any] = {}
+    embeddings: dict[str, Any] = {}
+    history = _history(model)
+    packed_prefixes = []
+    for name, module in model.named_modules():
+        if isinstance(module, SparseLinear):
+            for suffix, tensor in module.packed.tensors().items():
+                tensors[f"{name}.{suffix}"] = tensor
+            if module.bias is not None:
+                tensors[f"{name}.bias"] = module.bias
+            meta = module.packed.meta()
+            meta["bias"] = module.bias is not None
+            extra = history["layers"].get(name, {})
+            meta.update({k: extra[k] for k in ("method", "pattern", "target_sparsity", "quant_method") if k in extra})
+            meta["sparsity"] = round(module.packed.sparsity, 6)
+            meta["nbytes"] = module.nbytes
+            layers[name] = meta
+            packed_prefixes.append(name + ".")
+        elif isinstance(module, QuantizedEmbedding):
+            tensors[f"{name}.codes"] = module.codes
+            tensors[f"{name}.scales"] = module.scales
+            embeddings[name] = {"bits": module.bits, "shape": [module.num_embeddings, module.embedding_dim],
+                                "padding_idx": module.padding_idx}
+            packed_prefixes.append(name + ".")
+    aliases: dict[str, str] = {}
+    seen: dict[tuple[int, int, tuple[int, ...]], str] = {}
+    for key, tensor in model.state_dict().items():
+        if any(key.startswith(p) for p in packed_prefixes):
+            continue
+        identity = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if identity in seen:  # tied weights are stored once
+            aliases[key] = seen[identity]
+            continue
+        seen[identity] = key
+        tensors[key] = tensor
+    return tensors, layers, embeddings, aliases
+
+
+def _history(model: nn.Module) -> dict[str, Any]:
+    """How the model came to be: from a fresh compression record, or the manifest it was loaded from."""
+    record = getattr(model, "sparsepress_record", None)
+    if record is not None:
+        return {"recipe": record.recipe.to_dict(), "adapter": record.adapter, "layers": record.layers,
+                "source": getattr(model, "sparsepress_source", None)}
+    manifest = getattr(model, "sparsepress_manifest", None) or {}
+    return {"recipe": manifest.get("recipe"), "adapter": manifest.get("adapter"), "layers": manifest.get("layers", {}),
+            "source": manifest.get("source")}
+
+
+def _atomic_folder(out: Path, overwrite: bool) -> Path:
+    if out.exists() and not out.is_dir():
+        raise InputError(out, "exists and is not a folder")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise InputError(out, "exists and is not empty; pass --overwrite (overwrite=True) to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+
+
+def _replace_folder(staging: Path, out: Path) -> None:
+    """Swap `staging` into `out`; the old folder survives until the new one is in place."""
+    backup = None
+    if out.exists():
+        backup = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, backup)
+    try:
+        os.replace(staging, out)
+    except OSError:
+        if backup is not None:
+            os.replace(backup, out)
+        raise
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def save(
+    model: nn.Module,
+    out: str | Path,
+    tokenizer: Any = None,
+    *,
+    source: str | Path | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write `model` as a sparsepress folder (config, tokenizer, tensors, manifest), atomically.
+
+    `source` (a model folder) contributes its tokenizer and sentence-transformers files. An existing
+    non-empty `out` is refused unless `overwrite`; a failure leaves any old folder untouched.
+    """
+    out = Path(out)
+    staging = _atomic_folder(out, overwrite)
+    try:
+        tensors, layers, embeddings, aliases = _collect_tensors(model)
+        for key, tensor in tensors.items():
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise FormatError(out, f"refusing to save: tensor '{key}' holds NaN or Inf")
+        contiguous = {k: v.detach().contiguous().cpu() for k, v in sorted(tensors.items())}
+        save_file(contiguous, str(staging / TENSORS), metadata={"format": "pt", "producer": "sparsepress"})
+        config = getattr(model, "config", None)
+        if config is not None:
+            config.save_pretrained(staging)
+        history = _history(model)
+        source_path = source if source is not None else history["source"]
+        for origin in (source_path, getattr(model, "sparsepress_folder", None)):
+            if origin is not None:
+                _copy_side_files(Path(origin), staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "library_version": __version__,
+            "torch_version": torch.__version__.split("+")[0],
+            "model_class": type(model).__name__,
+            "source": str(source_path) if source_path is not None else None,
+            "sentence_transformers": (staging / "modules.json").is_file(),
+            "recipe": history["recipe"],
+            "adapter": history["adapter"],
+            "layers": layers,
+            "embeddings": embeddings,
+            "aliases": aliases,
+            "tensors_file": TENSORS,
+            "tensors_sha256": sha256_of(staging / TENSORS),
+        }
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        for path in staging.iterdir():
+            if path.is_file():
+                _fsync(path)
+        _replace_folder(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def _copy_side_files(source: Path, staging: Path) -> None:
+    for name in SIDE_FILES:
+        if (source / name).is_file() and not (staging / name).exists():
+            shutil.copy2(source / name, staging / name)
+    for name in SIDE_FOLDERS:
+        if (source / name).is_dir() and not (staging / name).exists():
+            shutil.copytree(source / name, staging / name)
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any]:
+    """The verified manifest of a folder: version known, tensors file present and matching its sha256."""
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not folder.is_dir():
+        raise InputError(folder, "model folder not found")
+    if not path.is_file():
+        raise FormatError(path, "missing: not a sparsepress folder")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FormatError(path, f"unreadable manifest: {exc}") from None
+    if not isinstance(manifest, dict):
+        raise FormatError(path, "manifest is not a JSON object")
+    version = manifest.get("format_version")
+    if not isinstance(version, int):
+        raise FormatError(path, f"format_version missing or not an integer: {version!r}")
+    if version > FORMAT_VERSION:
+        raise VersionError(path, f"format version {version} is newer than this sparsepress reads ({FORMAT_VERSION}); upgrade sparsepress")
+    for key, kind in (("layers", dict), ("embeddings", dict), ("aliases", dict), ("tensors_sha256", str), ("model_class", str)):
+        if not isinstance(manifest.get(key), kind):
+            raise FormatError(path, f"manifest field '{key}' missing or not a {kind.__name__}")
+    tensors_path = folder / TENSORS
+    if not tensors_path.is_file():
+        raise FormatError(tensors_path, "missing tensors file")
+    if sha256_of(tensors_path) != manifest["tensors_sha256"]:
+        raise ChecksumError(tensors_path, "sha256 does not match the manifest: the file is damaged or was changed")
+    return manifest
+
+
+def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    path = folder / TENSORS
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise FormatError(path, f"unreadable safetensors data: {exc}") from None
+
+
+def _model_class(folder: Path, manifest: dict[str, Any], config: Any) -> type[nn.Module]:
+    import transformers
+
+    if manifest.get("sentence_transformers") or (folder / "modules.json").is_file():
+        try:
+            return transformers.AutoModel._model_mapping[type(config)]
+        except KeyError:
+            raise FormatError(folder / "config.json", f"no transformers model for model_type {config.model_type!r}") from None
+    name = manifest["model_class"]
+    cls = getattr(transformers, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise FormatError(folder / MANIFEST, f"model_class {name!r} is not a transformers model class")
+    return cls
+
+
+def _take(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: tensors.pop(k) for k in [k for k in tensors if k.startswith(prefix)]}
+
+
+def load(folder: str | Path) -> nn.Module:
+    """Rebuild the saved model (its original class, SparseLinear in place of packed layers), in eval mode.
+
+    Raises FormatError subclasses naming the file on any damage, foreign or newer content.
+    """
+    from transformers import AutoConfig
+
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    try:
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, json.JSONDecodeError) as exc:
+        raise FormatError(folder / "config.json", f"unreadable config: {exc}") from None
+    cls = _model_class(folder, manifest, config)
+    tensors = _read_tensors(folder)
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers
+        from transformers.modeling_utils import no_init_weights  # type: ignore[no-redef]
+    with no_init_weights():
+        model = cls(config)
+    convert_conv1d_(model)
+    for name, meta in manifest["layers"].items():
+        _install_linear(folder, model, tensors, name, meta)
+    for name, meta in manifest["embeddings"].items():
+        _install_embedding(folder, model, tensors, name, meta)
+    for alias, original in manifest["aliases"].items():
+        if original not in tensors:
+            raise TensorLayoutError(folder / TENSORS, f"alias '{alias}' points at missing tensor '{original}'")
+        tensors[alias] = tensors[original]
+    installed = tuple(f"{name}." for name in (*manifest["layers"], *manifest["embeddings"]))
+    expected = {k: v for k, v in model.state_dict().items() if not k.startswith(installed)}
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise TensorLayoutError(folder / TENSORS, f"tensors do not match {cls.__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for key, tensor in tensors.items():
+        if tuple(tensor.shape) != tuple(expected[key].shape) or tensor.dtype != expected[key].dtype:
+            raise TensorLayoutError(folder / TENSORS, f"tensor '{key}' is {tensor.dtype} {list(tensor.shape)}, expected {expected[key].dtype} {list(expected[key].shape)}")
+    incompatible = model.load_state_dict(tensors, strict=False, assign=False)
+    if incompatible.unexpected_keys:
+        raise TensorLayoutError(folder / TENSORS, f"unexpected tensors {incompatible.unexpected_keys[:5]}")
+    if hasattr(model, "tie_weights") and manifest["aliases"]:
+        model.tie_weights()
+    model.eval()
+    model.sparsepress_manifest = manifest  # type: ignore[attr-defined]
+    model.sparsepress_folder = folder  # type: ignore[attr-defined]
+    return model
+
+
+def _install_linear(folder: Path, model: nn.Module, tensors: dict[str, torch.Tensor], name: str, meta: Any) -> None:
+    where = folder / TENSORS
+    if not isinstance(meta, dict) or meta.get("format") not in FORMATS:
+        raise TensorLayoutError(folder / MANIFEST, f"layer '{name}': unknown format {meta.get('format') if isinstance(meta, dict) else meta!r}")
+    try:
+        target = model.get_submodule(name)
+    except AttributeError:
+        raise TensorLayoutError(folder / MANIFEST, f"layer '{name}' does not exist in {type(model).__name__}") from None
+    own = _take(tensors, name + ".")
+    bias = own.pop("bias", None)
+    try:
+        packed = FORMATS[meta["format"]].from_tensors(own, meta)
+    except LayoutMismatch as exc:
+        raise TensorLayoutError(where, f"layer '{name}': {exc}") from None
+    if isinstance(target, nn.Linear) and (packed.out_features, packed.in_features) != (target.out_features, target.in_features):
+        raise TensorLayoutError(where, f"layer '{name}': shape {list(packed.shape)} does not fit the model's {[target.out_features, target.in_features]}")
+    if bias is not None and (bias.dtype != torch.float32 or tuple(bias.shape) != (packed.out_features,)):
+        raise TensorLayoutError(where, f"layer '{name}': bias must be float32 [{packed.out_features}]")
+    if bool(meta.get("bias")) != (bias is not None):
+        raise TensorLayoutError(where, f"layer '{name}': bias presence does not match the manifest")
+    replace_module(model, name, SparseLinear(packed, bias))
+
+
+def _install_embedding(folder: Path, model: nn.Module, tensors: dict[str, torch.Tensor], name: str, meta: Any) -> None:
+    where = folder / TENSORS
+    try:
+        target = model.get_submodule(name)
+        bits, (rows, dim) = int(meta["bits"]), meta["shape"]
+    except (AttributeError, KeyError, TypeError, ValueError):
+        raise TensorLayoutError(folder / MANIFEST, f"embedding '{name}': bad entry {meta!r}") from None
+    own = _take(tensors, name + ".")
+    codes, scales = own.get("codes"), own.get("scales")
+    width = dim if bits == 8 else (dim + 1) // 2
+    dtype = torch.int8 if bits == 8 else torch.uint8
+    if codes is None or codes.dtype != dtype or tuple(codes.shape) != (rows, width):
+        raise TensorLayoutError(where, f"embedding '{name}': codes must be {dtype} [{rows}, {width}]")
+    if scales is None or scales.dtype != torch.float32 or tuple(scales.shape) != (rows,):
+        raise TensorLayoutError(where, f"embedding '{name}': scales must be float32 [{rows}]")
+    if not isinstance(target, nn.Embedding) or (target.num_embeddings, target.embedding_dim) != (rows, dim):
+        raise TensorLayoutError(where, f"embedding '{name}': shape [{rows}, {dim}] does not fit the model")
+    replace_module(model, name, QuantizedEmbedding(codes, scales, bits, dim, meta.get("padding_idx")))

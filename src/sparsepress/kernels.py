@@ -1,0 +1,279 @@
+"""Packed linear layers: native CPU kernels as torch custom ops, with a pure-torch reference path.
+
+`packed_linear` is what `SparseLinear.forward` calls. It runs the native kernel when the extension
+is loaded and has one for the weight's (format, dtype), else `reference_linear`, whose math is
+exactly docs/formats.md: dequantize the weight, fake-quantize activations per token for int dtypes,
+then matmul. The native buffers a weight needs beyond its stored tensors (row sums, nm masks, row
+offsets) are built once and cached on the packed object.
+
+Example:
+    >>> import torch
+    >>> from sparsepress.formats import BitmaskWeight
+    >>> packed = BitmaskWeight.pack(torch.tensor([[0.0, 1.0], [2.0, 0.0]]), dtype="fp32")
+    >>> packed_linear(torch.tensor([[3.0, 4.0]]), packed, None).tolist()
+    [[4.0, 6.0]]
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from . import native
+from .formats.base import PackedWeight, mask_to_bits
+from .formats.values import is_integer
+
+_PLAN_ATTR = "_sparsepress_native_plan"
+
+
+def quantize_activations(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token int8 quantization of docs/formats.md: (xq as float [B, in], sx [B, 1]).
+
+    Example:
+        >>> xq, sx = quantize_activations(torch.tensor([[0.5, -1.0], [0.0, 0.0]]))
+        >>> xq.tolist(), sx.flatten().tolist()
+        ([[64.0, -127.0], [0.0, 0.0]], [0.007874015718698502, 1.0])
+    """
+    sx = x2d.abs().amax(dim=-1, keepdim=True) / 127
+    sx = torch.where(sx == 0, torch.ones_like(sx), sx)
+    xq = torch.clamp(torch.round(x2d / sx), -127, 127)
+    return xq, sx
+
+
+def reference_linear(x2d: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    """Pure-torch y[B, out] = x[B, in] W^T (+ bias) with the activation quantization of int dtypes.
+
+    Example:
+        >>> from sparsepress.formats import DenseWeight
+        >>> p = DenseWeight.pack(torch.tensor([[1.0, -1.0]]), dtype="int8")
+        >>> reference_linear(torch.tensor([[2.0, 1.0]]), p, None).tolist()
+        [[1.0]]
+    """
+    weight = packed.unpack()
+    x2d = x2d.float()
+    if is_integer(packed.dtype):
+        xq, sx = quantize_activations(x2d)
+        x2d = xq * sx
+    return F.linear(x2d, weight, None if bias is None else bias.float())
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """A packed weight prepared for one native kernel (kind + tensors + sizes) and its handle."""
+
+    source: torch.Tensor  # the packed.values it was built from, to notice a swapped weight
+    kind: str  # masked | dense_int8 | csr
+    tensors: tuple[torch.Tensor, ...]
+    in_features: int
+    out_features: int
+    group_size: int  # 0: one scale per row
+    handle: Any
+
+
+def _kind_of(packed: PackedWeight) -> str | None:
+    """Which native kernel family runs this weight, or None (reference path)."""
+    if packed.dtype not in ("fp32", "bf16", "int8"):
+        return None
+    if packed.name in ("bitmask", "nm", "bbs"):
+        return "masked"
+    if packed.name == "csr" and packed.dtype in ("fp32", "int8"):
+        return "csr"
+    if packed.name == "dense" and packed.dtype == "int8":
+        return "dense_int8"
+    return None
+
+
+def native_supports(packed: PackedWeight) -> bool:
+    """Whether `packed_linear` runs this weight on a native kernel here.
+
+    Example:
+        >>> from sparsepress.formats import DenseWeight
+        >>> native_supports(DenseWeight.pack(torch.ones(2, 2), dtype="int4"))
+        False
+    """
+    return native.native_available() and _kind_of(packed) is not None
+
+
+def dense_int8_available() -> bool:
+    """Whether a native dense int8 kernel exists here (the baseline `format: auto` compares against).
+
+    Example:
+        >>> isinstance(dense_int8_available(), bool)
+        True
+    """
+    return native.native_available()
+
+
+def _row_sums(packed: PackedWeight) -> torch.Tensor:
+    """Sum of the stored integers per row and scale group, int32 [out, n_groups]."""
+    grid = packed.dense_grid().to(torch.int32)
+    out_features, in_features = packed.shape
+    size = packed.group_size or in_features
+    groups = -(-in_features // size)
+    padded = F.pad(grid, (0, groups * size - in_features))
+    return padded.view(out_features, groups, size).sum(dim=2, dtype=torch.int32).contiguous()
+
+
+def _stream_values(packed: PackedWeight) -> torch.Tensor:
+    values = packed.values.reshape(-1)  # type: ignore[attr-defined]
+    if values.dtype == torch.bfloat16:
+        values = values.view(torch.int16)  # the kernels widen bf16 bits themselves
+    return values.contiguous()
+
+
+def _masked_layout(packed: PackedWeight) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask bits, row offsets) of a bitmask / nm / bbs weight seen as one masked value stream.
+
+    nm indices become mask bits here (one bit per weight: as many bytes as the indices of 2:4,
+    fewer than those of 4:8), so one kernel streams all three formats.
+    """
+    out_features, in_features = packed.shape
+    if packed.name == "bitmask":
+        return packed.mask.contiguous(), packed.row_offsets.contiguous()  # type: ignore[attr-defined]
+    if packed.name == "bbs":
+        per_row = in_features // packed.bank * packed.k  # type: ignore[attr-defined]
+        mask = packed.mask.contiguous()  # type: ignore[attr-defined]
+    else:
+        m = packed.m  # type: ignore[attr-defined]
+        offsets = packed.group_offsets()  # type: ignore[attr-defined]
+        keep = torch.zeros(out_features, in_features // m, m, dtype=torch.bool).scatter_(2, offsets, True)
+        mask = mask_to_bits(keep.view(out_features, in_features))
+        per_row = offsets.shape[1] * offsets.shape[2]
+    return mask, torch.arange(out_features + 1, dtype=torch.int64) * per_row
+
+
+def _plan_tensors(packed: PackedWeight, kind: str) -> tuple[torch.Tensor, ...]:
+    quant: tuple[torch.Tensor, ...] = ()
+    if packed.dtype == "int8":
+        assert packed.scales is not None
+        quant = (packed.scales.float().contiguous(), _row_sums(packed))
+    if kind == "masked":
+        mask, offsets = _masked_layout(packed)
+        return (mask, _stream_values(packed), offsets, *quant)
+    if kind == "csr":
+        return (packed.row_ptr.contiguous(), packed.col_indices.contiguous(),  # type: ignore[attr-defined]
+                _stream_values(packed), *quant[:1])
+    return (packed.values.contiguous(), *quant)  # type: ignore[attr-defined]
+
+
+def _make_handle(kind: str, tensors: list[torch.Tensor] | tuple[torch.Tensor, ...], in_features: int,
+                 group_size: int) -> Any:
+    lib = native.module()
+    assert lib is not None
+    if kind == "masked":
+        return lib.masked_linear(*tensors[:3], in_features, *tensors[3:], group_size=group_size)
+    if kind == "csr":
+        return lib.csr_linear(*tensors[:3], in_features, *tensors[3:], group_size=group_size)
+    return lib.dense_int8_linear(*tensors, group_size=group_size)
+
+
+@torch.compiler.disable
+def _build_plan(packed: PackedWeight) -> _Plan | None:
+    kind = _kind_of(packed)
+    if kind is None or not native.native_available():
+        return None
+    tensors = _plan_tensors(packed, kind)
+    group_size = packed.group_size or 0
+    handle = _make_handle(kind, tensors, packed.shape[1], group_size)
+    plan = _Plan(packed.values, kind, tensors, packed.shape[1], packed.shape[0], group_size, handle)  # type: ignore[attr-defined]
+    try:
+        setattr(packed, _PLAN_ATTR, plan)
+    except AttributeError:  # a slotted / frozen subclass: rebuild per call, still correct
+        pass
+    return plan
+
+
+def _plan_of(packed: PackedWeight) -> _Plan | None:
+    plan = getattr(packed, _PLAN_ATTR, None)
+    if plan is not None and plan.source is packed.values:  # type: ignore[attr-defined]
+        return plan
+    return _build_plan(packed)
+
+
+@torch.library.custom_op("sparsepress::packed_linear", mutates_args=())
+def _packed_linear_op(
+    x: torch.Tensor,
+    weight: list[torch.Tensor],
+    kind: str,
+    in_features: int,
+    out_features: int,
+    group_size: int,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """Native y[B, out] for a prepared weight (the tensors of a `_Plan`); what torch.compile sees."""
+    handle = _make_handle(kind, weight, in_features, group_size)
+    x = x.contiguous().float()
+    y = torch.empty(x.shape[0], out_features, dtype=torch.float32)
+    handle(x, y, None if bias is None else bias.float().contiguous(), torch.get_num_threads())
+    return y
+
+
+@_packed_linear_op.register_fake
+def _(x, weight, kind, in_features, out_features, group_size, bias):
+    return x.new_empty((x.shape[0], out_features), dtype=torch.float32)
+
+
+def packed_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y[..., out] = x[..., in] W^T (+ bias) for a packed weight; native kernel where one exists.
+
+    Example:
+        >>> from sparsepress.formats import NMWeight
+        >>> p = NMWeight.pack(torch.tensor([[0.0, 1.0, 0.0, 2.0]]), dtype="fp32", n=2, m=4)
+        >>> packed_linear(torch.ones(3, 4), p).shape
+        torch.Size([3, 1])
+    """
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, x.shape[-1])
+    out_features = packed.shape[0]
+    plan = _plan_of(packed)
+    if plan is None or (x2d.requires_grad and torch.is_grad_enabled()):
+        if packed.name == "dense" and packed.dtype == "fp32":
+            y = F.linear(x2d.float(), packed.values, bias)  # type: ignore[attr-defined]
+        else:
+            y = reference_linear(x2d, packed, bias)
+    elif torch.compiler.is_compiling():
+        y = _packed_linear_op(x2d, list(plan.tensors), plan.kind, plan.in_features, out_features,
+                              plan.group_size, bias)
+    else:
+        if x2d.dtype != torch.float32 or not x2d.is_contiguous():
+            x2d = x2d.float().contiguous()
+        if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+            bias = bias.float().contiguous()
+        y = torch.empty(x2d.shape[0], out_features, dtype=torch.float32)
+        plan.handle(x2d, y, bias, torch.get_num_threads())
+    return y.reshape(*lead, out_features)
+
+
+def measure_ms(packed: PackedWeight, bias: torch.Tensor | None, batch: int = 1, repeats: int = 7) -> float:
+    """Median milliseconds of one `packed_linear` call at `batch` rows (for `format: auto`).
+
+    Example:
+        >>> from sparsepress.formats import DenseWeight
+        >>> measure_ms(DenseWeight.pack(torch.ones(8, 8)), None, batch=1) > 0
+        True
+    """
+    x = torch.randn(batch, packed.shape[1])
+    with torch.inference_mode():
+        for _ in range(2):
+            packed_linear(x, packed, bias)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            packed_linear(x, packed, bias)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+__all__ = [
+    "dense_int8_available",
+    "measure_ms",
+    "native_supports",
+    "packed_linear",
+    "quantize_activations",
+    "reference_linear",
+]

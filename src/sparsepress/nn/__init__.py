@@ -1,0 +1,6 @@
+"""Modules that run compressed weights: SparseLinear and QuantizedEmbedding."""
+
+from .embedding import QuantizedEmbedding, quantize_rows
+from .sparse_linear import SparseLinear
+
+__all__ = ["QuantizedEmbedding", "SparseLinear", "quantize_rows"]

@@ -1,0 +1,202 @@
+"""One-shot compression of one Linear weight: prune (magnitude | wanda | sparsegpt), quantize (rtn | gptq).
+
+Example:
+    >>> import torch
+    >>> from sparsepress.recipe import PruneStage, QuantizeStage
+    >>> cw = compress_weight(torch.tensor([[1.0, -2.0, 0.5, 3.0]]), None,
+    ...                      prune=PruneStage(method="magnitude", pattern="2:4"),
+    ...                      quant=QuantizeStage(method="rtn"))
+    >>> cw.mask.tolist(), cw.bits, (cw.weight == 0).sum().item()
+    ([[False, True, False, True]], 8, 2)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+
+from ..errors import PoisonedWeightError
+from ..quant.gptq import quantize_gptq
+from ..quant.grid import dequantize
+from ..quant.rtn import quantize_rtn
+from ..recipe import PruneStage, QuantizeStage
+from .magnitude import score_magnitude
+from .masks import MaskSpec, select_mask
+from .sparsegpt import FixedSelector, SweepSelector, build_sparsegpt_selector, obs_sweep
+from .stats import LayerStats
+from .wanda import score_wanda
+
+
+@dataclass(frozen=True)
+class CompressedWeight:
+    """A compressed Linear weight.
+
+    `weight`: float32 [out, in], dequantized values with exact zeros where pruned; `mask`: bool keep-mask
+    (None when not pruned); `scales`: float32 [out, n_groups] (None when not quantized), with
+    `weight == q * s` exactly for integers q in the grid of `bits`.
+
+    Example:
+        >>> import torch
+        >>> CompressedWeight(torch.zeros(1, 2), None, None, None, None).bits is None
+        True
+    """
+
+    weight: torch.Tensor
+    mask: torch.Tensor | None
+    scales: torch.Tensor | None
+    bits: int | None
+    group_size: int | None
+
+
+class PrunePlan(Protocol):
+    """How a prune method enters the solve: as a pruned weight, or as a selector for the GPTQ sweep."""
+
+    dampening: float | None
+    blocksize: int | None
+
+    def prune(self, weight: torch.Tensor, stats: LayerStats | None) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def gptq_input(self, weight: torch.Tensor) -> tuple[torch.Tensor, SweepSelector]: ...
+
+
+@dataclass
+class FixedMaskPlan:
+    """A mask chosen from scores before anything else (magnitude, wanda)."""
+
+    keep: torch.Tensor
+    dampening: float | None = None
+    blocksize: int | None = None
+
+    def prune(self, weight: torch.Tensor, stats: LayerStats | None) -> tuple[torch.Tensor, torch.Tensor]:
+        return weight * self.keep, self.keep
+
+    def gptq_input(self, weight: torch.Tensor) -> tuple[torch.Tensor, SweepSelector]:
+        # Pruned first, then GPTQ with the mask fixed: only the quantization error is compensated.
+        return weight * self.keep, FixedSelector(~self.keep)
+
+
+@dataclass
+class SweepPlan:
+    """A mask chosen inside the OBS sweep (sparsegpt), jointly with GPTQ when both are asked."""
+
+    selector: SweepSelector
+    hessian: torch.Tensor
+    dampening: float
+    blocksize: int
+
+    def prune(self, weight: torch.Tensor, stats: LayerStats | None) -> tuple[torch.Tensor, torch.Tensor]:
+        result = obs_sweep(
+            weight, self.hessian, dampening=self.dampening, blocksize=self.blocksize, selector=self.selector
+        )
+        return result.weight, ~result.pruned
+
+    def gptq_input(self, weight: torch.Tensor) -> tuple[torch.Tensor, SweepSelector]:
+        return weight, self.selector
+
+
+def _need_stats(stats: LayerStats | None, what: str) -> LayerStats:
+    if stats is None:
+        raise ValueError(f"{what} needs calibration statistics (LayerStats) of the layer's inputs")
+    return stats
+
+
+def _scored_planner(
+    scorer: Callable[[torch.Tensor, LayerStats | None], torch.Tensor],
+) -> Callable[[torch.Tensor, LayerStats | None, MaskSpec, PruneStage], PrunePlan]:
+    def plan(weight: torch.Tensor, stats: LayerStats | None, spec: MaskSpec, prune: PruneStage) -> PrunePlan:
+        return FixedMaskPlan(select_mask(scorer(weight, stats), spec))
+
+    return plan
+
+
+def _sparsegpt_planner(
+    weight: torch.Tensor, stats: LayerStats | None, spec: MaskSpec, prune: PruneStage
+) -> PrunePlan:
+    hessian = _need_stats(stats, "sparsegpt").hessian
+    selector = build_sparsegpt_selector(weight, hessian, spec, prune.dampening)
+    return SweepPlan(selector, hessian, prune.dampening, prune.blocksize)
+
+
+PRUNE_PLANNERS: dict[str, Callable[[torch.Tensor, LayerStats | None, MaskSpec, PruneStage], PrunePlan]] = {
+    "magnitude": _scored_planner(score_magnitude),
+    "wanda": _scored_planner(score_wanda),
+    "sparsegpt": _sparsegpt_planner,
+}
+
+
+def _finish_unquantized(
+    weight: torch.Tensor, stats: LayerStats | None, plan: PrunePlan | None, quant: QuantizeStage | None
+) -> CompressedWeight:
+    if plan is None:
+        return CompressedWeight(weight.clone(), None, None, None, None)
+    pruned, keep = plan.prune(weight, stats)
+    return CompressedWeight(pruned, keep, None, None, None)
+
+
+def _finish_rtn(
+    weight: torch.Tensor, stats: LayerStats | None, plan: PrunePlan | None, quant: QuantizeStage
+) -> CompressedWeight:
+    pruned, keep = plan.prune(weight, stats) if plan is not None else (weight, None)
+    q, scales = quantize_rtn(pruned, quant.bits, quant.group_size)
+    values = dequantize(q, scales, quant.group_size)
+    return CompressedWeight(values, keep, scales, quant.bits, quant.group_size)
+
+
+def _finish_gptq(
+    weight: torch.Tensor, stats: LayerStats | None, plan: PrunePlan | None, quant: QuantizeStage
+) -> CompressedWeight:
+    hessian = _need_stats(stats, "gptq").hessian
+    start, selector = plan.gptq_input(weight) if plan is not None else (weight, None)
+    dampening = plan.dampening if plan is not None else None
+    blocksize = plan.blocksize if plan is not None else None
+    out = quantize_gptq(start, hessian, quant, selector, dampening=dampening, blocksize=blocksize)
+    return CompressedWeight(out.weight, out.keep, out.scales, quant.bits, quant.group_size)
+
+
+QUANT_FINISHERS: dict[str | None, Callable[..., CompressedWeight]] = {
+    None: _finish_unquantized,
+    "rtn": _finish_rtn,
+    "gptq": _finish_gptq,
+}
+
+
+def compress_weight(
+    weight: torch.Tensor,
+    stats: LayerStats | None,
+    prune: PruneStage | None = None,
+    sparsity: float | None = None,
+    quant: QuantizeStage | None = None,
+    *,
+    name: str | None = None,
+) -> CompressedWeight:
+    """Prune and/or quantize one Linear weight `[out, in]` (not modified) in one shot.
+
+    `sparsity` overrides the stage's level (required for elastic lists; ignored by N:M, which implies it).
+    sparsegpt + gptq run as one OBS sweep; another prune method + gptq prunes first and then runs GPTQ
+    with the mask fixed; rtn rounds the (pruned) weight. `stats` may be None only for magnitude / rtn.
+
+    Example:
+        >>> import torch
+        >>> from sparsepress.recipe import PruneStage
+        >>> cw = compress_weight(torch.tensor([[1.0, -3.0, 2.0, 0.5]]), None,
+        ...                      PruneStage(method="magnitude", sparsity=0.5))
+        >>> cw.weight.tolist(), cw.scales
+        ([[0.0, -3.0, 2.0, 0.0]], None)
+    """
+    label = name or (stats.name if stats is not None else None) or "<weight>"
+    if weight.dim() != 2:
+        raise ValueError(f"{label}: weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
+    weight = weight.detach().float()
+    if not torch.isfinite(weight).all():
+        raise PoisonedWeightError(label, "weight")
+    if stats is not None and stats.in_features != weight.shape[1]:
+        raise ValueError(
+            f"{label}: statistics are for {stats.in_features} inputs, weight has shape {tuple(weight.shape)}"
+        )
+    plan = None
+    if prune is not None:
+        spec = MaskSpec.from_stage(prune, sparsity)
+        plan = PRUNE_PLANNERS[prune.method](weight, stats, spec, prune)
+    return QUANT_FINISHERS[quant.method if quant is not None else None](weight, stats, plan, quant)

@@ -1,0 +1,314 @@
+"""SparseGPT (Frantar & Alistarh 2023): OBS pruning with a lazy-batched column sweep.
+
+The same sweep also runs GPTQ (a per-column quantizer) and joint prune + quantize: each column is
+pruned or quantized and its error is compensated on the columns still to come.
+
+Example:
+    >>> import torch
+    >>> from sparsepress.prune.masks import MaskSpec
+    >>> from sparsepress.prune.stats import LayerStats
+    >>> stats = LayerStats(8); stats.add(torch.randn(64, 8, generator=torch.Generator().manual_seed(0)))
+    >>> w, keep = prune_sparsegpt(torch.ones(2, 8), stats.hessian, MaskSpec("nm", 0.5, n=2, m=4))
+    >>> keep.sum(dim=1).tolist(), bool((w[~keep] == 0).all())
+    ([4, 4], True)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+
+from .masks import MaskSpec, count_kept, count_pruned, keep_top, prune_lowest_per_row, select_mask
+
+
+def repair_dead_inputs(hessian: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hessian (float64) with H_jj = 1 and weight with W[:, j] = 0 for inputs never active (H_jj == 0).
+
+    Example:
+        >>> import torch
+        >>> h, w = repair_dead_inputs(torch.diag(torch.tensor([2.0, 0.0])), torch.ones(1, 2))
+        >>> h.diagonal().tolist(), w.tolist()
+        ([2.0, 1.0], [[1.0, 0.0]])
+    """
+    hessian = hessian.detach().to(torch.float64).clone()
+    weight = weight.detach().float().clone()
+    dead = hessian.diagonal() == 0
+    hessian.diagonal()[dead] = 1.0
+    weight[:, dead] = 0.0
+    return hessian, weight
+
+
+def inverse_hessian_cholesky(hessian: torch.Tensor, dampening: float) -> torch.Tensor:
+    """Upper Cholesky factor U of (H + damp * mean(diag H) * I)^-1, in float64.
+
+    Row j of U is the inverse Hessian of the columns j.. (still to process) scaled by 1/sqrt of its
+    diagonal, which is what the OBS update of column j needs. Dampening grows x10 until H is positive
+    definite.
+
+    Example:
+        >>> import torch
+        >>> inverse_hessian_cholesky(torch.eye(2) * 4, 0.0).diagonal().tolist()
+        [0.5, 0.5]
+    """
+    hessian = hessian.to(torch.float64)
+    mean_diag = float(hessian.diagonal().mean())
+    damp = dampening * mean_diag if mean_diag > 0 else dampening
+    eye = torch.eye(hessian.shape[0], dtype=torch.float64)
+    for _ in range(6):
+        lower, info = torch.linalg.cholesky_ex(hessian + damp * eye)
+        if int(info) == 0:
+            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            if int(info) == 0:
+                return upper
+        damp = max(damp * 10.0, 1e-8)
+    raise ValueError("the calibration Hessian is not positive definite even with strong dampening")
+
+
+class SweepSelector(Protocol):
+    """Chooses which columns to prune while the sweep runs (True = pruned).
+
+    `group` None: `choose` is called at each sweep block with the OBS scores of every column not yet
+    processed; otherwise at each `group`-aligned column with the scores of that group only.
+    """
+
+    group: int | None
+
+    def choose(self, scores: torch.Tensor, start: int, stop: int, pruned: torch.Tensor) -> torch.Tensor: ...
+
+    def permuted(self, order: torch.Tensor) -> "SweepSelector | None": ...
+
+
+@dataclass
+class FixedSelector:
+    """A prune-mask decided before the sweep.
+
+    Example:
+        >>> import torch
+        >>> FixedSelector(torch.tensor([[True, False]])).choose(torch.zeros(1, 2), 1, 2, None).tolist()
+        [[False]]
+    """
+
+    pruned: torch.Tensor
+    group: int | None = None
+
+    def choose(self, scores: torch.Tensor, start: int, stop: int, pruned: torch.Tensor) -> torch.Tensor:
+        return self.pruned[:, start:stop]
+
+    def permuted(self, order: torch.Tensor) -> "FixedSelector":
+        return FixedSelector(self.pruned[:, order])
+
+
+@dataclass
+class RowLookaheadSelector:
+    """Unstructured, per output row: exactly `target` pruned per row, picked adaptively per block.
+
+    At each block the lowest current OBS scores among all unprocessed columns are chosen for the row's
+    remaining budget; only the block's share is committed, so later blocks see updated weights.
+
+    Example:
+        >>> import torch
+        >>> none_yet = torch.zeros(1, 3, dtype=torch.bool)
+        >>> RowLookaheadSelector(1).choose(torch.tensor([[3.0, 2.0, 1.0]]), 0, 2, none_yet).tolist()
+        [[False, False]]
+    """
+
+    target: int
+    group: int | None = None
+
+    def choose(self, scores: torch.Tensor, start: int, stop: int, pruned: torch.Tensor) -> torch.Tensor:
+        remaining = self.target - pruned[:, :start].sum(dim=1)
+        return prune_lowest_per_row(scores, remaining)[:, : stop - start]
+
+    def permuted(self, order: torch.Tensor) -> None:
+        # Measured: SparseGPT's adaptive selection in act_order (largest H_jj first) prunes worse than in
+        # natural order, and pruning error dominates the joint error, so the sweep keeps natural order.
+        return None
+
+
+@dataclass
+class GroupSelector:
+    """N:M or bbs: at each group of `group` columns keep the `keep(width)` best current scores per row.
+
+    Example:
+        >>> import torch
+        >>> scores = torch.tensor([[1.0, 4.0, 3.0, 2.0]])
+        >>> GroupSelector(4, lambda width: 2).choose(scores, 0, 4, None).tolist()
+        [[True, False, False, True]]
+    """
+
+    group: int
+    keep: Callable[[int], int]
+
+    def choose(self, scores: torch.Tensor, start: int, stop: int, pruned: torch.Tensor) -> torch.Tensor:
+        return ~keep_top(scores, self.keep(stop - start))
+
+    def permuted(self, order: torch.Tensor) -> None:
+        return None  # groups are contiguous input ranges: a column permutation would break them
+
+
+class ColumnQuantizer(Protocol):
+    """Quantizes one column of the sweep (GPTQ); see `sparsepress.quant.gptq.GridColumnQuantizer`."""
+
+    group: int | None
+
+    def refresh(self, column: int, block_values: torch.Tensor, block_pruned: torch.Tensor) -> None: ...
+
+    def quantize(self, values: torch.Tensor, column: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@dataclass
+class SweepResult:
+    """Sweep output: updated weight (exact zeros where pruned), prune-mask, grid integers or None."""
+
+    weight: torch.Tensor
+    pruned: torch.Tensor
+    q: torch.Tensor | None
+
+
+def _aligned_blocksize(blocksize: int, *groups: int | None) -> int:
+    align = 1
+    for group in groups:
+        if group:
+            align = align * group // math.gcd(align, group)
+    return math.ceil(blocksize / align) * align
+
+
+def obs_sweep(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    *,
+    dampening: float,
+    blocksize: int,
+    selector: SweepSelector | None = None,
+    quantizer: ColumnQuantizer | None = None,
+) -> SweepResult:
+    """Process columns left to right: prune / quantize each and compensate its error (OBS) on the rest.
+
+    Blocks are widened to a multiple of the selector's and quantizer's groups so a group never
+    straddles the lazy-update boundary.
+
+    Example:
+        >>> import torch
+        >>> out = obs_sweep(torch.tensor([[1.0, 2.0]]), torch.eye(2), dampening=0.01, blocksize=128,
+        ...                 selector=FixedSelector(torch.tensor([[True, False]])))
+        >>> out.weight.tolist(), out.pruned.tolist()
+        ([[0.0, 2.0]], [[True, False]])
+    """
+    hessian, work = repair_dead_inputs(hessian, weight)
+    rows, cols = work.shape
+    upper = inverse_hessian_cholesky(hessian, dampening).to(work.dtype)
+    diag = upper.diagonal()
+    pruned = torch.zeros(rows, cols, dtype=torch.bool)
+    q_all = torch.zeros(rows, cols) if quantizer is not None else None
+    select_group = selector.group if selector is not None else None
+    step = _aligned_blocksize(blocksize, select_group, quantizer.group if quantizer is not None else None)
+    for i1 in range(0, cols, step):
+        i2 = min(i1 + step, cols)
+        block = work[:, i1:i2].clone()
+        done = torch.zeros_like(block)
+        errors = torch.zeros_like(block)
+        u_block = upper[i1:i2, i1:i2]
+        if selector is not None and select_group is None:
+            scores = work[:, i1:] ** 2 / diag[i1:] ** 2
+            pruned[:, i1:i2] = selector.choose(scores, i1, i2, pruned)
+        for i in range(i2 - i1):
+            column = i1 + i
+            if selector is not None and select_group is not None and i % select_group == 0:
+                stop = min(i + select_group, i2 - i1)
+                scores = block[:, i:stop] ** 2 / diag[column : i1 + stop] ** 2
+                pruned[:, column : i1 + stop] = selector.choose(scores, column, i1 + stop, pruned)
+            values = block[:, i]
+            target = values.masked_fill(pruned[:, column], 0.0)
+            if quantizer is not None:
+                quantizer.refresh(column, block[:, i:], pruned[:, column:i2])
+                q, target = quantizer.quantize(target, column)
+                q_all[:, column] = q  # type: ignore[index]
+            error = (values - target) / u_block[i, i]
+            block[:, i:] -= error.unsqueeze(1) * u_block[i, i:].unsqueeze(0)
+            done[:, i] = target
+            errors[:, i] = error
+        work[:, i1:i2] = done
+        work[:, i2:] -= errors @ upper[i1:i2, i2:]
+    return SweepResult(work, pruned, q_all)
+
+
+def _row_selector(
+    weight: torch.Tensor, hessian: torch.Tensor, spec: MaskSpec, dampening: float
+) -> SweepSelector:
+    return RowLookaheadSelector(count_pruned(weight.shape[1], spec.sparsity))
+
+
+def _nm_selector(
+    weight: torch.Tensor, hessian: torch.Tensor, spec: MaskSpec, dampening: float
+) -> SweepSelector:
+    n, m = spec.n, spec.m
+    if weight.shape[1] % m:  # type: ignore[operator]
+        raise ValueError(
+            f"N:M pattern {n}:{m} needs in_features divisible by {m}; weight shape is {tuple(weight.shape)}"
+        )
+    return GroupSelector(spec.m, lambda width: n)  # type: ignore[arg-type, return-value]
+
+
+def _bbs_selector(
+    weight: torch.Tensor, hessian: torch.Tensor, spec: MaskSpec, dampening: float
+) -> SweepSelector:
+    sparsity = spec.sparsity
+    return GroupSelector(spec.bank, lambda width: count_kept(width, sparsity))
+
+
+def _block_selector(
+    weight: torch.Tensor, hessian: torch.Tensor, spec: MaskSpec, dampening: float
+) -> SweepSelector:
+    # Whole blocks span many columns and rows, so they are chosen up front from the OBS saliency
+    # w^2 / [H_F^-1]_jj; the sweep then compensates with that fixed mask.
+    hessian, weight = repair_dead_inputs(hessian, weight)
+    diag = inverse_hessian_cholesky(hessian, dampening).diagonal().float()
+    return FixedSelector(~select_mask(weight**2 / diag**2, spec))
+
+
+SPARSEGPT_SELECTORS: dict[str, Callable[[torch.Tensor, torch.Tensor, MaskSpec, float], SweepSelector]] = {
+    "unstructured": _row_selector,
+    "nm": _nm_selector,
+    "bbs": _bbs_selector,
+    "block": _block_selector,
+}
+
+
+def build_sparsegpt_selector(
+    weight: torch.Tensor, hessian: torch.Tensor, spec: MaskSpec, dampening: float
+) -> SweepSelector:
+    """The in-sweep mask chooser for `spec`'s pattern.
+
+    Example:
+        >>> import torch
+        >>> build_sparsegpt_selector(torch.ones(2, 8), torch.eye(8), MaskSpec("bbs", 0.5, bank=4), 0.01).group
+        4
+    """
+    if spec.kind not in SPARSEGPT_SELECTORS:
+        raise ValueError(f"pattern {spec.kind} is handled by structured pruning")
+    return SPARSEGPT_SELECTORS[spec.kind](weight, hessian, spec, dampening)
+
+
+def prune_sparsegpt(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    spec: MaskSpec,
+    *,
+    dampening: float = 0.01,
+    blocksize: int = 128,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SparseGPT-pruned weight (float32, compensated) and keep-mask (True = kept).
+
+    Example:
+        >>> import torch
+        >>> w, keep = prune_sparsegpt(torch.tensor([[1.0, -3.0, 2.0, 0.5]]), torch.eye(4),
+        ...                           MaskSpec("unstructured", 0.5))
+        >>> w.tolist(), keep.tolist()
+        ([[0.0, -3.0, 2.0, 0.0]], [[False, True, True, False]])
+    """
+    selector = build_sparsegpt_selector(weight, hessian, spec, dampening)
+    result = obs_sweep(weight, hessian, dampening=dampening, blocksize=blocksize, selector=selector)
+    return result.weight, ~result.pruned

@@ -1,0 +1,428 @@
+"""Recipes: the validated, YAML-loadable description of a compression run (DESIGN section 3).
+
+Example:
+    >>> from sparsepress.recipe import Recipe
+    >>> r = Recipe.model_validate({"stages": [{"prune": {"method": "wanda", "sparsity": 0.5}}]})
+    >>> r.prune.method, r.prune.sparsity
+    ('wanda', 0.5)
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import InputError, RecipeError
+
+_STRICT = ConfigDict(extra="forbid", frozen=True)
+
+_NM_RE = re.compile(r"^(\d+):(\d+)$")
+STRUCTURED_PATTERNS = ("channel", "head", "layer")
+NAMED_PATTERNS = ("unstructured", "bbs", "block", *STRUCTURED_PATTERNS)
+
+
+class Pattern(BaseModel):
+    """A parsed sparsity pattern: `unstructured`, N:M, `bbs`, `block` or a structured one.
+
+    Example:
+        >>> Pattern.parse("2:4").n, Pattern.parse("2:4").m
+        (2, 4)
+        >>> Pattern.parse("unstructured").kind
+        'unstructured'
+    """
+
+    model_config = _STRICT
+    kind: Literal["unstructured", "nm", "bbs", "block", "channel", "head", "layer"]
+    n: int | None = None
+    m: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "Pattern":
+        match = _NM_RE.match(str(text).strip())
+        if match:
+            n, m = int(match.group(1)), int(match.group(2))
+            if m < 2 or not 0 < n < m:
+                raise ValueError(f"N:M pattern needs 0 < N < M and M >= 2, got {text!r}")
+            return cls(kind="nm", n=n, m=m)
+        if text not in NAMED_PATTERNS:
+            raise ValueError(f"unknown pattern {text!r}; allowed: {' | '.join(NAMED_PATTERNS)} | N:M (e.g. '2:4')")
+        return cls(kind=text)
+
+    @property
+    def is_structured(self) -> bool:
+        return self.kind in STRUCTURED_PATTERNS
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}" if self.kind == "nm" else self.kind
+
+
+def _check_fraction(value: float, what: str) -> float:
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{what} must be in [0, 1), got {value}")
+    return value
+
+
+def _check_regexes(patterns: list[str]) -> list[str]:
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(f"invalid regex {pattern!r}: {exc}") from None
+    return patterns
+
+
+class _TargetedStage(BaseModel):
+    model_config = _STRICT
+    targets: list[str] = Field(default_factory=lambda: [".*"])
+    ignore: list[str] = Field(default_factory=list)
+
+    _regexes = field_validator("targets", "ignore")(classmethod(lambda cls, v: _check_regexes(v)))
+
+
+class PruneStage(_TargetedStage):
+    """Prune Linear weights: `method` x `pattern` at `sparsity`, allocated per layer by `allocation`.
+
+    Example:
+        >>> PruneStage(method="sparsegpt", pattern="2:4").layer_sparsity_levels
+        [0.5]
+    """
+
+    kind: ClassVar[str] = "prune"
+    method: Literal["magnitude", "wanda", "sparsegpt"] = "sparsegpt"
+    pattern: str = "unstructured"
+    sparsity: float | list[float] | None = None
+    bank: int = Field(64, ge=2, le=4096)
+    block_shape: tuple[int, int] = (1, 16)
+    allocation: Literal["uniform", "owl", "sensitivity"] = "uniform"
+    owl_lambda: float = Field(0.08, ge=0.0, lt=1.0)
+    owl_threshold: float = Field(5.0, gt=0.0)
+    blocksize: int = Field(128, ge=1)
+    dampening: float = Field(0.01, gt=0.0, le=1.0)
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern_parses(cls, value: str) -> str:
+        Pattern.parse(value)
+        return value
+
+    @field_validator("sparsity")
+    @classmethod
+    def _sparsity_in_range(cls, value: float | list[float] | None) -> float | list[float] | None:
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("a list of elastic sparsity levels cannot be empty")
+            for level in value:
+                _check_fraction(level, "each sparsity level")
+            if sorted(value) != value or len(set(value)) != len(value):
+                raise ValueError(f"elastic sparsity levels must be strictly increasing, got {value}")
+        elif value is not None:
+            _check_fraction(value, "sparsity")
+        return value
+
+    @field_validator("block_shape")
+    @classmethod
+    def _block_positive(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if min(value) < 1:
+            raise ValueError(f"block_shape entries must be >= 1, got {list(value)}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "PruneStage":
+        pattern = self.parsed_pattern
+        if pattern.kind == "nm":
+            implied = 1.0 - pattern.n / pattern.m
+            if self.sparsity is not None and (isinstance(self.sparsity, list) or abs(self.sparsity - implied) > 1e-9):
+                raise ValueError(
+                    f"pattern {self.pattern} implies sparsity {implied:g}; omit sparsity or set it to {implied:g}"
+                )
+            if self.allocation != "uniform":
+                raise ValueError(f"allocation {self.allocation!r} cannot vary sparsity under the fixed pattern {self.pattern}")
+        elif self.sparsity is None:
+            raise ValueError(f"pattern {self.pattern} needs a sparsity")
+        return self
+
+    @property
+    def parsed_pattern(self) -> Pattern:
+        return Pattern.parse(self.pattern)
+
+    @property
+    def layer_sparsity_levels(self) -> list[float]:
+        """The mean sparsity levels asked for: one, or several nested elastic levels."""
+        pattern = self.parsed_pattern
+        if pattern.kind == "nm":
+            return [1.0 - pattern.n / pattern.m]
+        return list(self.sparsity) if isinstance(self.sparsity, list) else [float(self.sparsity)]
+
+
+class QuantizeStage(_TargetedStage):
+    """Quantize Linear weights with round-to-nearest or GPTQ, per channel or per group.
+
+    Example:
+        >>> QuantizeStage(method="gptq", bits=4, group_size=128).bits
+        4
+    """
+
+    kind: ClassVar[str] = "quantize"
+    method: Literal["rtn", "gptq"] = "gptq"
+    bits: Literal[8, 4] = 8
+    group_size: int | None = Field(None, ge=8)
+    act_order: bool = True
+    blocksize: int = Field(128, ge=1)
+    dampening: float = Field(0.01, gt=0.0, le=1.0)
+
+
+class QuantizeEmbeddingsStage(BaseModel):
+    """Quantize embedding tables row-wise (one scale per row).
+
+    Example:
+        >>> QuantizeEmbeddingsStage(bits=8).bits
+        8
+    """
+
+    model_config = _STRICT
+    kind: ClassVar[str] = "quantize_embeddings"
+    bits: Literal[8, 4] = 8
+
+
+class ActivationSparsityStage(BaseModel):
+    """Zero the smallest inputs of each Linear at run time (thresholds calibrated per layer).
+
+    Example:
+        >>> ActivationSparsityStage(sparsity=0.4).sparsity
+        0.4
+    """
+
+    model_config = _STRICT
+    kind: ClassVar[str] = "activation_sparsity"
+    sparsity: float
+
+    _fraction = field_validator("sparsity")(classmethod(lambda cls, v: _check_fraction(v, "sparsity")))
+
+
+class DistillStage(BaseModel):
+    """Recover quality by fine-tuning the compressed model toward the dense teacher, masks kept.
+
+    Example:
+        >>> DistillStage(steps=10).lr
+        0.0001
+    """
+
+    model_config = _STRICT
+    kind: ClassVar[str] = "distill"
+    steps: int = Field(300, ge=1)
+    lr: float = Field(1.0e-4, gt=0.0)
+    batch_size: int = Field(16, ge=1)
+
+
+StageConfig = Union[PruneStage, QuantizeStage, QuantizeEmbeddingsStage, ActivationSparsityStage, DistillStage]
+STAGE_TYPES: dict[str, type[BaseModel]] = {
+    stage.kind: stage  # type: ignore[attr-defined]
+    for stage in (PruneStage, QuantizeStage, QuantizeEmbeddingsStage, ActivationSparsityStage, DistillStage)
+}
+
+
+class Budget(BaseModel):
+    """What the allocator must meet: a size, a latency or a minimum fidelity.
+
+    Example:
+        >>> Budget(size_mb=12).size_mb
+        12.0
+    """
+
+    model_config = _STRICT
+    size_mb: float | None = Field(None, gt=0)
+    latency_ms: float | None = Field(None, gt=0)
+    batch: int = Field(1, ge=1)
+    seq_len: int = Field(128, ge=1)
+    min_fidelity: float | None = Field(None, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _one_target(self) -> "Budget":
+        if self.size_mb is None and self.latency_ms is None and self.min_fidelity is None:
+            raise ValueError("a budget needs one of size_mb, latency_ms or min_fidelity")
+        return self
+
+
+FORMAT_NAMES = ("auto", "dense", "bitmask", "nm", "bbs", "csr")
+
+
+class Recipe(BaseModel):
+    """A whole compression recipe: ordered stages, an optional budget and the storage format.
+
+    Example:
+        >>> Recipe.model_validate({"stages": [{"quantize": {"method": "rtn"}}], "format": "dense"}).format
+        'dense'
+    """
+
+    model_config = _STRICT
+    stages: list[StageConfig]
+    budget: Budget | None = None
+    format: Literal["auto", "dense", "bitmask", "nm", "bbs", "csr"] = "auto"
+    seed: int = 0
+
+    @field_validator("stages", mode="before")
+    @classmethod
+    def _unwrap_stages(cls, raw: Any) -> list[BaseModel]:
+        if not isinstance(raw, list) or not raw:
+            raise ValueError("stages must be a non-empty list of single-key mappings such as {prune: {...}}")
+        stages = []
+        for index, item in enumerate(raw):
+            if isinstance(item, BaseModel):
+                stages.append(item)
+                continue
+            if not isinstance(item, dict) or len(item) != 1:
+                raise RecipeError(f"stages[{index}]", item, "one mapping with a single stage key: " + " | ".join(STAGE_TYPES))
+            (name, body), = item.items()
+            if name not in STAGE_TYPES:
+                raise RecipeError(f"stages[{index}]", name, " | ".join(STAGE_TYPES))
+            try:
+                stages.append(STAGE_TYPES[name].model_validate(body or {}))
+            except ValidationError as exc:
+                raise _first_error(exc, prefix=f"stages[{index}].{name}") from None
+        return stages
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Recipe":
+        counts: dict[str, int] = {}
+        for stage in self.stages:
+            counts[stage.kind] = counts.get(stage.kind, 0) + 1  # type: ignore[attr-defined]
+        for kind, count in counts.items():
+            if count > 1:
+                raise ValueError(f"stage {kind!r} appears {count} times; give it once")
+        prune = self.prune
+        if self.format == "nm" and (prune is None or prune.parsed_pattern.kind != "nm"):
+            raise ValueError("format 'nm' needs a prune stage with an N:M pattern such as '2:4'")
+        if self.format == "bbs" and (prune is None or prune.parsed_pattern.kind != "bbs"):
+            raise ValueError("format 'bbs' needs a prune stage with pattern 'bbs'")
+        return self
+
+    def stage(self, kind: str) -> BaseModel | None:
+        """The stage of that kind, or None."""
+        return next((s for s in self.stages if s.kind == kind), None)  # type: ignore[attr-defined]
+
+    @property
+    def prune(self) -> PruneStage | None:
+        return self.stage("prune")  # type: ignore[return-value]
+
+    @property
+    def quantize(self) -> QuantizeStage | None:
+        return self.stage("quantize")  # type: ignore[return-value]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The recipe in its YAML shape (what `from_yaml` reads back)."""
+        body = self.model_dump(mode="json", exclude_none=True)
+        body["stages"] = [{s.kind: s.model_dump(mode="json", exclude_none=True)} for s in self.stages]  # type: ignore[attr-defined]
+        return body
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "Recipe":
+        """Load and validate a YAML recipe; any mistake raises one RecipeError naming field and line.
+
+        Example:
+            >>> import tempfile, os
+            >>> p = os.path.join(tempfile.mkdtemp(), "r.yaml")
+            >>> _ = open(p, "w").write("stages:\\n  - quantize: {method: rtn, bits: 8}\\n")
+            >>> Recipe.from_yaml(p).quantize.method
+            'rtn'
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(path, "recipe file not found")
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError(path, f"cannot read recipe: {exc}") from None
+        return cls.from_yaml_text(text, source=str(path))
+
+    @classmethod
+    def from_yaml_text(cls, text: str, source: str = "<recipe>") -> "Recipe":
+        """Validate recipe YAML given as text (see `from_yaml`)."""
+        try:
+            data = yaml.safe_load(text)
+            lines = _yaml_lines(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            line = mark.line + 1 if mark is not None else None
+            raise RecipeError("<yaml>", getattr(exc, "problem", str(exc)), f"valid YAML ({source})", line) from None
+        if not isinstance(data, dict):
+            raise RecipeError("<top level>", data, "a mapping with 'stages' (and optional 'budget', 'format', 'seed')", 1)
+        try:
+            return cls.model_validate(data)
+        except RecipeError as exc:
+            raise RecipeError(exc.field, exc.value, exc.allowed, lines.get(exc.field)) from None
+        except ValidationError as exc:
+            raise _first_error(exc, lines=lines) from None
+
+
+def _first_error(exc: ValidationError, prefix: str = "", lines: dict[str, int] | None = None) -> RecipeError:
+    """Turn pydantic's first complaint into one RecipeError naming field, value and what is allowed."""
+    error = exc.errors()[0]
+    cause = error.get("ctx", {}).get("error")
+    if isinstance(cause, RecipeError):
+        return RecipeError(cause.field, cause.value, cause.allowed, (lines or {}).get(cause.field))
+    field = _join_loc(prefix, error["loc"])
+    if error["type"] == "extra_forbidden":
+        owner = field.rsplit(".", 1)[0] if "." in field else ""
+        allowed = _known_keys(exc.title, owner, error) or "the documented keys"
+        return RecipeError(field, field.rsplit(".", 1)[-1], f"known keys: {allowed}", (lines or {}).get(field))
+    value = error.get("input")
+    allowed = error["msg"]
+    if error["type"] == "literal_error":
+        allowed = error.get("ctx", {}).get("expected", allowed).replace(" or ", ", ").replace("'", "")
+        allowed = " | ".join(part.strip() for part in allowed.split(","))
+    elif allowed.startswith("Value error, "):
+        allowed = allowed[len("Value error, "):]
+    return RecipeError(field or "<recipe>", value, allowed, (lines or {}).get(field))
+
+
+def _join_loc(prefix: str, loc: tuple[Any, ...]) -> str:
+    parts = [prefix] if prefix else []
+    for part in loc:
+        if isinstance(part, int):
+            parts[-1:] = [f"{parts[-1]}[{part}]"] if parts else [f"[{part}]"]
+        elif part in ("function-after[_check_fraction(), float]",):
+            continue
+        else:
+            parts.append(str(part))
+    return ".".join(parts)
+
+
+def _known_keys(title: str, owner: str, error: dict[str, Any]) -> str:
+    model = {m.__name__: m for m in (Recipe, Budget, *STAGE_TYPES.values())}.get(title)
+    if owner.endswith("budget"):
+        model = Budget
+    elif owner.split(".")[-1] in STAGE_TYPES:
+        model = STAGE_TYPES[owner.split(".")[-1]]
+    elif "." not in owner and not owner.startswith("stages"):
+        model = Recipe
+    return ", ".join(model.model_fields) if model is not None else ""
+
+
+def _yaml_lines(text: str) -> dict[str, int]:
+    """Map dotted recipe field paths (as errors name them) to their 1-based YAML line."""
+    root = yaml.compose(text)
+    lines: dict[str, int] = {}
+
+    def walk(node: yaml.Node, path: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                name = str(key.value)
+                if path.startswith("stages[") and path.count(".") == 0 and path.endswith("]"):
+                    child = f"{path}.{name}"
+                else:
+                    child = f"{path}.{name}" if path else name
+                lines[child] = key.start_mark.line + 1
+                walk(value, child)
+        elif isinstance(node, yaml.SequenceNode):
+            for index, value in enumerate(node.value):
+                child = f"{path}[{index}]"
+                lines[child] = value.start_mark.line + 1
+                walk(value, child)
+
+    if root is not None:
+        walk(root, "")
+    return lines

@@ -1,0 +1,1 @@
+"""Ready recipes shipped with sparsepress (also under `recipes/` at the repository root)."""

