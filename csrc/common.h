@@ -11,10 +11,12 @@ namespace sp {
 // handed over as masked streams (mask + flat values + row offsets).
 struct LinearArgs {
   int64_t batch = 0, in = 0, out = 0;
-  // float activations [batch, in], row stride `in`
+  // Activations, row stride x_stride elements. Strides are padded to an odd number of
+  // cache lines: rows 4 KiB apart would all fall in one L1 set and thrash it.
+  // float kinds: x [batch, in] float32
   const float* x = nullptr;
-  // int8 activations quantized per token, row stride x_stride (>= in, multiple
-  // of 64, padded with xq = 0 / xu = 128); xu = xq + 128 for u8 x s8 dot products
+  // int8 kinds: quantized per token (stride a multiple of 64, padded with xq = 0 /
+  // xu = 128); xu = xq + 128 for u8 x s8 dot products
   const int8_t* xq = nullptr;
   const uint8_t* xu = nullptr;
   int64_t x_stride = 0;

@@ -49,6 +49,12 @@ std::vector<int64_t> split_rows(const LinearArgs& a, Kind k, int n_tasks) {
   return cut;
 }
 
+// n rounded up to whole cache lines of `per_line` elements, then to an odd count of lines.
+int64_t odd_lines(int64_t n, int64_t per_line) {
+  const int64_t lines = (n + per_line - 1) / per_line;
+  return (lines | 1) * per_line;
+}
+
 }  // namespace
 
 void quantize_rows(const float* x, int64_t batch, int64_t in, int64_t stride, int8_t* xq,
@@ -80,8 +86,10 @@ void run_linear(Kind kind, LinearArgs a, int n_threads) {
   thread_local std::vector<int8_t> xq;
   thread_local std::vector<uint8_t> xu;
   thread_local std::vector<float> sx;
+  thread_local std::vector<float> xf;
+  a.x_stride = a.in;
   if (is_int8(kind)) {
-    a.x_stride = (a.in + 63) / 64 * 64;
+    a.x_stride = odd_lines(a.in, 64);
     const size_t n = size_t(a.batch * a.x_stride);
     if (xq.size() < n) {
       xq.resize(n);
@@ -92,6 +100,12 @@ void run_linear(Kind kind, LinearArgs a, int n_threads) {
     a.xq = xq.data();
     a.xu = xu.data();
     a.sx = sx.data();
+  } else if (a.batch > 1 && a.x_stride != odd_lines(a.in, 16)) {
+    a.x_stride = odd_lines(a.in, 16);
+    if (xf.size() < size_t(a.batch * a.x_stride)) xf.resize(size_t(a.batch * a.x_stride));
+    for (int64_t b = 0; b < a.batch; ++b)
+      std::copy(a.x + b * a.in, a.x + (b + 1) * a.in, xf.data() + b * a.x_stride);
+    a.x = xf.data();
   }
   // Tiny layers are not worth waking a helper thread for.
   const double macs = double(a.batch) * double(a.out) * double(a.in);

@@ -69,7 +69,7 @@ static void rows_masked_float(const LinearArgs& a, int64_t r0, int64_t r1) {
     const uint8_t* m = a.mask + r * a.mask_stride;
     const T* v = vals + a.row_offsets[r];
     for (int64_t b = 0; b < a.batch; ++b) {
-      const float* x = a.x + b * a.in;
+      const float* x = a.x + b * a.x_stride;
       int64_t p = 0;
       float acc = 0.f;
       for (int64_t j8 = 0; j8 < a.in; j8 += 8) {
@@ -92,7 +92,7 @@ static void rows_csr_f32(const LinearArgs& a, int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t p0 = a.row_ptr[r], p1 = a.row_ptr[r + 1];
     for (int64_t b = 0; b < a.batch; ++b) {
-      const float* x = a.x + b * a.in;
+      const float* x = a.x + b * a.x_stride;
       float acc = 0.f;
       for (int64_t p = p0; p < p1; ++p) acc += x[int64_t(cols[p])] * vals[p];
       a.y[b * a.out + r] = finish(a, r, acc);

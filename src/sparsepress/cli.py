@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import functools
-import shutil
+import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -22,8 +22,10 @@ from .errors import InputError, SparsepressError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Compress trained models with sparsity + quantization; store them small; run them fast on CPUs.")
-console = Console()
-errors = Console(stderr=True)
+# Piped or captured output gets wide tables rather than names cut at 80 columns.
+_WIDTH = None if sys.stdout.isatty() else 200
+console = Console(width=_WIDTH)
+errors = Console(stderr=True, width=_WIDTH)
 
 DEMO_OUT = Path("sparsepress-demo")
 

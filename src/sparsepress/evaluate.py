@@ -102,7 +102,106 @@ def latency_ms(model: nn.Module, batch: dict[str, torch.Tensor], repeats: int = 
 def dynamic_int8(model: nn.Module) -> nn.Module:
     """torch's dynamic int8 quantization of every nn.Linear (fbgemm): the dense int8 baseline."""
     import copy
+    import warnings
 
-    from torch.ao.quantization import quantize_dynamic
+    with warnings.catch_warnings():
+        # torch marks its eager int8 path deprecated; it is still what a PyTorch user has today.
+        warnings.simplefilter("ignore")
+        from torch.ao.quantization import quantize_dynamic
 
-    return quantize_dynamic(copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8)
+        return quantize_dynamic(copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8)
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman rank correlation of two 1-D tensors (ties get their average rank).
+
+    Example:
+        >>> spearman(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([10.0, 20.0, 25.0]))
+        1.0
+    """
+    def ranks(x: torch.Tensor) -> torch.Tensor:
+        x = x.double().reshape(-1)
+        order = torch.argsort(x)
+        rank = torch.empty_like(x)
+        rank[order] = torch.arange(len(x), dtype=torch.float64)
+        values, inverse = torch.unique(x, return_inverse=True)
+        summed = torch.zeros(len(values), dtype=torch.float64).index_add_(0, inverse, rank)
+        counts = torch.zeros(len(values), dtype=torch.float64).index_add_(0, inverse, torch.ones_like(rank))
+        return (summed / counts)[inverse]
+
+    ra, rb = ranks(a), ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denominator = float(ra.norm() * rb.norm())
+    return float((ra * rb).sum()) / denominator if denominator > 0 else 0.0
+
+
+def _pooled(model: nn.Module, samples: list[torch.Tensor], batch_size: int, pad_id: int) -> torch.Tensor:
+    return torch.cat([pooled_output(model, batch) for batch in make_batches(samples, batch_size, pad_id)])
+
+
+def similarity_spearman(
+    model: nn.Module,
+    reference: nn.Module,
+    samples_a: list[torch.Tensor],
+    samples_b: list[torch.Tensor],
+    batch_size: int = 16,
+    pad_id: int = 0,
+) -> float:
+    """Spearman correlation between `reference`'s and `model`'s cosine similarities of sample pairs.
+
+    Pair i is (samples_a[i], samples_b[i]); each side is mean-pooled as in `fidelity`. It proxies a
+    sentence-similarity benchmark (STS) against the dense model: 1.0 means the compressed model
+    orders every pair's similarity exactly as the dense one does. `sentence_pairs` makes pairs.
+
+    Example:
+        >>> from transformers import BertConfig, BertModel
+        >>> m = BertModel(BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        ...                          intermediate_size=32, vocab_size=50)).eval()
+        >>> a = [torch.randint(1, 50, (6,)) for _ in range(5)]; b = [torch.randint(1, 50, (6,)) for _ in range(5)]
+        >>> round(similarity_spearman(m, m, a, b), 6)
+        1.0
+    """
+    if len(samples_a) != len(samples_b) or len(samples_a) < 2:
+        raise ValueError(f"need two equally long lists of at least 2 samples, got {len(samples_a)} and {len(samples_b)}")
+    similarities = []
+    for net in (model, reference):
+        a, b = _pooled(net, samples_a, batch_size, pad_id), _pooled(net, samples_b, batch_size, pad_id)
+        similarities.append(torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1))
+    return spearman(similarities[0], similarities[1])
+
+
+def sentence_pairs(tokenizer: Any, text: str, pairs: int = 128, max_len: int = 64, seed: int = 0) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Token-id pairs of sentences from `text`: half neighbours (similar), half random (dissimilar).
+
+    Sentences are split on ' . ' (WikiText's tokenized full stop) and newlines; ones under four
+    words are dropped. Encoders get their special tokens, so pairs feed `similarity_spearman` as is.
+
+    Example:
+        >>> from sparsepress.sources import bundled_text, resolve_model_path
+        >>> from transformers import AutoTokenizer
+        >>> tok = AutoTokenizer.from_pretrained(str(resolve_model_path("minilm")))
+        >>> a, b = sentence_pairs(tok, bundled_text("heldout"), pairs=8)
+        >>> len(a), len(b)
+        (8, 8)
+    """
+    import random
+    import re
+
+    sentences = [s.strip() + " ." for s in re.split(r" \. |\n", text) if len(s.split()) >= 4]
+    if len(sentences) < 4:
+        raise ValueError("text has too few sentences to make pairs")
+    rng = random.Random(seed)
+    chosen = []
+    for index in range(pairs):
+        i = rng.randrange(len(sentences) - 1)
+        j = i + 1 if index % 2 == 0 else rng.randrange(len(sentences))
+        chosen.append((sentences[i], sentences[j]))
+
+    def encode(sentence: str) -> torch.Tensor:
+        ids = tokenizer(sentence, truncation=True, max_length=max_len)["input_ids"]
+        bos = getattr(tokenizer, "bos_token_id", None)
+        if getattr(tokenizer, "cls_token_id", None) is None and bos is not None and ids[:1] != [bos]:
+            ids = [bos] + ids[: max_len - 1]
+        return torch.tensor(ids, dtype=torch.long)
+
+    return [encode(a) for a, _ in chosen], [encode(b) for _, b in chosen]

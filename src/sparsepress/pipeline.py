@@ -125,16 +125,31 @@ def _with_hidden(inputs: _BlockInputs, hidden: torch.Tensor) -> _BlockInputs:
 
 @contextmanager
 def _collecting(layers: dict[str, nn.Linear], stats: dict[str, LayerStats]) -> Iterator[None]:
+    """Feed each layer's inputs to its stats while the block runs.
+
+    Layers that receive the very same input tensor (q, k, v projections) share one LayerStats, so
+    the Hessian is accumulated once; sharing is decided on the first batch by object identity.
+    """
+    owners: dict[str, str] = {}
+    first_inputs: list[tuple[torch.Tensor, str]] = []
     handles = []
     for name, layer in layers.items():
         def hook(_module: nn.Module, args: tuple[Any, ...], _name: str = name) -> None:
-            stats[_name].add(args[0].detach())
+            x = args[0]
+            if _name not in owners:
+                owners[_name] = next((owner for seen, owner in first_inputs if seen is x), _name)
+                first_inputs.append((x, _name))
+            if owners[_name] == _name:
+                stats[_name].add(x.detach())
         handles.append(layer.register_forward_pre_hook(hook))
     try:
         yield
     finally:
         for handle in handles:
             handle.remove()
+        first_inputs.clear()
+        for name, owner in owners.items():
+            stats[name] = stats[owner]
 
 
 class _Compressor:
@@ -229,6 +244,11 @@ class _Compressor:
             if id(embedding.weight) in tied:
                 # Tied to an output head: quantizing one copy would silently untie them.
                 self.record.embeddings[name] = {"bits": None, "skipped": "tied to an output Linear"}
+                continue
+            if type(embedding).forward is not nn.Embedding.forward:
+                # Subclasses with their own forward (OPT's learned positions take an offset and
+                # position_ids) would lose that behaviour inside a plain lookup table.
+                self.record.embeddings[name] = {"bits": None, "skipped": f"custom forward ({type(embedding).__name__})"}
                 continue
             if not torch.isfinite(embedding.weight).all():
                 raise PoisonedWeightError(name, "embedding table")

@@ -1,0 +1,170 @@
+"""Batch-1 / batch-16 latency of the native packed kernels against torch, on LLaMA-7B layer shapes.
+
+Each measurement runs a stack of distinct layers whose weights together exceed the last-level cache,
+so weights stream from DRAM as they do in a real model. Prints the CPU model and a markdown table:
+ms per layer, speedup over torch fp32 (F.linear), over torch dynamic int8 (quantize_dynamic, fbgemm),
+over torch.sparse CSR (fp32), and packed bytes per weight.
+
+Usage:
+    python benchmarks/kernels.py            # full run (~3 minutes on 2 cores)
+    python benchmarks/kernels.py --quick    # fewer shapes and repeats
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from sparsepress import kernels, native
+from sparsepress.formats import BBSWeight, BitmaskWeight, NMWeight, PackedWeight
+
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
+CONFIGS = [  # label, format, sparsity
+    ("bitmask int8 50%", "bitmask", 0.5),
+    ("bitmask int8 75%", "bitmask", 0.75),
+    ("bitmask int8 90%", "bitmask", 0.9),
+    ("2:4 int8", "nm", 0.5),
+    ("bbs int8 50%", "bbs", 0.5),
+]
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown CPU"
+
+
+def llc_bytes() -> int:
+    best = 32 << 20
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            text = (index / "size").read_text().strip()
+            best = max(best, int(text[:-1]) * {"K": 1 << 10, "M": 1 << 20}[text[-1]])
+        except (OSError, ValueError, KeyError):
+            continue
+    return best
+
+
+def layers_needed(bytes_per_layer: float, llc: int) -> int:
+    return max(2, math.ceil(2 * llc / bytes_per_layer))
+
+
+def sparse_weight(fmt: str, shape: tuple[int, int], sparsity: float, gen: torch.Generator) -> torch.Tensor:
+    out_features, in_features = shape
+    w = torch.randn(out_features, in_features, generator=gen) * 0.02
+    if fmt == "bitmask":
+        return w * (torch.rand(shape, generator=gen) >= sparsity)
+    group = 4 if fmt == "nm" else 64
+    kept = round(group * (1 - sparsity))
+    scores = torch.rand(out_features, in_features // group, group, generator=gen)
+    keep = torch.zeros_like(scores).scatter_(2, scores.argsort(dim=2)[..., :kept], 1.0)
+    return w * keep.view(shape)
+
+
+def pack(fmt: str, w: torch.Tensor) -> PackedWeight:
+    if fmt == "bitmask":
+        return BitmaskWeight.pack(w, dtype="int8")
+    if fmt == "nm":
+        return NMWeight.pack(w, dtype="int8", n=2, m=4)
+    return BBSWeight.pack(w, dtype="int8", bank=64)
+
+
+def copies(packed: PackedWeight, count: int) -> list[PackedWeight]:
+    """Distinct-memory copies of one packed weight (same pattern; what matters is the bytes streamed)."""
+    out = [packed]
+    for _ in range(count - 1):
+        fields = {name: t.clone() for name, t in packed.tensors().items() if name != "scales"}
+        params = {p: getattr(packed, p) for p in packed.params}
+        out.append(type(packed)(shape=packed.shape, dtype=packed.dtype, scales=packed.scales.clone(),
+                                group_size=packed.group_size, **params, **fields))
+    return out
+
+
+def time_stack(step, n_layers: int, reps: int) -> float:
+    """Median ms per layer of running `step(i)` over the stack, after one warm pass."""
+    for i in range(n_layers):
+        step(i)
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        for i in range(n_layers):
+            step(i)
+        times.append((time.perf_counter() - start) / n_layers)
+    return statistics.median(times) * 1e3
+
+
+def torch_baselines(shape, batch, reps, llc, gen):
+    out_features, in_features = shape
+    x = torch.randn(batch, in_features, generator=gen)
+    n_fp32 = layers_needed(4 * out_features * in_features, llc)
+    weights = [torch.randn(out_features, in_features, generator=gen) * 0.02 for _ in range(n_fp32)]
+    fp32 = time_stack(lambda i: F.linear(x, weights[i]), n_fp32, reps)
+    n_int8 = layers_needed(out_features * in_features, llc)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qlayers = []
+        for i in range(n_int8):
+            lin = torch.nn.Linear(in_features, out_features, bias=False)
+            lin.weight.data = weights[i % n_fp32]
+            qlayers.append(torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(lin), {torch.nn.Linear},
+                                                                  dtype=torch.qint8))
+    int8 = time_stack(lambda i: qlayers[i](x), n_int8, reps)
+    del weights, qlayers
+    return x, fp32, int8
+
+
+def csr_baseline(w: torch.Tensor, x: torch.Tensor, reps: int, llc: int) -> float:
+    csr = w.to_sparse_csr()
+    nbytes = csr.values().numel() * 12
+    stack = [csr] + [torch.sparse_csr_tensor(csr.crow_indices().clone(), csr.col_indices().clone(),
+                                             csr.values().clone(), csr.shape)
+                     for _ in range(layers_needed(nbytes, llc) - 1)]
+    xt = x.T.contiguous()
+    return time_stack(lambda i: torch.sparse.mm(stack[i], xt), len(stack), max(3, reps // 3))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="first shape only, fewer repeats")
+    parser.add_argument("--reps", type=int, default=None)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--no-csr", action="store_true", help="skip the (slow) torch.sparse CSR baseline")
+    args = parser.parse_args()
+    reps = args.reps or (5 if args.quick else 11)
+    shapes = SHAPES[:1] if args.quick else SHAPES
+    llc = llc_bytes()
+    gen = torch.Generator().manual_seed(0)
+    print(f"CPU: {cpu_model()}; torch threads: {torch.get_num_threads()}; "
+          f"native ISA: {native.active_isa()}; last-level cache {llc >> 20} MiB")
+    print()
+    print("| shape (out x in) | batch | weights | ms | vs torch fp32 | vs torch dyn int8 | vs torch CSR | bytes/weight |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    with torch.inference_mode():
+        for shape in shapes:
+            packs = {}
+            for label, fmt, sparsity in CONFIGS:
+                w = sparse_weight(fmt, shape, sparsity, gen)
+                packed = pack(fmt, w)
+                packs[label] = (w, packed, copies(packed, layers_needed(packed.nbytes, llc)))
+            for batch in args.batches:
+                x, fp32_ms, int8_ms = torch_baselines(shape, batch, reps, llc, gen)
+                for label, (w, packed, stack) in packs.items():
+                    ms = time_stack(lambda i: kernels.packed_linear(x, stack[i], None), len(stack), reps)
+                    csr = "-" if args.no_csr else f"{csr_baseline(w, x, reps, llc) / ms:.2f}x"
+                    bpw = packed.nbytes / (shape[0] * shape[1])
+                    print(f"| {shape[0]}x{shape[1]} | {batch} | {label} | {ms:.3f} | {fp32_ms / ms:.2f}x "
+                          f"| {int8_ms / ms:.2f}x | {csr} | {bpw:.3f} |", flush=True)
+                print(f"| {shape[0]}x{shape[1]} | {batch} | torch fp32 / dyn int8 | {fp32_ms:.3f} / {int8_ms:.3f} "
+                      f"| | | | 4.0 / 1.0 |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
