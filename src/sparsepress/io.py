@@ -161,7 +161,9 @@ def save(
             if tensor.is_floating_point() and not torch.isfinite(tensor).all():
                 raise FormatError(out, f"refusing to save: tensor '{key}' holds NaN or Inf")
         contiguous = {k: v.detach().contiguous().cpu() for k, v in sorted(tensors.items())}
-        save_file(contiguous, str(staging / TENSORS), metadata={"format": "pt", "producer": "sparsepress"})
+        # One metadata key only: safetensors writes metadata in hash order, so more keys would make
+        # two saves of the same model differ in bytes.
+        save_file(contiguous, str(staging / TENSORS), metadata={"format": "pt"})
         config = getattr(model, "config", None)
         if config is not None:
             config.save_pretrained(staging)

@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..quant.grid import count_groups
 from . import values as V
 
 
@@ -123,7 +124,7 @@ class PackedWeight(ABC):
             raise LayoutMismatch(f"missing tensors {missing}")
         scales = tensors.get("scales")
         if V.is_integer(dtype):
-            expected = (shape[0], V.n_groups(shape[1], group_size))
+            expected = (shape[0], count_groups(shape[1], group_size))
             if scales is None or scales.dtype != torch.float32 or tuple(scales.shape) != expected:
                 raise LayoutMismatch(f"scales must be float32 {list(expected)}")
             if not (torch.isfinite(scales).all() and (scales > 0).all()):

@@ -13,8 +13,10 @@ import math
 
 import torch
 
+from ..quant.grid import count_groups, dequantize, quantize_to_grid
+
 VALUE_DTYPES = ("fp32", "bf16", "int8", "int4")
-INT_RANGES = {"int8": (-127, 127), "int4": (-8, 7)}
+BITS_OF = {"int8": 8, "int4": 4}
 _FLOAT_STORAGE = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -25,7 +27,7 @@ def is_integer(dtype: str) -> bool:
         >>> is_integer("int4"), is_integer("bf16")
         (True, False)
     """
-    return dtype in INT_RANGES
+    return dtype in BITS_OF
 
 
 def check_dtype(dtype: str) -> str:
@@ -40,51 +42,13 @@ def check_dtype(dtype: str) -> str:
     return dtype
 
 
-def n_groups(in_features: int, group_size: int | None) -> int:
-    """Scale groups per row: 1 per channel, else ceil(in / group_size).
-
-    Example:
-        >>> n_groups(300, 128), n_groups(300, None)
-        (3, 1)
-    """
-    return 1 if group_size is None else math.ceil(in_features / group_size)
-
-
-def expand_scales(scales: torch.Tensor, in_features: int, group_size: int | None) -> torch.Tensor:
-    """Scales [out, n_groups] broadcast to [out, in] (column j uses group j // group_size).
-
-    Example:
-        >>> expand_scales(torch.tensor([[1.0, 2.0]]), 3, 2).tolist()
-        [[1.0, 1.0, 2.0]]
-    """
-    if group_size is None:
-        return scales[:, :1].expand(-1, in_features)
-    return scales.repeat_interleave(group_size, dim=1)[:, :in_features]
-
-
-def absmax_scales(weight: torch.Tensor, dtype: str, group_size: int | None) -> torch.Tensor:
-    """Round-to-nearest symmetric scales from the absolute maximum of each row (or group).
-
-    Example:
-        >>> absmax_scales(torch.tensor([[2.0, -3.5]]), "int4", None).tolist()
-        [[0.5]]
-    """
-    out_features, in_features = weight.shape
-    groups = n_groups(in_features, group_size)
-    padded = torch.zeros(out_features, groups * (group_size or in_features), dtype=torch.float32)
-    padded[:, :in_features] = weight.abs().float()
-    absmax = padded.view(out_features, groups, -1).amax(dim=2)
-    high = INT_RANGES[dtype][1]
-    scales = absmax / high
-    return torch.where(scales > 0, scales, torch.ones_like(scales))
-
-
 def quantize_dense(
     weight: torch.Tensor, dtype: str, scales: torch.Tensor | None = None, group_size: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Encode a dense float weight in `dtype`: integers (int8 storage) + scales, or float storage.
 
-    Given `scales` (e.g. from GPTQ) the integers are `round(w / s)`, exact when `w` lies on that grid.
+    Given `scales` (e.g. from GPTQ) the integers are `round(w / s)`, exact when `w` lies on that grid
+    (the grid itself is `sparsepress.quant.grid`, shared with the quantizers).
 
     Example:
         >>> quantize_dense(torch.tensor([[0.25]]), "bf16")[0].dtype
@@ -94,18 +58,15 @@ def quantize_dense(
     weight = weight.detach().float()
     if not is_integer(dtype):
         return weight.to(_FLOAT_STORAGE[dtype]), None
-    if scales is None:
-        scales = absmax_scales(weight, dtype, group_size)
-    scales = scales.detach().float().reshape(weight.shape[0], -1).contiguous()
-    if scales.shape[1] != n_groups(weight.shape[1], group_size):
-        raise ValueError(
-            f"scales of shape {tuple(scales.shape)} do not fit weight {tuple(weight.shape)} with group_size {group_size}"
-        )
-    if not torch.all(scales > 0) or not torch.all(torch.isfinite(scales)):
-        raise ValueError("quantization scales must be finite and > 0")
-    low, high = INT_RANGES[dtype]
-    q = torch.round(weight / expand_scales(scales, weight.shape[1], group_size)).clamp_(low, high)
-    return q.to(torch.int8), scales
+    if scales is not None:
+        scales = scales.detach().float().reshape(weight.shape[0], -1).contiguous()
+        if scales.shape[1] != count_groups(weight.shape[1], group_size):
+            raise ValueError(
+                f"scales of shape {tuple(scales.shape)} do not fit weight {tuple(weight.shape)} with group_size {group_size}"
+            )
+        if not torch.all(scales > 0) or not torch.all(torch.isfinite(scales)):
+            raise ValueError("quantization scales must be finite and > 0")
+    return quantize_to_grid(weight, BITS_OF[dtype], group_size, scales)
 
 
 def dequantize_dense(
@@ -120,7 +81,7 @@ def dequantize_dense(
     if not is_integer(dtype):
         return stored.float()
     assert scales is not None
-    return stored.float() * expand_scales(scales, stored.shape[1], group_size)
+    return dequantize(stored, scales, group_size)
 
 
 def pack_nibbles(values: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Modules that run compressed weights: SparseLinear and QuantizedEmbedding."""
 
-from .embedding import QuantizedEmbedding, quantize_rows
+from .embedding import QuantizedEmbedding
 from .sparse_linear import SparseLinear
 
-__all__ = ["QuantizedEmbedding", "SparseLinear", "quantize_rows"]
+__all__ = ["QuantizedEmbedding", "SparseLinear"]

@@ -15,22 +15,7 @@ import torch
 from torch import nn
 
 from ..formats.values import pack_nibbles, unpack_nibbles
-
-
-def quantize_rows(table: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row-wise symmetric quantization: int8 in [-127, 127] or int4 in [-8, 7] (as int8), scales [V].
-
-    Example:
-        >>> q, s = quantize_rows(torch.tensor([[1.0, -2.0]]), 8)
-        >>> q.tolist(), round(s.item(), 5)
-        [[64, -127]], 0.01575)
-    """
-    high = {8: 127, 4: 7}[bits]
-    low = -high if bits == 8 else -8
-    absmax = table.detach().float().abs().amax(dim=1)
-    scales = torch.where(absmax > 0, absmax / high, torch.ones_like(absmax))
-    q = torch.round(table.detach().float() / scales[:, None]).clamp_(low, high).to(torch.int8)
-    return q, scales
+from ..quant.embeddings import quantize_rows
 
 
 class QuantizedEmbedding(nn.Module):
