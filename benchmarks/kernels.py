@@ -138,7 +138,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--no-csr", action="store_true", help="skip the (slow) torch.sparse CSR baseline")
     args = parser.parse_args()
-    reps = args.reps or (5 if args.quick else 11)
+    reps = args.reps or (3 if args.quick else 7)
     shapes = SHAPES[:1] if args.quick else SHAPES
     llc = llc_bytes()
     gen = torch.Generator().manual_seed(0)

@@ -25,7 +25,7 @@ def compressed():
     model = _tiny_model()
     ids = [torch.randint(0, 100, (16,), generator=torch.Generator().manual_seed(i)) for i in range(8)]
     recipe = {"stages": [{"prune": {"method": "magnitude", "sparsity": 0.5}}, {"quantize": {"method": "rtn"}},
-                         {"quantize_embeddings": {"bits": 8}}]}
+                         {"quantize_embeddings": {"bits": 8}}], "format": "bitmask"}
     return sp.compress(model, recipe, calibration=ids)
 
 

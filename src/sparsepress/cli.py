@@ -40,7 +40,7 @@ def _clean_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             errors.print(f"[red]error:[/red] {exc}", highlight=False)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
-            errors.print("[yellow]interrupted[/yellow]: nothing was written", highlight=False)
+            errors.print("[yellow]interrupted[/yellow]: no output folder was written", highlight=False)
             raise typer.Exit(130) from None
     return wrapper
 
@@ -59,13 +59,24 @@ def _progress() -> tuple[Progress, Callable[[str, int, int], None]]:
 
 
 def run_compression(model_name: str, recipe_path: Path | None, out: Path, calibration: Path | None, samples: int,
-                    seq_len: int, overwrite: bool, recipe: Any = None) -> tuple[Any, Any]:
-    """Load, compress and save; returns (source, compressed model). Shared by `compress` and `demo`."""
+                    seq_len: int, overwrite: bool, recipe: Any = None, *, resume: bool = False,
+                    nonfinite: str = "error") -> tuple[Any, Any]:
+    """Load, compress and save; returns (source, compressed model). Shared by `compress` and `demo`.
+
+    Finished blocks are checkpointed beside `out` (`.NAME.checkpoint/`); `resume` continues from them.
+    """
+    import warnings
+
+    from .checkpoint import Checkpoint
+    from .errors import NonFiniteWarning
     from .io import _atomic_folder
+    from .pipeline import NONFINITE_POLICIES
     from .pipeline import compress
     from .recipe import Recipe
     from .sources import load_source, read_text, token_samples
 
+    if nonfinite not in NONFINITE_POLICIES:
+        raise InputError("--on-nonfinite", f"got {nonfinite!r}; allowed: {' | '.join(NONFINITE_POLICIES)}")
     recipe = recipe if recipe is not None else Recipe.from_yaml(recipe_path)  # type: ignore[arg-type]
     # Refuse a non-empty --out before any expensive work, and create nothing yet.
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
@@ -75,14 +86,30 @@ def run_compression(model_name: str, recipe_path: Path | None, out: Path, calibr
         raise InputError(source.path, "no tokenizer files found; calibration needs one")
     text = read_text(calibration)
     ids = token_samples(source.tokenizer, text, samples, seq_len, recipe.seed, source=str(calibration or "bundled calibration text"))
+    checkpoint = Checkpoint.for_output(out, source.path, resume=resume)
     progress, update = _progress()
-    with progress:
-        model = compress(source.model, recipe, calibration=ids, tokenizer=source.tokenizer, samples=samples,
-                         seq_len=seq_len, progress=update)
+    try:
+        with progress, warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", NonFiniteWarning)
+            try:
+                model = compress(source.model, recipe, calibration=ids, tokenizer=source.tokenizer, samples=samples,
+                                 seq_len=seq_len, progress=update, nonfinite=nonfinite, checkpoint=checkpoint)
+            finally:
+                for item in caught:
+                    if issubclass(item.category, NonFiniteWarning):
+                        errors.print(f"[yellow]warning:[/yellow] {item.message}", highlight=False)
+                    else:
+                        warnings.warn_explicit(item.message, item.category, item.filename, item.lineno)
+    except BaseException:
+        if any(checkpoint.folder.glob("block-*.json")):
+            errors.print(f"finished blocks are kept in {checkpoint.folder}; rerun with --resume to continue",
+                         highlight=False)
+        raise
     model.sparsepress_source = source.path
     from .io import save
 
     save(model, out, tokenizer=None, source=source.path, overwrite=overwrite)
+    checkpoint.discard()
     return source, model
 
 
@@ -96,12 +123,15 @@ def compress_command(
     samples: int = typer.Option(128, "--samples", min=1, help="calibration samples"),
     seq_len: int = typer.Option(128, "--seq-len", min=8, help="tokens per calibration sample"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty --out"),
+    resume: bool = typer.Option(False, "--resume", help="continue an interrupted run from its per-block checkpoint (.OUT.checkpoint/)"),
+    on_nonfinite: str = typer.Option("error", "--on-nonfinite", help="error | skip: refuse NaN/Inf weights and activations, or zero / drop them with a warning"),
 ) -> None:
     """Compress MODEL with a recipe and write a packed model folder."""
     from .io import read_manifest
     from .report import folder_bytes, human_bytes, layer_table
 
-    source, _ = run_compression(model, recipe, out, calibration, samples, seq_len, overwrite)
+    source, _ = run_compression(model, recipe, out, calibration, samples, seq_len, overwrite,
+                                resume=resume, nonfinite=on_nonfinite)
     manifest = read_manifest(out)
     console.print(layer_table(manifest, title=f"{out}"))
     dense = sum(p.stat().st_size for p in Path(source.path).glob("model*.safetensors"))
@@ -114,10 +144,10 @@ def compress_command(
 @_clean_errors
 def inspect_command(folder: Path = typer.Argument(..., help="a sparsepress model folder")) -> None:
     """Per-layer table of a packed model folder: shape, pattern, sparsity, format, dtype, bytes."""
-    from .io import read_manifest
+    from .io import verify_folder
     from .report import folder_bytes, human_bytes, kv_table, layer_table
 
-    manifest = read_manifest(folder)
+    manifest = verify_folder(folder)
     console.print(layer_table(manifest, title=str(folder)))
     console.print(kv_table("folder", [
         ("model class", manifest["model_class"]),
@@ -125,6 +155,7 @@ def inspect_command(folder: Path = typer.Argument(..., help="a sparsepress model
         ("tensors file", human_bytes((Path(folder) / "sparsepress.safetensors").stat().st_size)),
         ("folder (all files)", human_bytes(folder_bytes(folder))),
         ("sha256 verified", "yes"),
+        ("layer tensors verified", "yes"),
     ]))
 
 

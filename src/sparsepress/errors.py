@@ -83,3 +83,12 @@ class PoisonedWeightError(SparsepressError, ValueError):
     def __init__(self, layer: str, what: str):
         self.layer, self.what = layer, what
         super().__init__(f"{layer}: NaN or Inf in {what}")
+
+
+class NonFiniteWarning(UserWarning):
+    """With `nonfinite="skip"`: NaN / Inf weights were zeroed or calibration tokens dropped, layer named.
+
+    Example:
+        >>> issubclass(NonFiniteWarning, UserWarning)
+        True
+    """

@@ -6,7 +6,8 @@ Example:
     >>> model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
     ...                              intermediate_size=64, vocab_size=100)).eval()
     >>> out = tempfile.mkdtemp() + "/m"
-    >>> sp.save(model, out)
+    >>> sp.save(model, out).name
+    'm'
     >>> type(sp.load(out)).__name__
     'BertModel'
 """
@@ -189,6 +190,8 @@ def save(
             "tensors_file": TENSORS,
             "tensors_sha256": sha256_of(staging / TENSORS),
         }
+        if (staging / "config.json").is_file():
+            manifest["config_sha256"] = sha256_of(staging / "config.json")
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         for path in staging.iterdir():
             if path.is_file():
@@ -213,6 +216,8 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     """The verified manifest of a folder: version known, tensors file present and matching its sha256."""
     folder = Path(folder)
     path = folder / MANIFEST
+    if folder.exists() and not folder.is_dir():
+        raise InputError(folder, "not a folder; expected a sparsepress model folder")
     if not folder.is_dir():
         raise InputError(folder, "model folder not found")
     if not path.is_file():
@@ -236,15 +241,26 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
         raise FormatError(tensors_path, "missing tensors file")
     if sha256_of(tensors_path) != manifest["tensors_sha256"]:
         raise ChecksumError(tensors_path, "sha256 does not match the manifest: the file is damaged or was changed")
+    config_sha = manifest.get("config_sha256")
+    if config_sha is not None:  # folders written before this field existed have none
+        config = folder / "config.json"
+        if not config.is_file():
+            raise FormatError(config, "missing model config")
+        if sha256_of(config) != config_sha:
+            raise ChecksumError(config, "sha256 does not match the manifest: the file is damaged or was changed")
     return manifest
 
 
 def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
     path = folder / TENSORS
     try:
-        return load_file(str(path))
+        tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise FormatError(path, f"unreadable safetensors data: {exc}") from None
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise TensorLayoutError(path, f"tensor '{key}' holds NaN or Inf")
+    return tensors
 
 
 def _model_class(folder: Path, manifest: dict[str, Any], config: Any) -> type[nn.Module]:
@@ -262,6 +278,37 @@ def _model_class(folder: Path, manifest: dict[str, Any], config: Any) -> type[nn
     return cls
 
 
+def _check_fits_skeleton(folder: Path, cls: type[nn.Module], config: Any, manifest: dict[str, Any],
+                         tensors: dict[str, torch.Tensor]) -> None:
+    """Compare tensor names and shapes with the model built on the meta device (no memory), so a damaged
+    config (say, a huge hidden size) is refused before anything is allocated."""
+    try:
+        with torch.device("meta"):
+            skeleton = convert_conv1d_(cls(config))
+    except Exception as exc:  # any config transformers cannot build from is a damaged folder here
+        raise FormatError(folder / "config.json", f"cannot build {cls.__name__} from this config: {exc}") from None
+    where = folder / TENSORS
+    shapes = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    for name, meta in manifest["layers"].items():
+        try:
+            target = skeleton.get_submodule(name) if isinstance(name, str) and name else None
+        except AttributeError:
+            target = None
+        if not isinstance(target, nn.Linear):
+            raise TensorLayoutError(folder / MANIFEST, f"layer '{name}' is not a Linear layer of {cls.__name__}")
+        shape = meta.get("shape") if isinstance(meta, dict) else None
+        if shape != [target.out_features, target.in_features]:
+            raise TensorLayoutError(where, f"layer '{name}': shape {shape} does not fit the model's {[target.out_features, target.in_features]}")
+    installed = tuple(f"{name}." for name in (*manifest["layers"], *manifest["embeddings"]))
+    for key, tensor in tensors.items():
+        if key.startswith(installed):
+            continue
+        if key not in shapes:
+            raise TensorLayoutError(where, f"unexpected tensor '{key}' for {cls.__name__}")
+        if tuple(tensor.shape) != shapes[key]:
+            raise TensorLayoutError(where, f"tensor '{key}' has shape {list(tensor.shape)}, the config gives {list(shapes[key])}")
+
+
 def _take(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {k[len(prefix):]: tensors.pop(k) for k in [k for k in tensors if k.startswith(prefix)]}
 
@@ -271,16 +318,11 @@ def load(folder: str | Path) -> nn.Module:
 
     Raises FormatError subclasses naming the file on any damage, foreign or newer content.
     """
-    from transformers import AutoConfig
-
     folder = Path(folder)
     manifest = read_manifest(folder)
-    try:
-        config = AutoConfig.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError, json.JSONDecodeError) as exc:
-        raise FormatError(folder / "config.json", f"unreadable config: {exc}") from None
-    cls = _model_class(folder, manifest, config)
+    cls, config = _config_and_class(folder, manifest)
     tensors = _read_tensors(folder)
+    _check_fits_skeleton(folder, cls, config, manifest, tensors)
     try:
         from transformers.initialization import no_init_weights
     except ImportError:  # older transformers
@@ -316,35 +358,37 @@ def load(folder: str | Path) -> nn.Module:
     return model
 
 
-def _install_linear(folder: Path, model: nn.Module, tensors: dict[str, torch.Tensor], name: str, meta: Any) -> None:
+def _packed_layer(folder: Path, tensors: dict[str, torch.Tensor], name: Any, meta: Any) -> tuple[Any, torch.Tensor | None]:
+    """Pop layer `name`'s tensors and rebuild its packed weight; TensorLayoutError naming the file on any mismatch."""
     where = folder / TENSORS
-    if not isinstance(meta, dict) or meta.get("format") not in FORMATS:
-        raise TensorLayoutError(folder / MANIFEST, f"layer '{name}': unknown format {meta.get('format') if isinstance(meta, dict) else meta!r}")
-    try:
-        target = model.get_submodule(name)
-    except AttributeError:
-        raise TensorLayoutError(folder / MANIFEST, f"layer '{name}' does not exist in {type(model).__name__}") from None
+    fmt = meta.get("format") if isinstance(meta, dict) else None
+    if not isinstance(name, str) or not name:
+        raise TensorLayoutError(folder / MANIFEST, f"layer name {name!r} is not a module path")
+    if not isinstance(fmt, str) or fmt not in FORMATS:
+        raise TensorLayoutError(folder / MANIFEST, f"layer '{name}': unknown format {fmt if isinstance(meta, dict) else meta!r}")
     own = _take(tensors, name + ".")
     bias = own.pop("bias", None)
     try:
-        packed = FORMATS[meta["format"]].from_tensors(own, meta)
+        packed = FORMATS[fmt].from_tensors(own, meta)
     except LayoutMismatch as exc:
         raise TensorLayoutError(where, f"layer '{name}': {exc}") from None
-    if isinstance(target, nn.Linear) and (packed.out_features, packed.in_features) != (target.out_features, target.in_features):
-        raise TensorLayoutError(where, f"layer '{name}': shape {list(packed.shape)} does not fit the model's {[target.out_features, target.in_features]}")
     if bias is not None and (bias.dtype != torch.float32 or tuple(bias.shape) != (packed.out_features,)):
         raise TensorLayoutError(where, f"layer '{name}': bias must be float32 [{packed.out_features}]")
     if bool(meta.get("bias")) != (bias is not None):
         raise TensorLayoutError(where, f"layer '{name}': bias presence does not match the manifest")
-    replace_module(model, name, SparseLinear(packed, bias))
+    return packed, bias
 
 
-def _install_embedding(folder: Path, model: nn.Module, tensors: dict[str, torch.Tensor], name: str, meta: Any) -> None:
+def _embedding_parts(folder: Path, tensors: dict[str, torch.Tensor], name: Any, meta: Any) -> tuple[torch.Tensor, torch.Tensor, int, int, int, Any]:
+    """Pop embedding `name`'s codes and scales and check them: (codes, scales, bits, rows, dim, padding_idx)."""
     where = folder / TENSORS
     try:
-        target = model.get_submodule(name)
-        bits, (rows, dim) = int(meta["bits"]), meta["shape"]
-    except (AttributeError, KeyError, TypeError, ValueError):
+        bits, (rows, dim) = meta["bits"], meta["shape"]
+        padding_idx = meta.get("padding_idx")
+        if not (isinstance(name, str) and name and type(bits) is int and bits in (4, 8) and all(isinstance(v, int) and v > 0 for v in (rows, dim))
+                and (padding_idx is None or isinstance(padding_idx, int))):
+            raise ValueError
+    except (KeyError, TypeError, ValueError):
         raise TensorLayoutError(folder / MANIFEST, f"embedding '{name}': bad entry {meta!r}") from None
     own = _take(tensors, name + ".")
     codes, scales = own.get("codes"), own.get("scales")
@@ -354,6 +398,73 @@ def _install_embedding(folder: Path, model: nn.Module, tensors: dict[str, torch.
         raise TensorLayoutError(where, f"embedding '{name}': codes must be {dtype} [{rows}, {width}]")
     if scales is None or scales.dtype != torch.float32 or tuple(scales.shape) != (rows,):
         raise TensorLayoutError(where, f"embedding '{name}': scales must be float32 [{rows}]")
+    if set(own) - {"codes", "scales"}:
+        raise TensorLayoutError(where, f"embedding '{name}': unexpected tensors {sorted(set(own) - {'codes', 'scales'})}")
+    return codes, scales, bits, rows, dim, padding_idx
+
+
+def verify_folder(folder: str | Path) -> dict[str, Any]:
+    """Check a folder without building its model: manifest, checksums, and every layer's tensors against
+    its format (shape, dtype, indices); returns the manifest. Raises FormatError subclasses naming the file.
+
+    Example:
+        >>> import tempfile, torch, sparsepress as sp
+        >>> out = sp.save(torch.nn.Sequential(torch.nn.Linear(2, 2)), tempfile.mkdtemp() + "/v")
+        >>> sorted(verify_folder(out))[:2]
+        ['adapter', 'aliases']
+    """
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    config = folder / "config.json"
+    if config.exists():
+        try:
+            parsed = json.loads(config.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise FormatError(config, f"unreadable config: {exc}") from None
+        if not isinstance(parsed, dict):
+            raise FormatError(config, "config is not a JSON object")
+    tensors = _read_tensors(folder)
+    if config.exists():
+        # The model on the meta device (nothing allocated) gives every dense tensor's expected shape.
+        _check_fits_skeleton(folder, *_config_and_class(folder, manifest), manifest, tensors)
+    for name, meta in manifest["layers"].items():
+        _packed_layer(folder, tensors, name, meta)
+    for name, meta in manifest["embeddings"].items():
+        _embedding_parts(folder, tensors, name, meta)
+    for alias, original in manifest["aliases"].items():
+        if not isinstance(original, str) or original not in tensors:
+            raise TensorLayoutError(folder / TENSORS, f"alias '{alias}' points at missing tensor {original!r}")
+    return manifest
+
+
+def _config_and_class(folder: Path, manifest: dict[str, Any]) -> tuple[type[nn.Module], Any]:
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    except Exception as exc:  # transformers' config parser raises many types on damaged input
+        raise FormatError(folder / "config.json", f"unreadable config: {exc}") from None
+    return _model_class(folder, manifest, config), config
+
+
+def _install_linear(folder: Path, model: nn.Module, tensors: dict[str, torch.Tensor], name: str, meta: Any) -> None:
+    packed, bias = _packed_layer(folder, tensors, name, meta)
+    try:
+        target = model.get_submodule(name)
+    except AttributeError:
+        raise TensorLayoutError(folder / MANIFEST, f"layer '{name}' does not exist in {type(model).__name__}") from None
+    if not isinstance(target, nn.Linear) or (packed.out_features, packed.in_features) != (target.out_features, target.in_features):
+        fits = [target.out_features, target.in_features] if isinstance(target, nn.Linear) else type(target).__name__
+        raise TensorLayoutError(folder / TENSORS, f"layer '{name}': shape {list(packed.shape)} does not fit the model's {fits}")
+    replace_module(model, name, SparseLinear(packed, bias))
+
+
+def _install_embedding(folder: Path, model: nn.Module, tensors: dict[str, torch.Tensor], name: str, meta: Any) -> None:
+    codes, scales, bits, rows, dim, padding_idx = _embedding_parts(folder, tensors, name, meta)
+    try:
+        target = model.get_submodule(name)
+    except AttributeError:
+        target = None
     if not isinstance(target, nn.Embedding) or (target.num_embeddings, target.embedding_dim) != (rows, dim):
-        raise TensorLayoutError(where, f"embedding '{name}': shape [{rows}, {dim}] does not fit the model")
-    replace_module(model, name, QuantizedEmbedding(codes, scales, bits, dim, meta.get("padding_idx")))
+        raise TensorLayoutError(folder / TENSORS, f"embedding '{name}': shape [{rows}, {dim}] does not fit the model")
+    replace_module(model, name, QuantizedEmbedding(codes, scales, bits, dim, padding_idx))

@@ -51,8 +51,8 @@ def reference_linear(x2d: torch.Tensor, packed: PackedWeight, bias: torch.Tensor
     Example:
         >>> from sparsepress.formats import DenseWeight
         >>> p = DenseWeight.pack(torch.tensor([[1.0, -1.0]]), dtype="int8")
-        >>> reference_linear(torch.tensor([[2.0, 1.0]]), p, None).tolist()
-        [[1.0]]
+        >>> reference_linear(torch.tensor([[2.0, 1.0]]), p, None).tolist()  # x quantized per token: 1 -> 64/127*2
+        [[0.9921259880065918]]
     """
     weight = packed.unpack()
     x2d = x2d.float()

@@ -53,14 +53,38 @@ def candidate_formats(result: CompressedWeight, prune: PruneStage | None, reques
     return names
 
 
+# `auto` keeps the smallest format unless a larger one is at least this much faster: a saved model
+# should not grow for a speed gain lost in measurement noise.
+AUTO_SPEEDUP_TO_GROW = 1.2
+# Rows of x when timing candidates: a short sequence, the common small-batch case of an encoder.
+AUTO_MEASURE_ROWS = 16
+
+
 def _measured_ms(packed: PackedWeight, bias: torch.Tensor | None) -> float | None:
-    try:
-        from . import kernels
-    except ImportError:
+    from . import kernels
+
+    if not kernels.native_supports(packed):
         return None
-    if not getattr(kernels, "native_supports", lambda p: False)(packed):
-        return None
-    return kernels.measure_ms(packed, bias, batch=1)
+    return kernels.measure_ms(packed, bias, batch=AUTO_MEASURE_ROWS)
+
+
+def pick_auto(packs: list[PackedWeight], timings: dict[str, float]) -> PackedWeight:
+    """The smallest pack, or a larger one measured at least AUTO_SPEEDUP_TO_GROW times faster.
+
+    Example:
+        >>> from sparsepress.formats import DenseWeight, BitmaskWeight
+        >>> w = torch.zeros(4, 16); w[:, 0] = 1.0
+        >>> packs = [DenseWeight.pack(w, dtype="int8"), BitmaskWeight.pack(w, dtype="int8")]
+        >>> pick_auto(packs, {"dense": 1.0, "bitmask": 1.1}).name, pick_auto(packs, {"dense": 1.0, "bitmask": 1.3}).name
+        ('bitmask', 'dense')
+    """
+    by_size = sorted(packs, key=lambda p: p.nbytes)
+    chosen = by_size[0]
+    for candidate in by_size[1:]:
+        if candidate.name in timings and chosen.name in timings:
+            if timings[chosen.name] >= AUTO_SPEEDUP_TO_GROW * timings[candidate.name]:
+                chosen = candidate
+    return chosen
 
 
 def choose_packing(
@@ -68,7 +92,8 @@ def choose_packing(
 ) -> tuple[SparseLinear, dict[str, Any]]:
     """Pack `result` into a SparseLinear in the requested format, or the best candidate for `auto`.
 
-    `auto` takes the fastest measured native kernel where every candidate has one, else the smallest.
+    `auto` keeps the smallest candidate unless a larger one's native kernel is measured at least
+    `AUTO_SPEEDUP_TO_GROW` times faster (without native kernels: the smallest).
     """
     dtype = _DTYPE_OF_BITS[result.bits]
     packs: list[PackedWeight] = []
@@ -83,17 +108,15 @@ def choose_packing(
             errors.append(f"{name}: {exc}")
     if not packs:
         raise ValueError("; ".join(errors))
-    chosen = min(packs, key=lambda p: p.nbytes)
     timings: dict[str, float] = {}
     if measure and len(packs) > 1:
         for packed in packs:
             ms = _measured_ms(packed, linear.bias)
             if ms is not None:
                 timings[packed.name] = ms
-        if len(timings) == len(packs):
-            chosen = min(packs, key=lambda p: (timings[p.name], p.nbytes))
+    chosen = pick_auto(packs, timings)
     layer = SparseLinear(chosen, linear.bias)
     meta = {"format": chosen.name, "dtype": dtype, "sparsity": chosen.sparsity, "nbytes": layer.nbytes}
     if timings:
-        meta["measured_ms"] = timings
+        meta["measured_ms"] = {k: round(v, 4) for k, v in sorted(timings.items())}
     return layer, meta

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
@@ -27,7 +28,7 @@ import torch
 from torch import nn
 
 from .calibration import make_batches, to_token_ids
-from .errors import InputError, PoisonedWeightError, RecipeError
+from .errors import InputError, NonFiniteWarning, PoisonedWeightError, RecipeError
 from .models import ModelLayout, convert_conv1d_, find_layout, linear_layers, replace_module
 from .nn import QuantizedEmbedding
 from .packing import choose_packing
@@ -37,6 +38,7 @@ from .prune.stats import LayerStats
 from .recipe import PruneStage, QuantizeEmbeddingsStage, QuantizeStage, Recipe
 
 Progress = Callable[[str, int, int], None]
+NONFINITE_POLICIES = ("error", "skip")
 
 
 @dataclass
@@ -72,10 +74,42 @@ def _targets(stage: PruneStage | QuantizeStage | None, names: list[str], field_n
     return {n for n in names if _matches(n, stage.targets) and not _matches(n, stage.ignore)}
 
 
-def _check_weights_finite(layers: list[tuple[str, nn.Linear]]) -> None:
+def _check_weights_finite(layers: list[tuple[str, nn.Linear]], nonfinite: str = "error") -> None:
     for name, layer in layers:
-        if not torch.isfinite(layer.weight).all() or (layer.bias is not None and not torch.isfinite(layer.bias).all()):
-            raise PoisonedWeightError(name, "weight")
+        for what, tensor in (("weight", layer.weight), ("bias", layer.bias)):
+            if tensor is None or bool(torch.isfinite(tensor).all()):
+                continue
+            if nonfinite != "skip":
+                raise PoisonedWeightError(name, "weight" if what == "weight" else "bias")
+            _zero_nonfinite_(name, what, tensor)
+
+
+def _zero_nonfinite_(name: str, what: str, tensor: torch.Tensor) -> None:
+    """nonfinite='skip': NaN / Inf entries become zeros (pruned), with a warning naming the layer."""
+    with torch.no_grad():
+        bad = ~torch.isfinite(tensor)
+        count = int(bad.sum())
+        tensor[bad] = 0.0
+    warnings.warn(f"{name}: zeroed {count} NaN or Inf entries of its {what}", NonFiniteWarning, stacklevel=3)
+
+
+def _finite_tokens(name: str, x: torch.Tensor, nonfinite: str, dropped: dict[str, int]) -> torch.Tensor:
+    """The rows (tokens) of x that are finite; NaN / Inf rows raise, or are dropped and counted (skip)."""
+    flat = x.detach().reshape(-1, x.shape[-1])
+    finite = torch.isfinite(flat).all(dim=1)
+    if bool(finite.all()):
+        return flat
+    if nonfinite != "skip":
+        raise PoisonedWeightError(name, "calibration activations")
+    dropped[name] = dropped.get(name, 0) + int((~finite).sum())
+    return flat[finite]
+
+
+def _warn_dropped(dropped: dict[str, int]) -> None:
+    for name, count in dropped.items():
+        warnings.warn(f"{name}: dropped {count} calibration tokens whose inputs hold NaN or Inf",
+                      NonFiniteWarning, stacklevel=3)
+    dropped.clear()
 
 
 def _forward_kwargs(model: nn.Module) -> dict[str, Any]:
@@ -117,6 +151,10 @@ def _run_block(block: nn.Module, inputs: _BlockInputs) -> torch.Tensor:
     return _hidden_of(block(*inputs.args, **inputs.kwargs))
 
 
+def _hidden_in(inputs: _BlockInputs) -> torch.Tensor:
+    return inputs.args[0] if inputs.args else inputs.kwargs["hidden_states"]
+
+
 def _with_hidden(inputs: _BlockInputs, hidden: torch.Tensor) -> _BlockInputs:
     if inputs.args:
         return _BlockInputs((hidden, *inputs.args[1:]), inputs.kwargs)
@@ -124,7 +162,8 @@ def _with_hidden(inputs: _BlockInputs, hidden: torch.Tensor) -> _BlockInputs:
 
 
 @contextmanager
-def _collecting(layers: dict[str, nn.Linear], stats: dict[str, LayerStats]) -> Iterator[None]:
+def _collecting(layers: dict[str, nn.Linear], stats: dict[str, LayerStats], nonfinite: str = "error",
+                dropped: dict[str, int] | None = None) -> Iterator[None]:
     """Feed each layer's inputs to its stats while the block runs.
 
     Layers that receive the very same input tensor (q, k, v projections) share one LayerStats, so
@@ -140,7 +179,7 @@ def _collecting(layers: dict[str, nn.Linear], stats: dict[str, LayerStats]) -> I
                 owners[_name] = next((owner for seen, owner in first_inputs if seen is x), _name)
                 first_inputs.append((x, _name))
             if owners[_name] == _name:
-                stats[_name].add(x.detach())
+                stats[_name].add(_finite_tokens(_name, x, nonfinite, dropped if dropped is not None else {}))
         handles.append(layer.register_forward_pre_hook(hook))
     try:
         yield
@@ -155,8 +194,9 @@ def _collecting(layers: dict[str, nn.Linear], stats: dict[str, LayerStats]) -> I
 class _Compressor:
     """Runs one recipe over one model; holds the per-run state so functions stay explicit."""
 
-    def __init__(self, model: nn.Module, recipe: Recipe, progress: Progress | None):
-        self.model, self.recipe, self.progress = model, recipe, progress
+    def __init__(self, model: nn.Module, recipe: Recipe, progress: Progress | None, nonfinite: str = "error"):
+        self.model, self.recipe, self.progress, self.nonfinite = model, recipe, progress, nonfinite
+        self.dropped: dict[str, int] = {}
         self.prune, self.quant = recipe.prune, recipe.quantize
         self.layout: ModelLayout = find_layout(model)
         self.record = CompressionRecord(recipe=recipe, adapter=self.layout.adapter)
@@ -167,7 +207,7 @@ class _Compressor:
         self.prune_targets = _targets(self.prune, names, "prune")
         self.quant_targets = _targets(self.quant, names, "quantize")
         self.layers = {n: l for n, l in in_blocks if n in self.prune_targets | self.quant_targets}
-        _check_weights_finite(list(self.layers.items()))
+        _check_weights_finite(list(self.layers.items()), nonfinite)
         self.sparsity: dict[str, float] = {}
 
     def _tick(self, what: str, done: int, total: int) -> None:
@@ -187,7 +227,7 @@ class _Compressor:
         handles = []
         for name in targets:
             def hook(_m: nn.Module, args: tuple[Any, ...], _name: str = name) -> None:
-                x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+                x = _finite_tokens(_name, args[0], self.nonfinite, self.dropped).double()
                 norms[_name] += (x * x).sum(dim=0)
             handles.append(self.layers[name].register_forward_pre_hook(hook))
         try:
@@ -198,6 +238,7 @@ class _Compressor:
         finally:
             for handle in handles:
                 handle.remove()
+        _warn_dropped(self.dropped)
         summaries = [
             LayerSummary(name=name, weight=self.layers[name].weight.detach(), act_norm_sq=norms[name].float(),
                          block=self.layout.block_of(name))
@@ -211,14 +252,34 @@ class _Compressor:
         stats = {n: LayerStats(l.in_features, name=n) for n, l in members.items()}
         with torch.no_grad():
             if members:
-                with _collecting(members, stats):
+                with _collecting(members, stats, self.nonfinite, self.dropped):
                     for item in inputs:
                         _run_block(block, item)
+                _warn_dropped(self.dropped)
             for name, layer in members.items():
+                if stats[name].n_tokens == 0 and self.nonfinite == "skip":
+                    raise PoisonedWeightError(name, "calibration activations (every calibration token was dropped)")
                 self._compress_layer(name, layer, stats.pop(name))
             if block_name == "":
                 return inputs
             return [_with_hidden(item, _run_block(block, item)) for item in inputs]
+
+    def block_layers(self, index: int) -> tuple[dict[str, nn.Module], dict[str, dict[str, Any]]]:
+        """The compressed layers of block `index` and their record entries (for checkpoints)."""
+        names = [n for n, meta in self.record.layers.items() if meta.get("block") == index]
+        return {n: self.model.get_submodule(n) for n in names}, {n: self.record.layers[n] for n in names}
+
+    def restore(self, finished: Any, n_blocks: int) -> int:
+        """Install a checkpoint's finished blocks; returns the index of the first block still to do."""
+        if finished.count > n_blocks or not set(finished.layers) <= set(self.layers):
+            raise InputError(checkpoint_name(finished), "checkpoint does not fit this model; rerun without --resume")
+        for name, (module, meta) in finished.layers.items():
+            replace_module(self.model, name, module)
+            self.record.layers[name] = meta
+        if finished.rng_state is not None:
+            torch.set_rng_state(finished.rng_state)
+        self._tick("compressing blocks", finished.count, n_blocks)
+        return finished.count
 
     def _compress_layer(self, name: str, layer: nn.Linear, stats: LayerStats) -> None:
         prune = self.prune if name in self.prune_targets else None
@@ -251,10 +312,16 @@ class _Compressor:
                 self.record.embeddings[name] = {"bits": None, "skipped": f"custom forward ({type(embedding).__name__})"}
                 continue
             if not torch.isfinite(embedding.weight).all():
-                raise PoisonedWeightError(name, "embedding table")
+                if self.nonfinite != "skip":
+                    raise PoisonedWeightError(name, "embedding table")
+                _zero_nonfinite_(name, "embedding table", embedding.weight)
             quantized = QuantizedEmbedding.from_embedding(embedding, bits=stage.bits)
             replace_module(self.model, name, quantized)
             self.record.embeddings[name] = {"bits": stage.bits, "shape": list(embedding.weight.shape)}
+
+
+def checkpoint_name(finished: Any) -> str:
+    return str(getattr(finished, "folder", "<checkpoint>"))
 
 
 UNSUPPORTED_STAGES = {
@@ -273,12 +340,19 @@ def compress(
     seq_len: int = 128,
     batch_size: int = 8,
     progress: Progress | None = None,
+    nonfinite: str = "error",
+    checkpoint: Any = None,
 ) -> nn.Module:
     """Compress `model` in place with `recipe` and return it (Linear layers become SparseLinear).
 
     `calibration` is a list of strings (tokenized with `tokenizer`), a list of token-id tensors, or
     None for windows of the bundled WikiText-2 sample. See the module docstring for an example.
+    `nonfinite="skip"` zeroes NaN / Inf weights and drops NaN / Inf calibration tokens with a
+    NonFiniteWarning naming the layer (default "error": PoisonedWeightError). `checkpoint` (a
+    `sparsepress.checkpoint.Checkpoint`) saves each finished block and, when resuming, restores them.
     """
+    if nonfinite not in NONFINITE_POLICIES:
+        raise InputError("nonfinite", f"got {nonfinite!r}; allowed: {' | '.join(NONFINITE_POLICIES)}")
     if not isinstance(recipe, Recipe):
         recipe = Recipe.model_validate(recipe)
     for stage in recipe.stages:
@@ -295,7 +369,7 @@ def compress(
     torch.manual_seed(recipe.seed)
     model.eval()
     convert_conv1d_(model)
-    runner = _Compressor(model, recipe, progress)
+    runner = _Compressor(model, recipe, progress, nonfinite)
     if runner.layers:
         pad_id = getattr(tokenizer, "pad_token_id", None) or 0
         ids = to_token_ids(calibration, tokenizer, samples, seq_len, recipe.seed)
@@ -307,8 +381,22 @@ def compress(
                 inputs = [_BlockInputs((), {**b, **_forward_kwargs(model)}) for b in batches]
             else:
                 inputs = _capture_block_inputs(model, blocks[0][1], batches)
+            start = 0
+            if checkpoint is not None:
+                checkpoint.begin(recipe, ids, {"samples": samples, "seq_len": seq_len, "batch_size": batch_size,
+                                               "nonfinite": nonfinite})
+                finished = checkpoint.load_finished()
+                if finished is not None:
+                    start = runner.restore(finished, len(blocks))
+                    if finished.hidden is not None:
+                        inputs = [_with_hidden(item, hidden) for item, hidden in zip(inputs, finished.hidden)]
             for index, (name, block) in enumerate(blocks):
+                if index < start:
+                    continue
                 inputs = runner.compress_block(name, block, inputs)
+                if checkpoint is not None:
+                    last = index + 1 == len(blocks)
+                    checkpoint.save_block(index, *runner.block_layers(index), None if last else [_hidden_in(i) for i in inputs])
                 runner._tick("compressing blocks", index + 1, len(blocks))
     embeddings = recipe.stage("quantize_embeddings")
     if embeddings is not None:

@@ -23,6 +23,7 @@ _STRICT = ConfigDict(extra="forbid", frozen=True)
 _NM_RE = re.compile(r"^(\d+):(\d+)$")
 STRUCTURED_PATTERNS = ("channel", "head", "layer")
 NAMED_PATTERNS = ("unstructured", "bbs", "block", *STRUCTURED_PATTERNS)
+_PATTERN_ALLOWED = " | ".join(NAMED_PATTERNS) + " | N:M with 0 < N < M (e.g. '2:4')"
 
 
 class Pattern(BaseModel):
@@ -46,10 +47,10 @@ class Pattern(BaseModel):
         if match:
             n, m = int(match.group(1)), int(match.group(2))
             if m < 2 or not 0 < n < m:
-                raise ValueError(f"N:M pattern needs 0 < N < M and M >= 2, got {text!r}")
+                raise RecipeError("pattern", text, _PATTERN_ALLOWED)
             return cls(kind="nm", n=n, m=m)
         if text not in NAMED_PATTERNS:
-            raise ValueError(f"unknown pattern {text!r}; allowed: {' | '.join(NAMED_PATTERNS)} | N:M (e.g. '2:4')")
+            raise RecipeError("pattern", text, _PATTERN_ALLOWED)
         return cls(kind=text)
 
     @property
@@ -62,7 +63,7 @@ class Pattern(BaseModel):
 
 def _check_fraction(value: float, what: str) -> float:
     if not 0.0 <= value < 1.0:
-        raise ValueError(f"{what} must be in [0, 1), got {value}")
+        raise ValueError(f"{what} in [0, 1)")
     return value
 
 
@@ -136,13 +137,11 @@ class PruneStage(_TargetedStage):
         if pattern.kind == "nm":
             implied = 1.0 - pattern.n / pattern.m
             if self.sparsity is not None and (isinstance(self.sparsity, list) or abs(self.sparsity - implied) > 1e-9):
-                raise ValueError(
-                    f"pattern {self.pattern} implies sparsity {implied:g}; omit sparsity or set it to {implied:g}"
-                )
+                raise RecipeError("sparsity", self.sparsity, f"omit it or {implied:g} (pattern {self.pattern} implies {implied:g})")
             if self.allocation != "uniform":
-                raise ValueError(f"allocation {self.allocation!r} cannot vary sparsity under the fixed pattern {self.pattern}")
+                raise RecipeError("allocation", self.allocation, f"uniform (the fixed pattern {self.pattern} cannot vary sparsity per layer)")
         elif self.sparsity is None:
-            raise ValueError(f"pattern {self.pattern} needs a sparsity")
+            raise RecipeError("sparsity", None, f"a fraction in [0, 1) (pattern {self.pattern} needs one)")
         return self
 
     @property
@@ -292,12 +291,12 @@ class Recipe(BaseModel):
             counts[stage.kind] = counts.get(stage.kind, 0) + 1  # type: ignore[attr-defined]
         for kind, count in counts.items():
             if count > 1:
-                raise ValueError(f"stage {kind!r} appears {count} times; give it once")
+                raise RecipeError("stages", kind, f"each stage kind at most once ({kind!r} appears {count} times)")
         prune = self.prune
         if self.format == "nm" and (prune is None or prune.parsed_pattern.kind != "nm"):
-            raise ValueError("format 'nm' needs a prune stage with an N:M pattern such as '2:4'")
+            raise RecipeError("format", self.format, "auto | dense | bitmask | csr (format nm needs a prune stage with an N:M pattern such as '2:4')")
         if self.format == "bbs" and (prune is None or prune.parsed_pattern.kind != "bbs"):
-            raise ValueError("format 'bbs' needs a prune stage with pattern 'bbs'")
+            raise RecipeError("format", self.format, "auto | dense | bitmask | csr (format bbs needs a prune stage with pattern 'bbs')")
         return self
 
     def stage(self, kind: str) -> BaseModel | None:
@@ -330,6 +329,8 @@ class Recipe(BaseModel):
             'rtn'
         """
         path = Path(path)
+        if path.is_dir():
+            raise InputError(path, "is a folder; expected a YAML recipe file")
         if not path.is_file():
             raise InputError(path, "recipe file not found")
         try:
@@ -363,8 +364,11 @@ def _first_error(exc: ValidationError, prefix: str = "", lines: dict[str, int] |
     error = exc.errors()[0]
     cause = error.get("ctx", {}).get("error")
     if isinstance(cause, RecipeError):
-        return RecipeError(cause.field, cause.value, cause.allowed, (lines or {}).get(cause.field))
+        nested = f"{prefix}.{cause.field}" if prefix and not cause.field.startswith("stages") else cause.field
+        return RecipeError(nested, cause.value, cause.allowed, (lines or {}).get(nested))
     field = _join_loc(prefix, error["loc"])
+    if error["type"] == "missing":
+        return RecipeError(field, "<missing>", "a value: this field is required", (lines or {}).get(field.rsplit(".", 1)[0]))
     if error["type"] == "extra_forbidden":
         owner = field.rsplit(".", 1)[0] if "." in field else ""
         allowed = _known_keys(exc.title, owner, error) or "the documented keys"
@@ -384,11 +388,15 @@ def _join_loc(prefix: str, loc: tuple[Any, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             parts[-1:] = [f"{parts[-1]}[{part}]"] if parts else [f"[{part}]"]
-        elif part in ("function-after[_check_fraction(), float]",):
-            continue
+        elif part in ("function-after[_check_fraction(), float]",) or _is_type_tag(str(part)):
+            continue  # pydantic names union members ('float', 'list[float]') in error locations
         else:
             parts.append(str(part))
     return ".".join(parts)
+
+
+def _is_type_tag(part: str) -> bool:
+    return part in ("float", "int", "str", "bool", "none") or "[" in part or "(" in part
 
 
 def _known_keys(title: str, owner: str, error: dict[str, Any]) -> str:
@@ -409,8 +417,13 @@ def _yaml_lines(text: str) -> dict[str, int]:
 
     def walk(node: yaml.Node, path: str) -> None:
         if isinstance(node, yaml.MappingNode):
+            seen: set[str] = set()
             for key, value in node.value:
                 name = str(key.value)
+                if name in seen:  # PyYAML keeps the last silently; a recipe must say one thing
+                    field = f"{path}.{name}" if path else name
+                    raise RecipeError(field, name, "each key once per mapping (duplicate key)", key.start_mark.line + 1)
+                seen.add(name)
                 if path.startswith("stages[") and path.count(".") == 0 and path.endswith("]"):
                     child = f"{path}.{name}"
                 else:

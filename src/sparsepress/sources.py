@@ -68,6 +68,32 @@ def model_class_for(path: Path, config) -> type[nn.Module]:
     return transformers.AutoModel._model_mapping[type(config)]
 
 
+def check_model_type(config_path: Path) -> str:
+    """The config's `model_type`, or InputError naming the file when transformers does not know it.
+
+    Example:
+        >>> import json, tempfile; p = Path(tempfile.mkdtemp()) / "config.json"
+        >>> _ = p.write_text(json.dumps({"model_type": "bert"})); check_model_type(p)
+        'bert'
+    """
+    import transformers
+    from transformers import CONFIG_MAPPING
+
+    try:
+        raw = json.loads(Path(config_path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(config_path, f"cannot read the model config: {exc}") from None
+    if not isinstance(raw, dict):
+        raise InputError(config_path, "the model config is not a JSON object")
+    model_type = raw.get("model_type")
+    if model_type is None:  # old configs: transformers guesses the type from the folder name
+        return ""
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        raise InputError(config_path, f"unsupported architecture: model_type {model_type!r} is not known to "
+                                      f"transformers {transformers.__version__}")
+    return model_type
+
+
 @dataclass
 class Source:
     """A loaded source model with its tokenizer and folder."""
@@ -87,6 +113,7 @@ def load_source(name: str | Path) -> Source:
     from transformers import AutoConfig, AutoTokenizer
 
     path = resolve_model_path(name)
+    check_model_type(path / "config.json")
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, json.JSONDecodeError) as exc:
@@ -118,6 +145,8 @@ def read_text(path: str | Path | None, kind: str = "calibration") -> str:
     if path is None:
         return bundled_text(kind)
     path = Path(path)
+    if path.is_dir():
+        raise InputError(path, f"is a folder; expected a {kind} text file")
     if not path.is_file():
         raise InputError(path, f"{kind} text file not found")
     try:

@@ -1,0 +1,211 @@
+"""End-to-end speed: all-MiniLM-L6-v2 compressed (50% + int8) against torch fp32 and torch dynamic int8,
+with ONNX Runtime int8 and DeepSparse 1.8.0 as reference rows, plus a LLaMA-shaped decoder's tokens/s.
+
+Every ratio in a table is measured in this one process, on this machine (DeepSparse runs in a child
+process of a separate venv: `python -m venv ds && ds/bin/pip install deepsparse==1.8.0`, then pass
+`--deepsparse-python ds/bin/python`).
+
+Example:
+    python benchmarks/e2e.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+import sparsepress as sp
+from sparsepress.evaluate import dynamic_int8, latency_ms, median_ms
+from sparsepress.sources import load_source, read_text, token_samples
+
+HERE = Path(__file__).resolve().parent
+
+
+def cpu_model() -> str:
+    """The CPU model name from /proc/cpuinfo (or the platform's word for it)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def inputs_for(batch: int, seq_len: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 2000, (batch, seq_len), generator=gen)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+
+
+def export_onnx(model: torch.nn.Module, path: Path) -> Path:
+    """Export a BERT-style encoder with dynamic batch and sequence axes (legacy TorchScript exporter)."""
+    example = inputs_for(1, 16)
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    axes = {n: {0: "batch", 1: "seq"} for n in names}
+    axes["last_hidden_state"] = {0: "batch", 1: "seq"}
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask,
+                              token_type_ids=token_type_ids).last_hidden_state
+
+    torch.onnx.export(Wrapped(model).eval(), tuple(example[n] for n in names), str(path), input_names=names,
+                      output_names=["last_hidden_state"], dynamic_axes=axes, opset_version=17, dynamo=False)
+    return path
+
+
+def onnxruntime_session(path: Path, threads: int):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def ort_ms(session, batch: int, seq_len: int, repeats: int) -> float:
+    feed = {k: v.numpy() for k, v in inputs_for(batch, seq_len).items()}
+    return median_ms(lambda: session.run(None, feed), repeats=repeats)
+
+
+def deepsparse_ms(python: str, onnx: Path, batch: int, seq_len: int, repeats: int) -> float | None:
+    command = [python, str(HERE / "deepsparse_runner.py"), str(onnx), "--batch", str(batch), "--seq-len",
+               str(seq_len), "--repeats", str(repeats)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        print(f"deepsparse failed: {done.stderr.strip()[-400:]}", file=sys.stderr)
+        return None
+    return json.loads(lines[-1])["ms"]
+
+
+def magnitude_pruned(model: torch.nn.Module, sparsity: float) -> torch.nn.Module:
+    """A dense fp32 copy with per-row magnitude zeros in every block Linear (what DeepSparse is fed)."""
+    pruned = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, module in pruned.named_modules():
+            if isinstance(module, torch.nn.Linear) and ".layer." in f".{name}":
+                weight = module.weight
+                keep = int(round(weight.shape[1] * (1 - sparsity)))
+                threshold = weight.abs().topk(keep, dim=1).values[:, -1:]
+                weight.mul_((weight.abs() >= threshold).float())
+    return pruned
+
+
+def minilm_tables(args: argparse.Namespace) -> None:
+    source = load_source("minilm")
+    dense = source.model
+    recipe = sp.Recipe.from_yaml(HERE.parent / "recipes" / "sparsegpt-50-int8.yaml")
+    ids = token_samples(source.tokenizer, read_text(None), args.samples, 128)
+    compressed = sp.compress(copy.deepcopy(dense), recipe, calibration=ids, tokenizer=source.tokenizer)
+    quantized = dynamic_int8(dense)
+    workdir = Path(tempfile.mkdtemp(prefix="sp-e2e-"))
+    ort_int8 = None
+    if not args.skip_onnx:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        fp32_path = export_onnx(dense, workdir / "dense.onnx")
+        quantize_dynamic(str(fp32_path), str(workdir / "dense-int8.onnx"), weight_type=QuantType.QInt8)
+        ort_int8 = onnxruntime_session(workdir / "dense-int8.onnx", torch.get_num_threads())
+        ort_fp32 = onnxruntime_session(fp32_path, torch.get_num_threads())
+    deepsparse_onnx = {}
+    if args.deepsparse_python:
+        for sparsity in (0.0, 0.5, 0.75, 0.9):
+            deepsparse_onnx[sparsity] = export_onnx(magnitude_pruned(dense, sparsity) if sparsity else dense,
+                                                    workdir / f"pruned-{int(sparsity * 100)}.onnx")
+
+    for batch, seq_len in ((1, 16), (32, 64)):
+        batch_inputs = inputs_for(batch, seq_len)
+        batch_inputs.pop("token_type_ids")
+        repeats = args.repeats if batch == 1 else max(3, args.repeats // 3)
+        rows = [
+            ("torch fp32 (dense)", latency_ms(dense, batch_inputs, repeats)),
+            ("torch dynamic int8 (dense)", latency_ms(quantized, batch_inputs, repeats)),
+            ("sparsepress 50% + int8 (SparseGPT + GPTQ)", latency_ms(compressed, batch_inputs, repeats)),
+        ]
+        if ort_int8 is not None:
+            rows.append(("ONNX Runtime fp32 (dense)", ort_ms(ort_fp32, batch, seq_len, repeats)))
+            rows.append(("ONNX Runtime int8 (dense)", ort_ms(ort_int8, batch, seq_len, repeats)))
+        for sparsity, path in deepsparse_onnx.items():
+            ms = deepsparse_ms(args.deepsparse_python, path, batch, seq_len, repeats)
+            if ms is not None:
+                rows.append((f"DeepSparse 1.8.0 fp32, magnitude {int(sparsity * 100)}%", ms))
+        print_table(f"all-MiniLM-L6-v2, batch {batch} x {seq_len} tokens", rows)
+
+
+def decoder_table(args: argparse.Namespace) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=2048, intermediate_size=5504, num_hidden_layers=args.decoder_layers,
+                         num_attention_heads=16, num_key_value_heads=16, vocab_size=4096, max_position_embeddings=512)
+    dense = LlamaForCausalLM(config).eval()
+    quantized = dynamic_int8(dense)
+    ids = [torch.randint(0, 4096, (64,), generator=torch.Generator().manual_seed(i)) for i in range(8)]
+    recipe = sp.Recipe.model_validate({"stages": [{"prune": {"method": "wanda", "sparsity": 0.5}},
+                                                  {"quantize": {"method": "rtn", "bits": 8}}]})
+    compressed = sp.compress(copy.deepcopy(dense), recipe, calibration=ids)
+    prompt = torch.randint(0, 4096, (1, 8), generator=torch.Generator().manual_seed(1))
+    new_tokens = args.decode_tokens
+
+    def tokens_per_s(model: torch.nn.Module) -> float:
+        def run() -> None:
+            with torch.inference_mode():
+                model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        return new_tokens / (median_ms(run, repeats=3, warmup=1) / 1000)
+
+    rows = [(name, 1000.0 / tokens_per_s(model)) for name, model in (
+        ("torch fp32 (dense)", dense), ("torch dynamic int8 (dense)", quantized),
+        ("sparsepress 50% + int8 (Wanda + RTN)", compressed))]
+    print_table(f"LLaMA-shaped decoder ({args.decoder_layers} layers, hidden 2048), batch-1 decode, ms per token", rows)
+
+
+def print_table(title: str, rows: list[tuple[str, float]]) -> None:
+    base = dict(rows)
+    fp32 = base["torch fp32 (dense)"]
+    int8 = base["torch dynamic int8 (dense)"]
+    print(f"\n### {title}\n")
+    print("| runtime | ms | speedup vs torch fp32 | speedup vs torch dynamic int8 |")
+    print("| --- | ---: | ---: | ---: |")
+    for name, ms in rows:
+        print(f"| {name} | {ms:.2f} | {fp32 / ms:.2f}x | {int8 / ms:.2f}x |")
+    sys.stdout.flush()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and calibration samples")
+    parser.add_argument("--deepsparse-python", default=os.environ.get("DEEPSPARSE_PYTHON"),
+                        help="python of a venv with deepsparse==1.8.0 (reference rows)")
+    parser.add_argument("--skip-onnx", action="store_true", help="skip the ONNX Runtime rows")
+    parser.add_argument("--skip-decoder", action="store_true")
+    parser.add_argument("--decoder-layers", type=int, default=4)
+    parser.add_argument("--decode-tokens", type=int, default=32)
+    args = parser.parse_args()
+    args.repeats = 10 if args.quick else 30
+    args.samples = 32 if args.quick else 128
+    from sparsepress import native
+
+    print(f"CPU: {cpu_model()}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"sparsepress kernels: {native.active_isa()}")
+    minilm_tables(args)
+    if not args.skip_decoder:
+        decoder_table(args)
+
+
+if __name__ == "__main__":
+    main()
