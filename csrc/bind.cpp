@@ -53,6 +53,21 @@ class NativeLinear {
     sp::run_linear(kind_, a, n_threads);
   }
 
+  // Same as call() on raw addresses (what packed_linear uses: converting three tensors through
+  // DLPack costs microseconds per call). The caller guarantees x is float32 [batch, in] and y float32
+  // [batch, out], both C-contiguous, and bias (0: none) float32 [out].
+  void call_raw(uintptr_t x, int64_t batch, uintptr_t y, uintptr_t bias, int n_threads) {
+    require(batch >= 0 && (batch == 0 || (x != 0 && y != 0)), "x and y must be non-null");
+    if (batch == 0) return;
+    sp::LinearArgs a = args_;
+    a.batch = batch;
+    a.x = reinterpret_cast<const float*>(x);
+    a.y = reinterpret_cast<float*>(y);
+    a.bias = reinterpret_cast<const float*>(bias);
+    nb::gil_scoped_release unlocked;
+    sp::run_linear(kind_, a, n_threads);
+  }
+
   int64_t in_features() const { return args_.in; }
   int64_t out_features() const { return args_.out; }
 
@@ -163,6 +178,9 @@ NB_MODULE(_native, m) {
   m.def("supported_isas", &sp::supported_isas, "ISA levels usable on this CPU, best last.");
   m.def("set_isa", &sp::set_isa, nb::arg("name"), "Force an ISA level (ValueError if unsupported).");
   m.def("active_isa", [] { return std::string(sp::active_table().name); }, "The ISA level in use.");
+  m.def("set_gemm_min_batch", &sp::set_gemm_min_batch, nb::arg("n"),
+        "Tokens from which int8 layers use the tiled GEMM instead of the row kernels (0: default; tests, tuning).");
+  m.def("gemm_min_batch", &sp::gemm_min_batch, "Current GEMM cutover of the active ISA level.");
   m.def("quantize_rows", [](const F32In& x) {
     // test hook: the activation quantization exactly as the kernels see it
     const int64_t b = int64_t(x.shape(0)), in = int64_t(x.shape(1));
@@ -180,6 +198,9 @@ NB_MODULE(_native, m) {
   nb::class_<NativeLinear>(m, "NativeLinear", "A packed weight prepared for the native kernels.")
       .def("__call__", &NativeLinear::call, nb::arg("x"), nb::arg("y"), nb::arg("bias").none(),
            nb::arg("n_threads") = 1, "y[B, out] = x[B, in] @ W.T (+ bias); x, y float32 C-contiguous.")
+      .def("call_raw", &NativeLinear::call_raw, nb::arg("x_ptr"), nb::arg("batch"), nb::arg("y_ptr"),
+           nb::arg("bias_ptr"), nb::arg("n_threads") = 1,
+           "Unchecked fast path: addresses of float32 C-contiguous x [batch, in], y [batch, out], bias [out] or 0.")
       .def_prop_ro("in_features", &NativeLinear::in_features)
       .def_prop_ro("out_features", &NativeLinear::out_features);
 

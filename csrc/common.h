@@ -21,6 +21,8 @@ struct LinearArgs {
   const uint8_t* xu = nullptr;
   int64_t x_stride = 0;
   const float* sx = nullptr;  // [batch]
+  // int16 copy of xq (same stride), only for tables with gemm_wants_i16 (AVX2 vpmaddwd GEMM)
+  const int16_t* xw = nullptr;
   // masked stream: mask [out, mask_stride] bits LSB first; values from row_offsets[r]
   const uint8_t* mask = nullptr;
   int64_t mask_stride = 0;
@@ -41,6 +43,11 @@ struct LinearArgs {
 };
 
 using RowKernel = void (*)(const LinearArgs&, int64_t r0, int64_t r1);
+// Per-token int8 quantization of rows [b0, b1) (docs/formats.md, bit-exact with torch):
+// sx = max|x|/127 (1 for an all-zero row), xq = clamp(round_half_even(x / sx), -127, 127),
+// xu = xq + 128; row b at xq/xu + b * stride, padded to stride with xq = 0 / xu = 128.
+using QuantizeFn = void (*)(const float* x, int64_t b0, int64_t b1, int64_t in, int64_t stride, int8_t* xq,
+                            uint8_t* xu, float* sx);
 
 struct KernelTable {
   const char* name;
@@ -50,7 +57,16 @@ struct KernelTable {
   RowKernel masked_bf16;
   RowKernel csr_f32;
   RowKernel csr_i8;
+  QuantizeFn quantize;
+  // Tiled GEMM for many tokens (one scale per row only; null: use the row kernels).
+  // Row ranges handed to them start at multiples of kGemmRows.
+  RowKernel masked_gemm_i8;
+  RowKernel dense_gemm_i8;
+  bool gemm_wants_i16;
+  int gemm_min_batch;  // use the GEMM from this many tokens on
 };
+
+constexpr int64_t kGemmRows = 32;  // output rows per GEMM tile
 
 static inline float bf16_to_f32(uint16_t h) {
   uint32_t u = uint32_t(h) << 16;

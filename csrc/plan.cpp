@@ -1,6 +1,7 @@
 #include "plan.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <vector>
 
@@ -8,6 +9,7 @@
 #include "threadpool.h"
 
 namespace sp {
+
 namespace {
 
 constexpr int64_t kRowAlign = 16;  // 16 floats = one cache line of y per batch row
@@ -31,8 +33,8 @@ int64_t work_before(const LinearArgs& a, Kind k, int64_t r) {
   return a.row_offsets[r] + r * (a.in / 8);
 }
 
-// Row boundaries of n_tasks tasks with about equal work, aligned to kRowAlign rows.
-std::vector<int64_t> split_rows(const LinearArgs& a, Kind k, int n_tasks) {
+// Row boundaries of n_tasks tasks with about equal work, aligned to `align` rows.
+std::vector<int64_t> split_rows(const LinearArgs& a, Kind k, int n_tasks, int64_t align) {
   std::vector<int64_t> cut{0};
   const int64_t total = work_before(a, k, a.out);
   for (int t = 1; t < n_tasks; ++t) {
@@ -42,7 +44,7 @@ std::vector<int64_t> split_rows(const LinearArgs& a, Kind k, int n_tasks) {
       const int64_t mid = (lo + hi) / 2;
       if (work_before(a, k, mid) < target) lo = mid + 1; else hi = mid;
     }
-    const int64_t r = std::min(a.out, (lo + kRowAlign / 2) / kRowAlign * kRowAlign);
+    const int64_t r = std::min(a.out, (lo + align / 2) / align * align);
     if (r > cut.back() && r < a.out) cut.push_back(r);
   }
   cut.push_back(a.out);
@@ -55,38 +57,54 @@ int64_t odd_lines(int64_t n, int64_t per_line) {
   return (lines | 1) * per_line;
 }
 
+std::atomic<int> g_gemm_min_batch{0};  // 0: the table's own cutover
+
+// Tokens from which the GEMM beats the row kernels (measured, 1 thread, Zen 4): small layers from
+// the table's value on; layers of >= 4M weights only from 12 tokens, because their panel packing
+// (expand + transpose) costs about as much as 2-3 extra row passes.
+int gemm_cutover(const KernelTable& table, const LinearArgs& a) {
+  const int o = g_gemm_min_batch.load(std::memory_order_relaxed);
+  if (o > 0) return o;
+  return a.out * a.in >= (int64_t(4) << 20) ? std::max(12, table.gemm_min_batch) : table.gemm_min_batch;
+}
+
 }  // namespace
+
+void set_gemm_min_batch(int n) { g_gemm_min_batch.store(n < 0 ? 0 : n, std::memory_order_relaxed); }
+
+int gemm_min_batch() {
+  const int o = g_gemm_min_batch.load(std::memory_order_relaxed);
+  return o > 0 ? o : active_table().gemm_min_batch;
+}
 
 void quantize_rows(const float* x, int64_t batch, int64_t in, int64_t stride, int8_t* xq,
                    uint8_t* xu, float* sx) {
-  for (int64_t b = 0; b < batch; ++b) {
-    const float* row = x + b * in;
-    float amax = 0.f;
-    for (int64_t j = 0; j < in; ++j) amax = std::max(amax, std::fabs(row[j]));
-    const float s = amax == 0.f ? 1.f : amax / 127.f;
-    sx[b] = s;
-    int8_t* q = xq + b * stride;
-    uint8_t* u = xu + b * stride;
-    for (int64_t j = 0; j < in; ++j) {
-      // division, not a reciprocal multiply: must round exactly like the torch reference
-      const float v = std::min(127.f, std::max(-127.f, std::nearbyint(row[j] / s)));
-      q[j] = int8_t(v);
-      u[j] = uint8_t(int(v) + 128);
-    }
-    for (int64_t j = in; j < stride; ++j) {
-      q[j] = 0;
-      u[j] = 128;
-    }
-  }
+  active_table().quantize(x, 0, batch, in, stride, xq, xu, sx);
 }
 
 void run_linear(Kind kind, LinearArgs a, int n_threads) {
   const KernelTable& table = active_table();
-  const RowKernel kernel = pick(table, kind);
+  RowKernel kernel = pick(table, kind);
   thread_local std::vector<int8_t> xq;
   thread_local std::vector<uint8_t> xu;
+  thread_local std::vector<int16_t> xw;
   thread_local std::vector<float> sx;
   thread_local std::vector<float> xf;
+  int threads = std::max(1, n_threads);
+  // Tiny layers are not worth waking a helper thread for.
+  const double macs = double(a.batch) * double(a.out) * double(a.in);
+  if (macs < 64.0 * 1024) threads = 1;
+  ThreadPool& pool = ThreadPool::instance();
+  // Many tokens, one scale per row: the tiled GEMM (weights expanded once per call).
+  bool gemm = false;
+  if ((kind == Kind::MaskedI8 || kind == Kind::DenseI8) && a.n_groups == 1 &&
+      a.batch >= gemm_cutover(table, a)) {
+    const RowKernel g = kind == Kind::MaskedI8 ? table.masked_gemm_i8 : table.dense_gemm_i8;
+    if (g) {
+      kernel = g;
+      gemm = true;
+    }
+  }
   a.x_stride = a.in;
   if (is_int8(kind)) {
     a.x_stride = odd_lines(a.in, 64);
@@ -96,10 +114,27 @@ void run_linear(Kind kind, LinearArgs a, int n_threads) {
       xu.resize(n);
     }
     if (sx.size() < size_t(a.batch)) sx.resize(size_t(a.batch));
-    quantize_rows(a.x, a.batch, a.in, a.x_stride, xq.data(), xu.data(), sx.data());
-    a.xq = xq.data();
-    a.xu = xu.data();
-    a.sx = sx.data();
+    const int64_t elems = a.batch * a.in;
+    const int q_tasks = threads > 1 && elems >= (64 << 10) ? int(std::min<int64_t>(a.batch, threads * 4)) : 1;
+    const float* x = a.x;
+    const int64_t in = a.in, stride = a.x_stride, batch = a.batch;
+    const bool want_i16 = gemm && table.gemm_wants_i16;
+    if (want_i16 && xw.size() < n) xw.resize(n);
+    // the caller's thread_local buffers, by pointer: the pool's threads have their own
+    int8_t* q = xq.data();
+    uint8_t* u = xu.data();
+    float* s = sx.data();
+    int16_t* w = want_i16 ? xw.data() : nullptr;
+    pool.run(q_tasks, threads, [&](int t) {
+      const int64_t b0 = batch * t / q_tasks, b1 = batch * (t + 1) / q_tasks;
+      table.quantize(x, b0, b1, in, stride, q, u, s);
+      if (w)
+        for (int64_t i = b0 * stride; i < b1 * stride; ++i) w[i] = q[i];
+    });
+    a.xq = q;
+    a.xu = u;
+    a.sx = s;
+    a.xw = w;
   } else if (a.batch > 1 && a.x_stride != odd_lines(a.in, 16)) {
     a.x_stride = odd_lines(a.in, 16);
     if (xf.size() < size_t(a.batch * a.x_stride)) xf.resize(size_t(a.batch * a.x_stride));
@@ -107,16 +142,13 @@ void run_linear(Kind kind, LinearArgs a, int n_threads) {
       std::copy(a.x + b * a.in, a.x + (b + 1) * a.in, xf.data() + b * a.x_stride);
     a.x = xf.data();
   }
-  // Tiny layers are not worth waking a helper thread for.
-  const double macs = double(a.batch) * double(a.out) * double(a.in);
-  int threads = std::max(1, n_threads);
-  if (macs < 64.0 * 1024) threads = 1;
-  const int64_t max_tasks = std::max<int64_t>(1, a.out / kRowAlign);
+  const int64_t align = gemm ? kGemmRows : kRowAlign;
+  const int64_t max_tasks = std::max<int64_t>(1, a.out / align);
   // a few tasks per thread so a descheduled thread on a busy machine costs little
   const int n_tasks = int(std::min<int64_t>(max_tasks, threads == 1 ? 1 : threads * 4));
-  const std::vector<int64_t> cut = split_rows(a, kind, n_tasks);
+  const std::vector<int64_t> cut = split_rows(a, kind, n_tasks, align);
   const int real_tasks = int(cut.size()) - 1;
-  ThreadPool::instance().run(real_tasks, threads, [&](int t) { kernel(a, cut[t], cut[t + 1]); });
+  pool.run(real_tasks, threads, [&](int t) { kernel(a, cut[t], cut[t + 1]); });
 }
 
 }  // namespace sp

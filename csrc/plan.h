@@ -13,6 +13,11 @@ inline bool is_int8(Kind k) { return k == Kind::MaskedI8 || k == Kind::DenseI8 |
 // filled here. Must be called without the GIL.
 void run_linear(Kind kind, LinearArgs a, int n_threads);
 
+// Token count from which int8 layers with one scale per row take the tiled GEMM (when the
+// active table has one); set_gemm_min_batch(0) restores the table's default cutover.
+void set_gemm_min_batch(int n);
+int gemm_min_batch();
+
 // Per-token int8 quantization of docs/formats.md: sx = max|x|/127 (1 for an all-zero
 // row), xq = clamp(round_half_even(x / sx), -127, 127); writes xu = xq + 128 too.
 void quantize_rows(const float* x, int64_t batch, int64_t in, int64_t stride, int8_t* xq,

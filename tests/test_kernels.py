@@ -112,8 +112,67 @@ def test_native_large_layer(isa, fmt, dtype, params):
         assert_matches_reference(packed, x, torch.randn(517))
 
 
+INT8_CASES = [c for c in CASES if c[1] == "int8" and c[0] != "csr"]
+
+
+@pytest.fixture(params=["row", "gemm"])
+def int8_path(request):
+    """Forces the row kernels or the tiled GEMM for every batch size (then restores the cutover)."""
+    lib = native.module()
+    if lib is None:
+        pytest.skip("sparsepress._native not built")
+    lib.set_gemm_min_batch(10**9 if request.param == "row" else 1)
+    yield request.param
+    lib.set_gemm_min_batch(0)
+
+
 @pytest.mark.native
-def test_activation_quantization_is_bit_exact():
+@pytest.mark.parametrize("fmt,dtype,params", INT8_CASES, ids=[f"{f}-{'-'.join(map(str, p.values()))}" for f, _, p in INT8_CASES])
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_int8_paths_match_reference(isa, int8_path, fmt, dtype, params, data):
+    """Row kernels and GEMM (panel tails in out, in and tokens) == reference on every ISA level."""
+    unit = {"nm": params.get("m", 1), "bbs": params.get("bank", 1)}.get(fmt, 1)
+    in_features = unit * data.draw(st.integers(1, max(1, 200 // unit)), label="in_units")
+    out_features = data.draw(st.sampled_from([1, 15, 16, 17, 31, 32, 33, 47, 64, 70]), label="out")
+    batch = data.draw(st.integers(1, 40), label="batch")
+    group_size = data.draw(st.sampled_from([None, None, None, 64]), label="group_size")
+    seed = data.draw(st.integers(0, 2**16), label="seed")
+    packed = pack(fmt, weight_for(fmt, out_features, in_features, 0.5, seed, params), dtype, group_size, **params)
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(batch, in_features, generator=gen) * 3
+    if batch > 1:
+        x[batch // 2] = 0
+    bias = torch.randn(out_features, generator=gen) if seed % 2 else None
+    assert_matches_reference(packed, x, bias)
+
+
+@pytest.mark.native
+def test_gemm_across_the_cutover(isa):
+    """The default cutover: every token count around it, threads on, against the reference."""
+    packed = BitmaskWeight.pack(random_sparse(160, 200, 0.5, 11), dtype="int8")
+    bias = torch.randn(160)
+    for batch in range(1, 20):
+        assert_matches_reference(packed, torch.randn(batch, 200), bias)
+
+
+@needs_native
+@pytest.mark.native
+def test_fast_path_converts_inputs():
+    packed = BitmaskWeight.pack(random_sparse(24, 40, 0.5, 12), dtype="int8")
+    x = torch.randn(40, 6).T  # not contiguous
+    bias = torch.randn(24, dtype=torch.float64)
+    y = kernels.packed_linear(x, packed, bias)
+    torch.testing.assert_close(y, kernels.packed_linear(x.contiguous(), packed, bias.float()))
+    with pytest.raises(ValueError, match="features"):
+        kernels.packed_linear(torch.randn(2, 41), packed, None)
+    with pytest.raises(ValueError, match="bias"):
+        kernels.packed_linear(torch.randn(2, 40), packed, torch.randn(5))
+    assert kernels.packed_linear(torch.randn(0, 40), packed, None).shape == (0, 24)
+
+
+@pytest.mark.native
+def test_activation_quantization_is_bit_exact(isa):
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(40, 333, generator=gen) * torch.logspace(-3, 3, 40).unsqueeze(1)
     x[3] = 0

@@ -13,5 +13,9 @@ void csr_i8(const LinearArgs& a, int64_t r0, int64_t r1);
 void masked_f32(const LinearArgs& a, int64_t r0, int64_t r1);
 void masked_bf16(const LinearArgs& a, int64_t r0, int64_t r1);
 void csr_f32(const LinearArgs& a, int64_t r0, int64_t r1);
+void quantize(const float* x, int64_t b0, int64_t b1, int64_t in, int64_t stride, int8_t* xq, uint8_t* xu,
+              float* sx);
+void masked_gemm_i8(const LinearArgs& a, int64_t r0, int64_t r1);
+void dense_gemm_i8(const LinearArgs& a, int64_t r0, int64_t r1);
 }  // namespace SP_ISA_NS
 }  // namespace sp

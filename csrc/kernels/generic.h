@@ -128,6 +128,33 @@ static void rows_csr_i8(const LinearArgs& a, int64_t r0, int64_t r1) {
   }
 }
 
+// Scalar per-token quantization (QuantizeFn); division, not a reciprocal multiply, to round like torch.
+static void quantize(const float* x, int64_t b0, int64_t b1, int64_t in, int64_t stride, int8_t* xq,
+                     uint8_t* xu, float* sx) {
+  for (int64_t b = b0; b < b1; ++b) {
+    const float* row = x + b * in;
+    float amax = 0.f;
+    for (int64_t j = 0; j < in; ++j) {
+      const float v = __builtin_fabsf(row[j]);
+      amax = v > amax ? v : amax;
+    }
+    const float s = amax == 0.f ? 1.f : amax / 127.f;
+    sx[b] = s;
+    int8_t* q = xq + b * stride;
+    uint8_t* u = xu + b * stride;
+    for (int64_t j = 0; j < in; ++j) {
+      float v = __builtin_nearbyintf(row[j] / s);
+      v = v > 127.f ? 127.f : (v < -127.f ? -127.f : v);
+      q[j] = int8_t(v);
+      u[j] = uint8_t(int(v) + 128);
+    }
+    for (int64_t j = in; j < stride; ++j) {
+      q[j] = 0;
+      u[j] = 128;
+    }
+  }
+}
+
 static void masked_i8(const LinearArgs& a, int64_t r0, int64_t r1) { rows_i8<true>(a, r0, r1); }
 static void dense_i8(const LinearArgs& a, int64_t r0, int64_t r1) { rows_i8<false>(a, r0, r1); }
 static void masked_f32(const LinearArgs& a, int64_t r0, int64_t r1) {

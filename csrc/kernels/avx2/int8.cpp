@@ -3,6 +3,8 @@
 // widens to int32. Masked rows place stored values with pshufb controls from a table.
 #include <immintrin.h>
 
+#include <cstdlib>
+
 #define SP_ISA_NS avx2
 #include "kernels/avx2/tables.h"
 #include "kernels/decl.h"
@@ -133,11 +135,205 @@ static void rows(const LinearArgs& a, int64_t r0, int64_t r1) {
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// GEMM for many tokens. vpmaddubsw would saturate on u8 x s8 pairs (255 * 127 * 2 > 2^15) and the
+// sign trick costs an extra op per product, so this path widens both sides to int16 and uses
+// vpmaddwd (exact, signed, no rowsum correction): per tile of 16 output rows the packed weights
+// are expanded once into a panel buf[k2][16 rows][2 x int16] (one ymm = 8 rows x 2 k), and the
+// micro-kernel broadcasts a pair of int16 activations (a.xw) per token.
+
+struct Scratch {
+  int8_t* p = nullptr;
+  size_t n = 0;
+  ~Scratch() { std::free(p); }
+  int8_t* get(size_t need) {
+    if (need > n) {
+      std::free(p);
+      n = (need + 4095) & ~size_t(4095);
+      p = static_cast<int8_t*>(std::aligned_alloc(64, n));
+      if (!p) n = 0;
+    }
+    return p;
+  }
+};
+thread_local Scratch tl_panel;
+
+constexpr int kTile = 16;  // output rows per panel
+
+// 8 x 8 dword transpose.
+static inline void transpose8(__m256i v[8]) {
+  __m256i t[8], u[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_epi32(v[2 * i], v[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_epi32(v[2 * i], v[2 * i + 1]);
+  }
+  for (int g = 0; g < 2; ++g) {
+    u[4 * g + 0] = _mm256_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
+    u[4 * g + 1] = _mm256_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
+    u[4 * g + 2] = _mm256_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
+    u[4 * g + 3] = _mm256_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
+  }
+  for (int j = 0; j < 4; ++j) {
+    v[j] = _mm256_permute2x128_si256(u[j], u[4 + j], 0x20);
+    v[4 + j] = _mm256_permute2x128_si256(u[j], u[4 + j], 0x31);
+  }
+}
+
+// Panel of rows [n0, n0 + nr), nr <= 16, columns [0, kpad) (kpad a multiple of 32).
+// rowbuf: [16][kpad] int8 scratch; buf: [kpad / 2][16][2] int16.
+template <bool kMasked>
+static void pack_panel(const LinearArgs& a, int64_t n0, int nr, int64_t kpad, int8_t* rowbuf, int16_t* buf) {
+  const int8_t* vals = static_cast<const int8_t*>(a.values);
+  const int64_t in = a.in, len = a.values_len;
+  for (int i = 0; i < kTile; ++i) {
+    int8_t* dst = rowbuf + i * kpad;
+    if (i >= nr) {
+      std::memset(dst, 0, size_t(kpad));
+      continue;
+    }
+    const int64_t r = n0 + i;
+    int64_t p = kMasked ? a.row_offsets[r] : r * in;
+    const uint8_t* m = kMasked ? a.mask + r * a.mask_stride : nullptr;
+    for (int64_t c = 0; c < kpad; c += 32)
+      _mm256_store_si256(reinterpret_cast<__m256i*>(dst + c), weights<kMasked>(vals, p, m, c, in, len));
+  }
+  for (int64_t c = 0; c < kpad; c += 16) {  // 16 columns = 8 k-pairs
+    for (int h = 0; h < 2; ++h) {
+      __m256i v[8];
+      for (int i = 0; i < 8; ++i)
+        v[i] = _mm256_cvtepi8_epi16(_mm_load_si128(reinterpret_cast<const __m128i*>(rowbuf + (8 * h + i) * kpad + c)));
+      transpose8(v);  // v[t]: pair c/2 + t of rows 8h .. 8h+7
+      int16_t* dst = buf + (c / 2) * (kTile * 2) + h * 16;
+      for (int t = 0; t < 8; ++t) _mm256_store_si256(reinterpret_cast<__m256i*>(dst + t * kTile * 2), v[t]);
+    }
+  }
+}
+
+template <int MR>
+static inline void micro(const LinearArgs& a, const int16_t* buf, int64_t k2n, int64_t m0, int64_t n0, int nr) {
+  __m256i acc[MR][2];
+  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_si256();
+  const int16_t* x = a.xw + m0 * a.x_stride;
+  const int64_t xs = a.x_stride;
+  for (int64_t k = 0; k < k2n; ++k) {
+    const __m256i w0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(buf + k * 32));
+    const __m256i w1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(buf + k * 32 + 16));
+    for (int i = 0; i < MR; ++i) {
+      int32_t xv;
+      std::memcpy(&xv, x + i * xs + 2 * k, 4);
+      const __m256i xb = _mm256_set1_epi32(xv);
+      acc[i][0] = _mm256_add_epi32(acc[i][0], _mm256_madd_epi16(xb, w0));
+      acc[i][1] = _mm256_add_epi32(acc[i][1], _mm256_madd_epi16(xb, w1));
+    }
+  }
+  alignas(32) float s[16] = {}, bias[16] = {};
+  for (int n = 0; n < nr; ++n) {
+    s[n] = a.scales[n0 + n];
+    bias[n] = a.bias ? a.bias[n0 + n] : 0.f;
+  }
+  for (int i = 0; i < MR; ++i) {
+    alignas(32) float out[16];
+    const __m256 sx = _mm256_set1_ps(a.sx[m0 + i]);
+    for (int j = 0; j < 2; ++j) {
+      const __m256 f = _mm256_cvtepi32_ps(acc[i][j]);
+      const __m256 v = _mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(f, _mm256_load_ps(s + 8 * j)), sx),
+                                     _mm256_load_ps(bias + 8 * j));
+      _mm256_store_ps(out + 8 * j, v);
+    }
+    float* y = a.y + (m0 + i) * a.out + n0;
+    if (nr == kTile) {
+      _mm256_storeu_ps(y, _mm256_load_ps(out));
+      _mm256_storeu_ps(y + 8, _mm256_load_ps(out + 8));
+    } else {
+      for (int n = 0; n < nr; ++n) y[n] = out[n];
+    }
+  }
+}
+
+constexpr int kMR = 4;
+
+template <bool kMasked>
+static void gemm(const LinearArgs& a, int64_t r0, int64_t r1) {
+  const int64_t kpad = (a.in + 31) / 32 * 32;
+  int8_t* scratch = a.n_groups == 1 && a.xw ? tl_panel.get(size_t(kpad * kTile * 3)) : nullptr;
+  if (!scratch) {
+    rows<kMasked>(a, r0, r1);
+    return;
+  }
+  int8_t* rowbuf = scratch;
+  int16_t* buf = reinterpret_cast<int16_t*>(scratch + kpad * kTile);
+  const int64_t mc = generic::imin(a.batch, ((int64_t(256) << 10) / (2 * a.x_stride) / kMR + 1) * kMR);
+  for (int64_t m0 = 0; m0 < a.batch; m0 += mc) {
+    const int64_t m1 = generic::imin(a.batch, m0 + mc);
+    for (int64_t n0 = r0; n0 < r1; n0 += kTile) {
+      const int nr = int(generic::imin(kTile, r1 - n0));
+      pack_panel<kMasked>(a, n0, nr, kpad, rowbuf, buf);
+      int64_t m = m0;
+      for (; m + kMR <= m1; m += kMR) micro<kMR>(a, buf, kpad / 2, m, n0, nr);
+      switch (m1 - m) {
+        case 3: micro<3>(a, buf, kpad / 2, m, n0, nr); break;
+        case 2: micro<2>(a, buf, kpad / 2, m, n0, nr); break;
+        case 1: micro<1>(a, buf, kpad / 2, m, n0, nr); break;
+        default: break;
+      }
+    }
+  }
+}
+
 }  // namespace
 
 void masked_i8(const LinearArgs& a, int64_t r0, int64_t r1) { rows<true>(a, r0, r1); }
 void dense_i8(const LinearArgs& a, int64_t r0, int64_t r1) { rows<false>(a, r0, r1); }
 void csr_i8(const LinearArgs& a, int64_t r0, int64_t r1) { generic::csr_i8(a, r0, r1); }
+void masked_gemm_i8(const LinearArgs& a, int64_t r0, int64_t r1) { gemm<true>(a, r0, r1); }
+void dense_gemm_i8(const LinearArgs& a, int64_t r0, int64_t r1) { gemm<false>(a, r0, r1); }
+
+void quantize(const float* x, int64_t b0, int64_t b1, int64_t in, int64_t stride, int8_t* xq, uint8_t* xu,
+              float* sx) {
+  const __m256 lim = _mm256_set1_ps(127.f), nlim = _mm256_set1_ps(-127.f);
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  const __m128i flip = _mm_set1_epi8(char(0x80));
+  const int64_t in8 = in / 8 * 8;
+  for (int64_t b = b0; b < b1; ++b) {
+    const float* row = x + b * in;
+    __m256 mx = _mm256_setzero_ps();
+    for (int64_t j = 0; j < in8; j += 8) mx = _mm256_max_ps(mx, _mm256_and_ps(_mm256_loadu_ps(row + j), absmask));
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, mx);
+    float amax = 0.f;
+    for (int i = 0; i < 8; ++i) amax = lanes[i] > amax ? lanes[i] : amax;
+    for (int64_t j = in8; j < in; ++j) {
+      const float v = __builtin_fabsf(row[j]);
+      amax = v > amax ? v : amax;
+    }
+    const float s = amax == 0.f ? 1.f : amax / 127.f;
+    sx[b] = s;
+    const __m256 sv = _mm256_set1_ps(s);
+    int8_t* q = xq + b * stride;
+    uint8_t* u = xu + b * stride;
+    for (int64_t j = 0; j < in8; j += 8) {
+      __m256 v = _mm256_div_ps(_mm256_loadu_ps(row + j), sv);  // division: rounds like torch
+      v = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      v = _mm256_min_ps(lim, _mm256_max_ps(nlim, v));
+      const __m256i qi = _mm256_cvtps_epi32(v);
+      const __m128i w16 = _mm_packs_epi32(_mm256_castsi256_si128(qi), _mm256_extracti128_si256(qi, 1));
+      const __m128i b8 = _mm_packs_epi16(w16, w16);
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(q + j), b8);
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(u + j), _mm_xor_si128(b8, flip));
+    }
+    for (int64_t j = in8; j < in; ++j) {
+      float v = __builtin_nearbyintf(row[j] / s);
+      v = v > 127.f ? 127.f : (v < -127.f ? -127.f : v);
+      q[j] = int8_t(v);
+      u[j] = uint8_t(int(v) + 128);
+    }
+    for (int64_t j = in; j < stride; ++j) {
+      q[j] = 0;
+      u[j] = 128;
+    }
+  }
+}
+
 
 }  // namespace avx2
 }  // namespace sp

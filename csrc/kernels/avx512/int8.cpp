@@ -4,6 +4,8 @@
 // stored values into their columns with vpexpandb (VBMI2), so zeros cost no bytes.
 #include <immintrin.h>
 
+#include <cstdlib>
+
 #define SP_ISA_NS avx512
 #include "kernels/decl.h"
 #include "kernels/generic.h"
@@ -145,11 +147,211 @@ static void rows(const LinearArgs& a, int64_t r0, int64_t r1) {
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// GEMM for many tokens. Per tile of kGemmRows (32) output rows the packed weights are expanded
+// ONCE (vpexpandb for masked streams, a plain load for dense rows) and transposed into a
+// VNNI panel buf[k4][32 rows][4 bytes]: one zmm holds 16 output rows x 4 k. The micro-kernel
+// then broadcasts 4 activation bytes per token and runs vpdpbusd into MR x NJ accumulators
+// (MR tokens x NJ*16 outputs). Decompression is O(out * in) per call, not per token.
+
+// Per-thread panel buffer (no standard-library templates in the SIMD trees).
+struct Scratch {
+  int8_t* p = nullptr;
+  size_t n = 0;
+  ~Scratch() { std::free(p); }
+  int8_t* get(size_t need) {
+    if (need > n) {
+      std::free(p);
+      n = (need + 4095) & ~size_t(4095);
+      p = static_cast<int8_t*>(std::aligned_alloc(64, n));
+      if (!p) n = 0;
+    }
+    return p;
+  }
+};
+thread_local Scratch tl_panel;
+
+// In-place transpose of a 16 x 16 matrix of dwords (v[row] -> v[col]).
+static inline void transpose16(__m512i v[16]) {
+  __m512i t[16], u[16];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]);
+  }
+#pragma GCC unroll 4
+  for (int g = 0; g < 4; ++g) {  // u[4g + j]: rows 4g..4g+3, column j of each 128-bit lane
+    u[4 * g + 0] = _mm512_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
+    u[4 * g + 1] = _mm512_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
+    u[4 * g + 2] = _mm512_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
+    u[4 * g + 3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
+  }
+#pragma GCC unroll 4
+  for (int j = 0; j < 4; ++j) {
+    const __m512i a0 = _mm512_shuffle_i32x4(u[j], u[4 + j], 0x88);
+    const __m512i b0 = _mm512_shuffle_i32x4(u[j], u[4 + j], 0xDD);
+    const __m512i c0 = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0x88);
+    const __m512i d0 = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0xDD);
+    v[j] = _mm512_shuffle_i32x4(a0, c0, 0x88);
+    v[8 + j] = _mm512_shuffle_i32x4(a0, c0, 0xDD);
+    v[4 + j] = _mm512_shuffle_i32x4(b0, d0, 0x88);
+    v[12 + j] = _mm512_shuffle_i32x4(b0, d0, 0xDD);
+  }
+}
+
+// Panel of rows [n0, n0 + nr) (nr <= 16 * nj), columns [0, kpad): buf[k4][nj * 16][4]. Rows are
+// first expanded one after the other into rowbuf [16][kpad] (one sequential stream at a time:
+// sixteen interleaved streams defeat the hardware prefetcher), then transposed from L1/L2.
+template <bool kMasked>
+static void pack_panel(const LinearArgs& a, int64_t n0, int nr, int nj, int64_t kpad, int8_t* rowbuf,
+                       int8_t* buf) {
+  const int8_t* vals = static_cast<const int8_t*>(a.values);
+  const int64_t in = a.in, len = a.values_len, step = int64_t(nj) * 64;
+  for (int h = 0; h < nj; ++h) {
+    const int rows = int(generic::imin(16, nr - 16 * h));
+    for (int i = 0; i < 16; ++i) {
+      int8_t* dst = rowbuf + i * kpad;
+      if (i >= rows) {
+        std::memset(dst, 0, size_t(kpad));
+        continue;
+      }
+      const int64_t r = n0 + 16 * h + i;
+      int64_t p = kMasked ? a.row_offsets[r] : r * in;
+      const uint8_t* m = kMasked ? a.mask + r * a.mask_stride : nullptr;
+      for (int64_t c = 0; c < kpad; c += 64) _mm512_store_si512(dst + c, weights<kMasked>(vals, p, m, c, in, len));
+    }
+    for (int64_t c = 0; c < kpad; c += 64) {
+      __m512i v[16];
+#pragma GCC unroll 16
+      for (int i = 0; i < 16; ++i) v[i] = _mm512_load_si512(rowbuf + i * kpad + c);
+      transpose16(v);
+      int8_t* dst = buf + (c / 4) * step + h * 64;
+#pragma GCC unroll 16
+      for (int t = 0; t < 16; ++t) _mm512_store_si512(dst + t * step, v[t]);
+    }
+  }
+}
+
+// y[m0 .. m0+MR, n0 .. n0+nr) from the panel.
+template <int MR, int NJ>
+static inline void micro(const LinearArgs& a, const int8_t* buf, int64_t k4n, int64_t m0, int64_t n0, int nr) {
+  __m512i acc[MR][NJ];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 2
+    for (int j = 0; j < NJ; ++j) acc[i][j] = _mm512_setzero_si512();
+  const uint8_t* x = a.xu + m0 * a.x_stride;
+  const int64_t xs = a.x_stride;
+  for (int64_t k = 0; k < k4n; ++k) {
+    __m512i w[NJ];
+#pragma GCC unroll 2
+    for (int j = 0; j < NJ; ++j) w[j] = _mm512_load_si512(buf + (k * NJ + j) * 64);
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      int32_t xv;
+      std::memcpy(&xv, x + i * xs + 4 * k, 4);
+      const __m512i xb = _mm512_set1_epi32(xv);
+#pragma GCC unroll 2
+      for (int j = 0; j < NJ; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], xb, w[j]);
+    }
+  }
+#pragma GCC unroll 2
+  for (int j = 0; j < NJ; ++j) {
+    const int valid = int(generic::imin(16, nr - 16 * j));
+    if (valid <= 0) break;
+    const __mmask16 km = __mmask16(_bzhi_u32(0xFFFFu, unsigned(valid)));
+    const int64_t n = n0 + 16 * j;
+    const __m512i surplus = _mm512_slli_epi32(_mm512_maskz_loadu_epi32(km, a.rowsum + n), 7);
+    const __m512 s = _mm512_maskz_loadu_ps(km, a.scales + n);
+    const __m512 bias = a.bias ? _mm512_maskz_loadu_ps(km, a.bias + n) : _mm512_setzero_ps();
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const __m512 f = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[i][j], surplus));
+      const __m512 v = _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(f, s), _mm512_set1_ps(a.sx[m0 + i])), bias);
+      _mm512_mask_storeu_ps(a.y + (m0 + i) * a.out + n, km, v);
+    }
+  }
+}
+
+constexpr int kMR = 6;
+
+template <int NJ>
+static void panel_tokens(const LinearArgs& a, const int8_t* buf, int64_t k4n, int64_t m0, int64_t m1,
+                         int64_t n0, int nr) {
+  int64_t m = m0;
+  for (; m + kMR <= m1; m += kMR) micro<kMR, NJ>(a, buf, k4n, m, n0, nr);
+  switch (m1 - m) {
+    case 5: micro<5, NJ>(a, buf, k4n, m, n0, nr); break;
+    case 4: micro<4, NJ>(a, buf, k4n, m, n0, nr); break;
+    case 3: micro<3, NJ>(a, buf, k4n, m, n0, nr); break;
+    case 2: micro<2, NJ>(a, buf, k4n, m, n0, nr); break;
+    case 1: micro<1, NJ>(a, buf, k4n, m, n0, nr); break;
+    default: break;
+  }
+}
+
+template <bool kMasked>
+static void gemm(const LinearArgs& a, int64_t r0, int64_t r1) {
+  const int64_t kpad = (a.in + 63) / 64 * 64;
+  int8_t* buf = a.n_groups == 1 ? tl_panel.get(size_t(kpad * (kGemmRows + 16))) : nullptr;
+  if (!buf) {
+    rows<kMasked>(a, r0, r1);
+    return;
+  }
+  // Tokens in blocks whose activations stay in L2 while the panels of this range pass by.
+  const int64_t mc = generic::imin(a.batch, ((int64_t(384) << 10) / a.x_stride / kMR + 1) * kMR);
+  for (int64_t m0 = 0; m0 < a.batch; m0 += mc) {
+    const int64_t m1 = generic::imin(a.batch, m0 + mc);
+    for (int64_t n0 = r0; n0 < r1; n0 += kGemmRows) {
+      const int nr = int(generic::imin(kGemmRows, r1 - n0));
+      const int nj = nr > 16 ? 2 : 1;
+      pack_panel<kMasked>(a, n0, nr, nj, kpad, buf + kpad * kGemmRows, buf);
+      if (nj == 2) panel_tokens<2>(a, buf, kpad / 4, m0, m1, n0, nr);
+      else panel_tokens<1>(a, buf, kpad / 4, m0, m1, n0, nr);
+    }
+  }
+}
+
 }  // namespace
 
 void masked_i8(const LinearArgs& a, int64_t r0, int64_t r1) { rows<true>(a, r0, r1); }
 void dense_i8(const LinearArgs& a, int64_t r0, int64_t r1) { rows<false>(a, r0, r1); }
 void csr_i8(const LinearArgs& a, int64_t r0, int64_t r1) { generic::csr_i8(a, r0, r1); }
+void masked_gemm_i8(const LinearArgs& a, int64_t r0, int64_t r1) { gemm<true>(a, r0, r1); }
+void dense_gemm_i8(const LinearArgs& a, int64_t r0, int64_t r1) { gemm<false>(a, r0, r1); }
+
+void quantize(const float* x, int64_t b0, int64_t b1, int64_t in, int64_t stride, int8_t* xq, uint8_t* xu,
+              float* sx) {
+  const __m512 lim = _mm512_set1_ps(127.f), nlim = _mm512_set1_ps(-127.f);
+  const __m128i bias = _mm_set1_epi8(char(0x80));
+  for (int64_t b = b0; b < b1; ++b) {
+    const float* row = x + b * in;
+    __m512 mx = _mm512_setzero_ps();
+    for (int64_t j = 0; j < in; j += 16) {
+      const __mmask16 k = j + 16 <= in ? __mmask16(0xFFFF) : __mmask16(_bzhi_u32(0xFFFFu, unsigned(in - j)));
+      mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_maskz_loadu_ps(k, row + j)));
+    }
+    const float amax = _mm512_reduce_max_ps(mx);
+    const float s = amax == 0.f ? 1.f : amax / 127.f;
+    sx[b] = s;
+    const __m512 sv = _mm512_set1_ps(s);
+    int8_t* q = xq + b * stride;
+    uint8_t* u = xu + b * stride;
+    for (int64_t j = 0; j < stride; j += 16) {  // pads [in, stride) with q = 0
+      const __mmask16 k = j + 16 <= in ? __mmask16(0xFFFF)
+                          : j < in   ? __mmask16(_bzhi_u32(0xFFFFu, unsigned(in - j)))
+                                     : __mmask16(0);
+      __m512 v = _mm512_div_ps(_mm512_maskz_loadu_ps(k, row + j), sv);  // division: rounds like torch
+      v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      v = _mm512_min_ps(lim, _mm512_max_ps(nlim, v));
+      const __m128i qb = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(v));
+      const __mmask16 ks = j + 16 <= stride ? __mmask16(0xFFFF) : __mmask16(_bzhi_u32(0xFFFFu, unsigned(stride - j)));
+      _mm_mask_storeu_epi8(q + j, ks, qb);
+      _mm_mask_storeu_epi8(u + j, ks, _mm_xor_si128(qb, bias));
+    }
+  }
+}
+
 
 }  // namespace avx512
 }  // namespace sp

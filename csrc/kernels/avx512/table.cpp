@@ -5,7 +5,8 @@ namespace sp {
 namespace avx512 {
 
 const KernelTable& table() {
-  static const KernelTable t = {"avx512", masked_i8, dense_i8, masked_f32, masked_bf16, csr_f32, csr_i8};
+  static const KernelTable t = {"avx512", masked_i8, dense_i8, masked_f32, masked_bf16, csr_f32, csr_i8,
+                                 quantize, masked_gemm_i8, dense_gemm_i8, false, 4};
   return t;
 }
 
