@@ -34,6 +34,16 @@ def _rss_peak_bytes(who: int = resource.RUSAGE_SELF) -> int:
     return resource.getrusage(who).ru_maxrss * 1024  # Linux reports KiB
 
 
+def _rss_now_gib() -> dict[str, float]:
+    """Current anonymous and file-backed (mmap'd weights) resident memory, from /proc (Linux)."""
+    try:
+        lines = Path("/proc/self/status").read_text().splitlines()
+    except OSError:
+        return {}
+    fields = dict(line.split(":", 1) for line in lines if line.startswith(("RssAnon", "RssFile")))
+    return {k.lower(): round(int(v.split()[0]) / 1024**2, 3) for k, v in fields.items()}
+
+
 def write_random_llama(folder: Path, hidden: int, layers: int, intermediate: int, vocab: int, heads: int,
                        kv_heads: int, shard_bytes: int = 1 << 30, seed: int = 0) -> int:
     """Write a random-weight LlamaForCausalLM folder (config + float32 shards + index); returns fp32 bytes.
@@ -85,7 +95,7 @@ def child(args: argparse.Namespace) -> None:
 
     def report(stage: str, **extra: object) -> None:
         print(json.dumps({"stage": stage, "seconds": round(time.perf_counter() - start, 1),
-                          "rss_peak_gib": round(_rss_peak_bytes() / GIB, 3), **extra}), flush=True)
+                          "rss_peak_gib": round(_rss_peak_bytes() / GIB, 3), **_rss_now_gib(), **extra}), flush=True)
 
     start = time.perf_counter()
     source = load_source(args.folder)

@@ -75,6 +75,9 @@ static inline float bf16_to_f32(uint16_t h) {
   return f;
 }
 
+// Development switch between kernel variants (0: default); read by the SIMD trees.
+extern int g_variant;
+
 namespace scalar { const KernelTable& table(); }
 namespace avx2 { const KernelTable& table(); }
 namespace avx512 { const KernelTable& table(); }

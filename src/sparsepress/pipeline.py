@@ -288,6 +288,9 @@ class _Compressor:
         result = compress_weight(layer.weight.detach().float(), stats, prune=prune, sparsity=sparsity, quant=quant)
         sparse_layer, meta = choose_packing(layer, result, prune, self.recipe.format)
         replace_module(self.model, name, sparse_layer)
+        # Let the dense weight go now: keeping every dense Linear here until the run ends would hold
+        # dense and packed copies of the whole model at once.
+        self.layers[name] = sparse_layer  # type: ignore[assignment]
         meta.update(
             method=prune.method if prune else None,
             pattern=prune.pattern if prune else None,
