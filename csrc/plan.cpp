@@ -67,7 +67,7 @@ std::atomic<int> g_gemm_min_batch{0};  // 0: the table's own cutover
 int gemm_cutover(const KernelTable& table, const LinearArgs& a) {
   const int o = g_gemm_min_batch.load(std::memory_order_relaxed);
   if (o > 0) return o;
-  if (g_variant == 3) return 1 << 30;
+  if (g_variant >= 3) return 1 << 30;
   return a.out * a.in >= (int64_t(4) << 20) ? std::max(12, table.gemm_min_batch) : table.gemm_min_batch;
 }
 

@@ -29,6 +29,7 @@ from torch import nn
 
 from .calibration import make_batches, to_token_ids
 from .errors import InputError, NonFiniteWarning, PoisonedWeightError, RecipeError
+from .memory import release_file_pages
 from .models import ModelLayout, convert_conv1d_, find_layout, linear_layers, replace_module
 from .nn import QuantizedEmbedding
 from .packing import choose_packing
@@ -256,10 +257,13 @@ class _Compressor:
                     for item in inputs:
                         _run_block(block, item)
                 _warn_dropped(self.dropped)
+            dense_weights = [layer.weight for layer in members.values()]
             for name, layer in members.items():
                 if stats[name].n_tokens == 0 and self.nonfinite == "skip":
                     raise PoisonedWeightError(name, "calibration activations (every calibration token was dropped)")
                 self._compress_layer(name, layer, stats.pop(name))
+            release_file_pages(dense_weights)
+            del dense_weights
             if block_name == "":
                 return inputs
             return [_with_hidden(item, _run_block(block, item)) for item in inputs]

@@ -181,6 +181,119 @@ static inline void row_tile_grouped(const LinearArgs& a, int64_t r, int64_t b0) 
   for (int i = 0; i < NB; ++i) a.y[(b0 + i) * a.out + r] = _mm512_reduce_add_ps(facc[i]) * a.sx[b0 + i] + bias;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Several tokens, one scale per row: row dots blocked over K. Each 64-column chunk of a row is
+// expanded once and applied to NB tokens (NB vpdpbusd); the activations of the NB tokens over a
+// K block of kb columns (NB * kb <= 16 KiB) stay in L1, where plain row dots over the whole row
+// would stream them from L2 once per row. Per (row, K block) the NB accumulators are folded into
+// one vector of NB token sums; rows are walked in blocks of kRB so that the per-row state (value
+// position, sums) stays small, and each row's stream is prefetched into L2 one K block ahead.
+
+// Lane t of the result: sum of the lanes of v[t] (t < 16).
+static inline __m512i fold16(const __m512i v[16]) {
+  __m512i u[8], w[4];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i)
+    u[i] = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]));
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i)
+    w[i] = _mm512_add_epi32(_mm512_unpacklo_epi64(u[2 * i], u[2 * i + 1]), _mm512_unpackhi_epi64(u[2 * i], u[2 * i + 1]));
+  const __m512i z0 = _mm512_add_epi32(_mm512_shuffle_i32x4(w[0], w[1], 0x88), _mm512_shuffle_i32x4(w[0], w[1], 0xDD));
+  const __m512i z1 = _mm512_add_epi32(_mm512_shuffle_i32x4(w[2], w[3], 0x88), _mm512_shuffle_i32x4(w[2], w[3], 0xDD));
+  return _mm512_add_epi32(_mm512_shuffle_i32x4(z0, z1, 0x88), _mm512_shuffle_i32x4(z0, z1, 0xDD));
+}
+
+constexpr int kRB = 32;  // rows per block of the K-blocked row dots
+
+// Columns [c0, c1) of row r for NB tokens (activations of column c0 + j, token i at xb[i * KB + j]);
+// returns the NB token sums (lane i). p: the row's value position, advanced.
+// kSafe: [c0, c1) is whole chunks and 64 bytes past the row's values are readable.
+template <int NB, int KB, bool kMasked, bool kSafe>
+static inline __m512i kslice(const LinearArgs& a, const uint8_t* m, int64_t c0, int64_t c1, int64_t& p_io,
+                             const uint8_t* xb) {
+  const int8_t* vals = static_cast<const int8_t*>(a.values);
+  __m512i acc[16];
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_si512();
+  int64_t p = p_io;
+  for (int64_t c = c0; c < c1; c += 64, xb += 64) {
+    __m512i w;
+    if constexpr (kSafe) {
+      if constexpr (kMasked) {
+        uint64_t k;
+        std::memcpy(&k, m + c / 8, 8);
+        _mm_prefetch(reinterpret_cast<const char*>(vals + p + kPrefetch), _MM_HINT_T1);
+        w = _mm512_maskz_expand_epi8(k, _mm512_loadu_si512(vals + p));
+        p += int64_t(_mm_popcnt_u64(k));
+      } else {
+        _mm_prefetch(reinterpret_cast<const char*>(vals + p + c + kPrefetch), _MM_HINT_T1);
+        w = _mm512_loadu_si512(vals + p + c);
+      }
+    } else {
+      w = weights<kMasked>(vals, p, m, c, a.in, a.values_len);
+    }
+    // roles swapped: w + 128 (u8) against xq (s8), so the activations are the memory operand
+    const __m512i wu = _mm512_xor_si512(w, _mm512_set1_epi8(char(0x80)));
+#pragma GCC unroll 16
+    for (int i = 0; i < NB; ++i)
+      __asm__("vpdpbusd %[x], %[w], %[acc]" : [acc] "+v"(acc[i]) : [w] "v"(wu), [x] "m"(*reinterpret_cast<const __m512i*>(xb + i * KB)));
+  }
+  p_io = p;
+  return fold16(acc);
+}
+
+template <int NB, bool kMasked>
+static void rows_kblocked(const LinearArgs& a, int64_t r0, int64_t r1, int64_t b0) {
+  constexpr int KB = (16384 / NB) < 4096 ? 16384 / NB : 4096;  // columns per K block
+  alignas(64) uint8_t xb[NB * KB];
+  const int8_t* x = a.xq + b0 * a.x_stride;
+  const int64_t in = a.in, nfull = in / 64 * 64, kpad = (in + 63) / 64 * 64;
+  alignas(64) float sxv[16] = {};
+  alignas(64) int32_t xsum[16] = {};  // 128 * sum of xq per token: the surplus of w + 128
+  for (int i = 0; i < NB; ++i) {
+    sxv[i] = a.sx[b0 + i];
+    const uint8_t* u = a.xu + (b0 + i) * a.x_stride;
+    __m512i t = _mm512_setzero_si512();
+    for (int64_t c = 0; c < kpad; c += 64) t = _mm512_add_epi64(t, _mm512_sad_epu8(_mm512_loadu_si512(u + c), _mm512_setzero_si512()));
+    xsum[i] = int32_t(128 * (_mm512_reduce_add_epi64(t) - 128 * kpad));
+  }
+  const __m512 sx = _mm512_load_ps(sxv);
+  const __m512i surplus = _mm512_load_si512(xsum);
+  for (int64_t rb = r0; rb < r1; rb += kRB) {
+    const int nr = int(generic::imin(kRB, r1 - rb));
+    int64_t p[kRB];
+    bool safe[kRB];
+    __m512i sum[kRB];
+    for (int i = 0; i < nr; ++i) {
+      const int64_t r = rb + i;
+      p[i] = kMasked ? a.row_offsets[r] : r * in;
+      safe[i] = !kMasked || a.row_offsets[r + 1] + 64 <= a.values_len;
+      sum[i] = _mm512_setzero_si512();
+    }
+    for (int64_t k0 = 0; k0 < kpad; k0 += KB) {
+      const int64_t k1 = generic::imin(kpad, k0 + KB), kf = generic::imin(nfull, k1);
+      for (int i = 0; i < NB; ++i)  // x_stride >= kpad: padding columns hold xu = 128 against w = 0
+        std::memcpy(xb + i * KB, x + i * a.x_stride + k0, size_t(k1 - k0));
+      for (int i = 0; i < nr; ++i) {
+        const uint8_t* m = kMasked ? a.mask + (rb + i) * a.mask_stride : nullptr;
+        if (safe[i]) sum[i] = _mm512_add_epi32(sum[i], kslice<NB, KB, kMasked, true>(a, m, k0, kf, p[i], xb));
+        else sum[i] = _mm512_add_epi32(sum[i], kslice<NB, KB, kMasked, false>(a, m, k0, kf, p[i], xb));
+        if (kf < k1)
+          sum[i] = _mm512_add_epi32(sum[i], kslice<NB, KB, kMasked, false>(a, m, kf, in, p[i], xb + (kf - k0)));
+      }
+    }
+    for (int i = 0; i < nr; ++i) {
+      const int64_t r = rb + i;
+      const __m512 f = _mm512_cvtepi32_ps(_mm512_sub_epi32(sum[i], surplus));
+      const __m512 v = _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(f, _mm512_set1_ps(a.scales[r])), sx),
+                                     _mm512_set1_ps(a.bias ? a.bias[r] : 0.f));
+      alignas(64) float out[16];
+      _mm512_store_ps(out, v);
+      for (int t = 0; t < NB; ++t) a.y[(b0 + t) * a.out + r] = out[t];
+    }
+  }
+}
+
 template <bool kMasked>
 static void rows(const LinearArgs& a, int64_t r0, int64_t r1) {
   if (a.n_groups > 1 && a.group_size % 64 != 0) {
@@ -201,6 +314,15 @@ static void rows(const LinearArgs& a, int64_t r0, int64_t r1) {
       else if (g_variant == 2) row1_masked<2>(a, r);
       else row1_masked<1>(a, r);
     }
+    return;
+  }
+  if (a.batch >= 2 && g_variant >= 4) {
+    int64_t b = 0;
+    for (; b + 16 <= a.batch; b += 16) rows_kblocked<16, kMasked>(a, r0, r1, b);
+    if (a.batch - b >= 8) { rows_kblocked<8, kMasked>(a, r0, r1, b); b += 8; }
+    if (a.batch - b >= 4) { rows_kblocked<4, kMasked>(a, r0, r1, b); b += 4; }
+    if (a.batch - b >= 2) { rows_kblocked<2, kMasked>(a, r0, r1, b); b += 2; }
+    if (a.batch - b >= 1) rows_kblocked<1, kMasked>(a, r0, r1, b);
     return;
   }
   for (int64_t r = r0; r < r1; ++r) {

@@ -53,14 +53,20 @@ def inverse_hessian_cholesky(hessian: torch.Tensor, dampening: float) -> torch.T
         >>> inverse_hessian_cholesky(torch.eye(2) * 4, 0.0).diagonal().tolist()
         [0.5, 0.5]
     """
-    hessian = hessian.to(torch.float64)
-    mean_diag = float(hessian.diagonal().mean())
+    # One working copy, damped on its diagonal in place, and each factor freed as soon as the next
+    # exists: the Hessian of a wide layer (11008 inputs: ~1 GB in float64) must not be held 5 times.
+    mean_diag = float(hessian.diagonal().double().mean())
     damp = dampening * mean_diag if mean_diag > 0 else dampening
-    eye = torch.eye(hessian.shape[0], dtype=torch.float64)
     for _ in range(6):
-        lower, info = torch.linalg.cholesky_ex(hessian + damp * eye)
+        work = hessian.to(torch.float64, copy=True)
+        work.diagonal().add_(damp)
+        lower, info = torch.linalg.cholesky_ex(work)
+        del work
         if int(info) == 0:
-            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            inverse = torch.cholesky_inverse(lower)
+            del lower
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
             if int(info) == 0:
                 return upper
         damp = max(damp * 10.0, 1e-8)

@@ -33,7 +33,8 @@ class LayerStats:
         self.in_features = int(in_features)
         self.name = name
         self.n_tokens = 0
-        self._xtx = torch.zeros(self.in_features, self.in_features, dtype=torch.float64)
+        # Allocated on the first batch: layers that share another layer's inputs never allocate one.
+        self._xtx: torch.Tensor | None = None
 
     def add(self, x: torch.Tensor) -> None:
         """Add a batch of inputs `[..., in_features]` (every leading index is a token)."""
@@ -48,12 +49,16 @@ class LayerStats:
         product = flat.T @ flat
         if not torch.isfinite(product.diagonal()).all():
             raise PoisonedWeightError(self.name or "<layer>", "calibration activations")
+        if self._xtx is None:
+            self._xtx = torch.zeros(self.in_features, self.in_features, dtype=torch.float64)
         self._xtx += product
         self.n_tokens += flat.shape[0]
 
     @property
     def xtx(self) -> torch.Tensor:
         """The raw sum `sum x x^T` (float64)."""
+        if self._xtx is None:
+            return torch.zeros(self.in_features, self.in_features, dtype=torch.float64)
         return self._xtx
 
     @property
@@ -61,9 +66,9 @@ class LayerStats:
         """`2 / n * sum x x^T` (float64 [in, in]); raises ValueError before any token was added."""
         if self.n_tokens == 0:
             raise ValueError(f"{self.name or 'layer'}: no calibration tokens were recorded")
-        return self._xtx * (2.0 / self.n_tokens)
+        return self.xtx * (2.0 / self.n_tokens)
 
     @property
     def act_norm_sq(self) -> torch.Tensor:
         """`sum_t x_tj^2` per input feature (float32 [in])."""
-        return self._xtx.diagonal().to(torch.float32).clone()
+        return self.xtx.diagonal().to(torch.float32).clone()
