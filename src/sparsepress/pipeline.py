@@ -52,6 +52,11 @@ class CompressionRecord:
     adapter: str = "generic"
 
 
+# Methods that read the calibration inputs of each layer; the others need no forward pass per block.
+CALIBRATED_PRUNE_METHODS = ("wanda", "sparsegpt")
+CALIBRATED_QUANT_METHODS = ("gptq",)
+
+
 class _StopForward(Exception):
     """Raised by the capture hook once block 0's inputs are recorded."""
 
@@ -250,18 +255,19 @@ class _Compressor:
     def compress_block(self, block_name: str, block: nn.Module, inputs: list[_BlockInputs]) -> list[_BlockInputs]:
         prefix = f"{block_name}." if block_name else ""
         members = {n: l for n, l in self.layers.items() if n.startswith(prefix) or not block_name}
-        stats = {n: LayerStats(l.in_features, name=n) for n, l in members.items()}
+        stats = {n: LayerStats(l.in_features, name=n) for n, l in members.items()} if self.needs_stats else {}
         with torch.no_grad():
-            if members:
+            if stats:
                 with _collecting(members, stats, self.nonfinite, self.dropped):
                     for item in inputs:
                         _run_block(block, item)
                 _warn_dropped(self.dropped)
             dense_weights = [layer.weight for layer in members.values()]
             for name, layer in members.items():
-                if stats[name].n_tokens == 0 and self.nonfinite == "skip":
+                layer_stats = stats.pop(name, None)
+                if layer_stats is not None and layer_stats.n_tokens == 0 and self.nonfinite == "skip":
                     raise PoisonedWeightError(name, "calibration activations (every calibration token was dropped)")
-                self._compress_layer(name, layer, stats.pop(name))
+                self._compress_layer(name, layer, layer_stats)
             release_file_pages(dense_weights)
             del dense_weights
             if block_name == "":
@@ -285,7 +291,14 @@ class _Compressor:
         self._tick("compressing blocks", finished.count, n_blocks)
         return finished.count
 
-    def _compress_layer(self, name: str, layer: nn.Linear, stats: LayerStats) -> None:
+    @property
+    def needs_stats(self) -> bool:
+        """Whether any asked method reads calibration statistics (magnitude and RTN are data-free)."""
+        return (self.prune is not None and self.prune.method in CALIBRATED_PRUNE_METHODS) or (
+            self.quant is not None and self.quant.method in CALIBRATED_QUANT_METHODS
+        )
+
+    def _compress_layer(self, name: str, layer: nn.Linear, stats: LayerStats | None) -> None:
         prune = self.prune if name in self.prune_targets else None
         quant = self.quant if name in self.quant_targets else None
         sparsity = self.sparsity.get(name) if prune is not None else None
