@@ -66,3 +66,21 @@ def release_file_pages(tensors: Iterable[torch.Tensor]) -> int:
                     released += high - low
                 break
     return released
+
+
+def trim_heap() -> bool:
+    """Return freed heap memory to the OS (glibc `malloc_trim`); False where that is not available.
+
+    Large temporaries (dense copies, Hessians) freed after a block otherwise stay in malloc's arenas
+    and RSS grows block after block.
+
+    Example:
+        >>> isinstance(trim_heap(), bool)
+        True
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return bool(ctypes.CDLL(None).malloc_trim(0))
+    except (OSError, AttributeError):
+        return False

@@ -29,7 +29,7 @@ from torch import nn
 
 from .calibration import make_batches, to_token_ids
 from .errors import InputError, NonFiniteWarning, PoisonedWeightError, RecipeError
-from .memory import release_file_pages
+from .memory import release_file_pages, trim_heap
 from .models import ModelLayout, convert_conv1d_, find_layout, linear_layers, replace_module
 from .nn import QuantizedEmbedding
 from .packing import choose_packing
@@ -83,7 +83,12 @@ def _targets(stage: PruneStage | QuantizeStage | None, names: list[str], field_n
 def _check_weights_finite(layers: list[tuple[str, nn.Linear]], nonfinite: str = "error") -> None:
     for name, layer in layers:
         for what, tensor in (("weight", layer.weight), ("bias", layer.bias)):
-            if tensor is None or bool(torch.isfinite(tensor).all()):
+            if tensor is None:
+                continue
+            if bool(torch.isfinite(tensor).all()):
+                # The check read every page of a memory-mapped weight; unmodified, those pages can go
+                # back to the file until this layer's block is compressed, keeping RSS near one block.
+                release_file_pages([tensor])
                 continue
             if nonfinite != "skip":
                 raise PoisonedWeightError(name, "weight" if what == "weight" else "bias")
@@ -270,6 +275,7 @@ class _Compressor:
                 self._compress_layer(name, layer, layer_stats)
             release_file_pages(dense_weights)
             del dense_weights
+            trim_heap()
             if block_name == "":
                 return inputs
             return [_with_hidden(item, _run_block(block, item)) for item in inputs]
