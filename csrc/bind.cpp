@@ -180,7 +180,6 @@ NB_MODULE(_native, m) {
   m.def("active_isa", [] { return std::string(sp::active_table().name); }, "The ISA level in use.");
   m.def("set_gemm_min_batch", &sp::set_gemm_min_batch, nb::arg("n"),
         "Tokens from which int8 layers use the tiled GEMM instead of the row kernels (0: default; tests, tuning).");
-  m.def("_set_variant", [](int v) { sp::g_variant = v; }, nb::arg("v"), "Kernel variant switch (development).");
   m.def("gemm_min_batch", &sp::gemm_min_batch, "Current GEMM cutover of the active ISA level.");
   m.def("quantize_rows", [](const F32In& x) {
     // test hook: the activation quantization exactly as the kernels see it

@@ -64,6 +64,9 @@ struct KernelTable {
   RowKernel dense_gemm_i8;
   bool gemm_wants_i16;
   int gemm_min_batch;  // use the GEMM from this many tokens on
+  // the same for masked layers of >= 4M weights (their panel packing costs about as much as
+  // several row passes; the AVX-512 K-blocked row dots keep up to 16 tokens)
+  int gemm_min_batch_big_masked;
 };
 
 constexpr int64_t kGemmRows = 32;  // output rows per GEMM tile
@@ -74,9 +77,6 @@ static inline float bf16_to_f32(uint16_t h) {
   __builtin_memcpy(&f, &u, 4);
   return f;
 }
-
-// Development switch between kernel variants (0: default); read by the SIMD trees.
-extern int g_variant;
 
 namespace scalar { const KernelTable& table(); }
 namespace avx2 { const KernelTable& table(); }

@@ -10,8 +10,6 @@
 
 namespace sp {
 
-int g_variant = 0;
-
 namespace {
 
 constexpr int64_t kRowAlign = 16;  // 16 floats = one cache line of y per batch row
@@ -61,14 +59,16 @@ int64_t odd_lines(int64_t n, int64_t per_line) {
 
 std::atomic<int> g_gemm_min_batch{0};  // 0: the table's own cutover
 
-// Tokens from which the GEMM beats the row kernels (measured, 1 thread, Zen 4): small layers from
-// the table's value on; layers of >= 4M weights only from 12 tokens, because their panel packing
-// (expand + transpose) costs about as much as 2-3 extra row passes.
-int gemm_cutover(const KernelTable& table, const LinearArgs& a) {
+// Tokens from which the GEMM beats the row kernels (measured, Zen 4): small layers from the table's
+// value on; layers of >= 4M weights only from 12 tokens, because their panel packing (expand +
+// transpose) costs about as much as 2-3 extra row passes, and masked ones from the table's own
+// big-layer value (AVX-512: 17, its K-blocked row dots beat the GEMM up to 16 tokens).
+int gemm_cutover(const KernelTable& table, Kind kind, const LinearArgs& a) {
   const int o = g_gemm_min_batch.load(std::memory_order_relaxed);
   if (o > 0) return o;
-  if (g_variant >= 3) return 1 << 30;
-  return a.out * a.in >= (int64_t(4) << 20) ? std::max(12, table.gemm_min_batch) : table.gemm_min_batch;
+  if (a.out * a.in < (int64_t(4) << 20)) return table.gemm_min_batch;
+  const int big = kind == Kind::MaskedI8 ? table.gemm_min_batch_big_masked : 12;
+  return std::max(big, table.gemm_min_batch);
 }
 
 }  // namespace
@@ -101,7 +101,7 @@ void run_linear(Kind kind, LinearArgs a, int n_threads) {
   // Many tokens, one scale per row: the tiled GEMM (weights expanded once per call).
   bool gemm = false;
   if ((kind == Kind::MaskedI8 || kind == Kind::DenseI8) && a.n_groups == 1 &&
-      a.batch >= gemm_cutover(table, a)) {
+      a.batch >= gemm_cutover(table, kind, a)) {
     const RowKernel g = kind == Kind::MaskedI8 ? table.masked_gemm_i8 : table.dense_gemm_i8;
     if (g) {
       kernel = g;

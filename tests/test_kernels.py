@@ -156,6 +156,41 @@ def test_gemm_across_the_cutover(isa):
         assert_matches_reference(packed, torch.randn(batch, 200), bias)
 
 
+MASKED_INT8 = [c for c in INT8_CASES if c[0] != "dense"]
+
+
+@pytest.mark.native
+@pytest.mark.parametrize("fmt,dtype,params", MASKED_INT8, ids=[f"{f}-{'-'.join(map(str, p.values()))}" for f, _, p in MASKED_INT8])
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_wide_masked_rows_match_reference(isa, int8_path, fmt, dtype, params, data):
+    """Wide inputs (>= 2048: the AVX-512 K-blocked row dots, K-block and chunk tails), any density and
+    token count (16 / 8 / 4 / 2 / 1-token tiles), rows whose values end near the buffer end."""
+    unit = {"nm": params.get("m", 1), "bbs": params.get("bank", 1)}.get(fmt, 1)
+    wanted = data.draw(st.sampled_from([2048, 2049, 2111, 2176, 3001, 4097]), label="in")
+    in_features = -(-wanted // unit) * unit
+    out_features = data.draw(st.sampled_from([1, 3, 17, 33, 70]), label="out")
+    batch = data.draw(st.sampled_from([1, 2, 3, 5, 8, 15, 16, 17, 23, 31, 32, 37]), label="batch")
+    density = data.draw(st.sampled_from([0.0, 0.05, 0.5, 0.9, 1.0]), label="density")
+    seed = data.draw(st.integers(0, 2**16), label="seed")
+    packed = pack(fmt, weight_for(fmt, out_features, in_features, density, seed, params), dtype, None, **params)
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(batch, in_features, generator=gen) * 3
+    if batch > 1:
+        x[batch // 2] = 0
+    bias = torch.randn(out_features, generator=gen) if seed % 2 else None
+    assert_matches_reference(packed, x, bias)
+
+
+@pytest.mark.native
+def test_big_masked_layer_across_the_cutover(isa):
+    """A >= 4M-weight masked layer at token counts around its cutover (row dots up to 16, then GEMM)."""
+    packed = BitmaskWeight.pack(random_sparse(1024, 4096, 0.1, 5), dtype="int8")
+    bias = torch.randn(1024)
+    for batch in (1, 2, 4, 12, 16, 17, 20):
+        assert_matches_reference(packed, torch.randn(batch, 4096), bias)
+
+
 @needs_native
 @pytest.mark.native
 def test_fast_path_converts_inputs():

@@ -8,7 +8,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import functools
 import sys
 from pathlib import Path

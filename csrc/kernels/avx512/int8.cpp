@@ -96,11 +96,11 @@ static inline void row_tile(const LinearArgs& a, int64_t r, int64_t b0) {
 // four masks are loaded and counted up front so the value pointer chain is one add per step; the
 // mask stream (as many bytes as the values at 87.5% sparsity) is prefetched like the values.
 // Needs the row's values to be followed by 64 readable bytes (checked per row by the caller).
-template <int kVar, int PF = 1024>
-static inline void row1_masked(const LinearArgs& a, int64_t r) {
+constexpr int64_t kPrefetch1 = 2048;  // bytes ahead in both streams (1024 / 2048 / 3072 measured)
+static inline void row1_masked(const LinearArgs& a, int64_t r, int64_t b) {
   const int8_t* v = static_cast<const int8_t*>(a.values) + a.row_offsets[r];
   const uint8_t* m = a.mask + r * a.mask_stride;
-  const uint8_t* x = a.xu;
+  const uint8_t* x = a.xu + b * a.x_stride;
   const int64_t nfull = a.in / 64;
   __m512i acc0 = _mm512_setzero_si512(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
   int64_t q = 0;
@@ -110,22 +110,18 @@ static inline void row1_masked(const LinearArgs& a, int64_t r) {
     std::memcpy(&k1, m + 8 * q + 8, 8);
     std::memcpy(&k2, m + 8 * q + 16, 8);
     std::memcpy(&k3, m + 8 * q + 24, 8);
-    _mm_prefetch(reinterpret_cast<const char*>(v + PF), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(m + 8 * q + PF), _MM_HINT_T0);
     const int64_t n0 = int64_t(_mm_popcnt_u64(k0)), n1 = int64_t(_mm_popcnt_u64(k1));
     const int64_t n2 = int64_t(_mm_popcnt_u64(k2)), n3 = int64_t(_mm_popcnt_u64(k3));
-    __m512i w0, w1, w2, w3;
-    if constexpr (kVar == 2) {  // timing probe only: no expansion (wrong results)
-      w0 = _mm512_maskz_mov_epi8(k0, _mm512_loadu_si512(v));
-      w1 = _mm512_maskz_mov_epi8(k1, _mm512_loadu_si512(v + n0));
-      w2 = _mm512_maskz_mov_epi8(k2, _mm512_loadu_si512(v + n0 + n1));
-      w3 = _mm512_maskz_mov_epi8(k3, _mm512_loadu_si512(v + n0 + n1 + n2));
-    } else {
-      w0 = _mm512_maskz_expand_epi8(k0, _mm512_loadu_si512(v));
-      w1 = _mm512_maskz_expand_epi8(k1, _mm512_loadu_si512(v + n0));
-      w2 = _mm512_maskz_expand_epi8(k2, _mm512_loadu_si512(v + n0 + n1));
-      w3 = _mm512_maskz_expand_epi8(k3, _mm512_loadu_si512(v + n0 + n1 + n2));
-    }
+    // one prefetch per chunk: a step consumes up to 256 value bytes (4 lines at density 1)
+    _mm_prefetch(reinterpret_cast<const char*>(v + kPrefetch1), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(v + n0 + kPrefetch1), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(v + n0 + n1 + kPrefetch1), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(v + n0 + n1 + n2 + kPrefetch1), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(m + 8 * q + kPrefetch1), _MM_HINT_T0);
+    const __m512i w0 = _mm512_maskz_expand_epi8(k0, _mm512_loadu_si512(v));
+    const __m512i w1 = _mm512_maskz_expand_epi8(k1, _mm512_loadu_si512(v + n0));
+    const __m512i w2 = _mm512_maskz_expand_epi8(k2, _mm512_loadu_si512(v + n0 + n1));
+    const __m512i w3 = _mm512_maskz_expand_epi8(k3, _mm512_loadu_si512(v + n0 + n1 + n2));
     v += n0 + n1 + n2 + n3;
     acc0 = _mm512_dpbusd_epi32(acc0, _mm512_loadu_si512(x + 64 * q), w0);
     acc1 = _mm512_dpbusd_epi32(acc1, _mm512_loadu_si512(x + 64 * q + 64), w1);
@@ -139,14 +135,22 @@ static inline void row1_masked(const LinearArgs& a, int64_t r) {
                                _mm512_maskz_expand_epi8(k, _mm512_loadu_si512(v)));
     v += int64_t(_mm_popcnt_u64(k));
   }
-  if (nfull * 64 < a.in) {
+  if (nfull * 64 < a.in) {  // x_stride >= in rounded up to 64: padding xu = 128 meets w = 0
     const uint64_t k = mask_bits(m, nfull * 64, a.in);
     acc1 = _mm512_dpbusd_epi32(acc1, _mm512_loadu_si512(x + 64 * nfull),
                                _mm512_maskz_expand_epi8(k, _mm512_loadu_si512(v)));
   }
   acc0 = _mm512_add_epi32(_mm512_add_epi32(acc0, acc1), _mm512_add_epi32(acc2, acc3));
   const float bias = a.bias ? a.bias[r] : 0.f;
-  a.y[r] = float(_mm512_reduce_add_epi32(acc0) - 128 * a.rowsum[r]) * a.scales[r] * a.sx[0] + bias;
+  a.y[b * a.out + r] = float(_mm512_reduce_add_epi32(acc0) - 128 * a.rowsum[r]) * a.scales[r] * a.sx[b] + bias;
+}
+
+// Token b of rows [r0, r1), masked: row1_masked where it may read 64 bytes past the row's values.
+static inline void rows1_masked(const LinearArgs& a, int64_t r0, int64_t r1, int64_t b) {
+  for (int64_t r = r0; r < r1; ++r) {
+    if (a.row_offsets[r + 1] + 64 <= a.values_len) row1_masked(a, r, b);
+    else row_tile<1, true>(a, r, b);
+  }
 }
 
 // Grouped scales (group_size a multiple of 64): the surplus 128 * q is tracked lane by
@@ -204,7 +208,10 @@ static inline __m512i fold16(const __m512i v[16]) {
 }
 
 constexpr int kRB = 32;  // rows per block of the K-blocked row dots
-constexpr int kDist = 2;  // rows ahead to prefetch
+// From this many inputs the K-blocked row dots beat whole-row tiles (whose activations of 8-16
+// tokens then no longer fit L1); below it (MiniLM-sized layers) the plain row tiles stay.
+constexpr int64_t kKBlockMinIn = 2048;
+constexpr int kDist = 2;  // rows ahead to prefetch (1 / 2 / 4 / 8 measured: 2 or 4)
 
 // Columns [c0, c1) of row r for NB tokens (activations of column c0 + j, token i at xb[i * KB + j]);
 // returns the NB token sums (lane i). p: the row's value position, advanced.
@@ -225,9 +232,7 @@ static inline __m512i kslice(const LinearArgs& a, const uint8_t* m, int64_t c0, 
         std::memcpy(&k, m + c / 8, 8);
         _mm_prefetch(reinterpret_cast<const char*>(pf_v + (p - p_io)), _MM_HINT_T0);
         _mm_prefetch(reinterpret_cast<const char*>(pf_m + c / 8), _MM_HINT_T0);
-        __m512i raw = _mm512_loadu_si512(vals + p);
-        if (g_variant == 8) __asm__("" : "+v"(raw));
-        w = g_variant == 10 ? _mm512_maskz_mov_epi8(k, raw) : _mm512_maskz_expand_epi8(k, raw);
+        w = _mm512_maskz_expand_epi8(k, _mm512_loadu_si512(vals + p));
         p += int64_t(_mm_popcnt_u64(k));
       } else {
         _mm_prefetch(reinterpret_cast<const char*>(pf_v + c), _MM_HINT_T0);
@@ -238,62 +243,19 @@ static inline __m512i kslice(const LinearArgs& a, const uint8_t* m, int64_t c0, 
     }
     // roles swapped: w + 128 (u8) against xq (s8), so the activations are the memory operand
     const __m512i wu = _mm512_xor_si512(w, _mm512_set1_epi8(char(0x80)));
-    if (g_variant == 14) {
-#pragma GCC unroll 16
-    for (int i = 0; i < NB; ++i) {
-      const __m512i xv = _mm512_load_si512(xb + i * KB);
-      __asm__("vpdpbusd %[x], %[w], %[acc]" : [acc] "+v"(acc[i]) : [w] "v"(wu), [x] "v"(xv));
-    }
-    } else {
+    // inline asm: GCC copies vpdpbusd intrinsic accumulators through spare registers every chunk
 #pragma GCC unroll 16
     for (int i = 0; i < NB; ++i)
       __asm__("vpdpbusd %[x], %[w], %[acc]" : [acc] "+v"(acc[i]) : [w] "v"(wu), [x] "m"(*reinterpret_cast<const __m512i*>(xb + i * KB)));
-    }
   }
   p_io = p;
   return fold16(acc);
 }
 
-// Two masked rows (both kSafe) x 8 tokens over columns [c0, c1) (whole chunks): every activation
-// load feeds two vpdpbusd. Lanes 0-7 of the result: row 0, tokens 0-7; lanes 8-15: row 1.
-template <int KB>
-static inline __m512i kslice_2x8(const LinearArgs& a, const uint8_t* m0, const uint8_t* m1, int64_t c0,
-                                 int64_t c1, int64_t& p0_io, int64_t& p1_io, const uint8_t* xb,
-                                 const int8_t* pf_v0, const int8_t* pf_v1, const uint8_t* pf_m) {
-  const int8_t* vals = static_cast<const int8_t*>(a.values);
-  __m512i acc[16];
-#pragma GCC unroll 16
-  for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_si512();
-  int64_t p0 = p0_io, p1 = p1_io;
-  const __m512i flip = _mm512_set1_epi8(char(0x80));
-  for (int64_t c = c0; c < c1; c += 64, xb += 64) {
-    uint64_t k0, k1;
-    std::memcpy(&k0, m0 + c / 8, 8);
-    std::memcpy(&k1, m1 + c / 8, 8);
-    if (pf_v0) {
-      _mm_prefetch(reinterpret_cast<const char*>(pf_v0 + (p0 - p0_io)), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(pf_v1 + (p1 - p1_io)), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(pf_m + c / 8), _MM_HINT_T0);
-    }
-    const __m512i w0 = _mm512_xor_si512(_mm512_maskz_expand_epi8(k0, _mm512_loadu_si512(vals + p0)), flip);
-    const __m512i w1 = _mm512_xor_si512(_mm512_maskz_expand_epi8(k1, _mm512_loadu_si512(vals + p1)), flip);
-    p0 += int64_t(_mm_popcnt_u64(k0));
-    p1 += int64_t(_mm_popcnt_u64(k1));
-#pragma GCC unroll 8
-    for (int t = 0; t < 8; ++t) {
-      const __m512i xv = _mm512_load_si512(xb + t * KB);
-      __asm__("vpdpbusd %[x], %[w], %[acc]" : [acc] "+v"(acc[t]) : [w] "v"(w0), [x] "v"(xv));
-      __asm__("vpdpbusd %[x], %[w], %[acc]" : [acc] "+v"(acc[8 + t]) : [w] "v"(w1), [x] "v"(xv));
-    }
-  }
-  p0_io = p0;
-  p1_io = p1;
-  return fold16(acc);
-}
-
-template <int NB, bool kMasked, int XB = 16384>
+template <int NB, bool kMasked, int XB = 24576>
 static void rows_kblocked(const LinearArgs& a, int64_t r0, int64_t r1, int64_t b0) {
-  constexpr int KB = (XB / NB) < 4096 ? XB / NB / 64 * 64 : 4096;  // columns per K block
+  // columns per K block: NB * KB bytes of activations (24 KiB measured best of 8 / 16 / 24 KiB)
+  constexpr int KB = (XB / NB) < 4096 ? XB / NB / 64 * 64 : 4096;
   alignas(64) uint8_t xb[NB * KB];
   const int8_t* x = a.xq + b0 * a.x_stride;
   const int64_t in = a.in, nfull = in / 64 * 64, kpad = (in + 63) / 64 * 64;
@@ -323,28 +285,7 @@ static void rows_kblocked(const LinearArgs& a, int64_t r0, int64_t r1, int64_t b
       const int64_t k1 = generic::imin(kpad, k0 + KB), kf = generic::imin(nfull, k1);
       for (int i = 0; i < NB; ++i)  // x_stride >= kpad: padding columns hold xu = 128 against w = 0
         std::memcpy(xb + i * KB, x + i * a.x_stride + k0, size_t(k1 - k0));
-      int i0 = 0;
-      if constexpr (kMasked && NB == 16) {
-        if (g_variant == 9 && kf == k1) {
-          for (; i0 + 1 < nr && safe[i0] && safe[i0 + 1]; i0 += 2) {
-            const int i = i0;
-            const uint8_t* m0 = a.mask + (rb + i) * a.mask_stride;
-            const int j = i + kDist;
-            const int64_t rj = generic::imin(rb + j, a.out - 2);
-            const int64_t pj0 = j + 1 < nr ? p[j] : k0 == 0 ? a.row_offsets[rj] : p[i];
-            const int64_t pj1 = j + 1 < nr ? p[j + 1] : k0 == 0 ? a.row_offsets[rj + 1] : p[i + 1];
-            const int8_t* vals = static_cast<const int8_t*>(a.values);
-            int64_t q0 = p[i], q1 = p[i + 1];
-            const __m512i f0 = kslice_2x8<KB>(a, m0, m0 + a.mask_stride, k0, kf, q0, q1, xb, vals + pj0, vals + pj1,
-                                              a.mask + rj * a.mask_stride);
-            const __m512i f1 = kslice_2x8<KB>(a, m0, m0 + a.mask_stride, k0, kf, p[i], p[i + 1], xb + 8 * KB,
-                                              nullptr, nullptr, nullptr);
-            sum[i] = _mm512_add_epi32(sum[i], _mm512_shuffle_i64x2(f0, f1, 0x44));
-            sum[i + 1] = _mm512_add_epi32(sum[i + 1], _mm512_shuffle_i64x2(f0, f1, 0xEE));
-          }
-        }
-      }
-      for (int i = i0; i < nr; ++i) {
+      for (int i = 0; i < nr; ++i) {
         const uint8_t* m = kMasked ? a.mask + (rb + i) * a.mask_stride : nullptr;
         // prefetch the same K block of row i + kDist (rows are separate streams here)
         const int j = i + kDist;
@@ -384,30 +325,21 @@ static void rows(const LinearArgs& a, int64_t r0, int64_t r1) {
     }
     return;
   }
-  if (kMasked && a.batch == 1 && g_variant != 0) {
-    for (int64_t r = r0; r < r1; ++r) {
-      if (a.row_offsets[r + 1] + 64 > a.values_len) row_tile<1, kMasked>(a, r, 0);
-      else if (g_variant == 2) row1_masked<2>(a, r);
-      else if (g_variant == 15) row1_masked<1, 2048>(a, r);
-      else if (g_variant == 16) row1_masked<1, 4096>(a, r);
-      else if (g_variant == 17) row1_masked<1, 512>(a, r);
-      else row1_masked<1>(a, r);
+  if constexpr (kMasked) {
+    if (a.batch == 1) {
+      rows1_masked(a, r0, r1, 0);
+      return;
     }
-    return;
-  }
-  if (a.batch >= 2 && g_variant >= 4) {
-    int64_t b = 0;
-    for (; b + 16 <= a.batch; b += 16) {
-      if (g_variant == 11) rows_kblocked<16, kMasked, 8192>(a, r0, r1, b);
-      else if (g_variant == 12 || g_variant == 14) rows_kblocked<16, kMasked, 24576>(a, r0, r1, b);
-      else if (g_variant == 13) rows_kblocked<16, kMasked, 4096>(a, r0, r1, b);
-      else rows_kblocked<16, kMasked>(a, r0, r1, b);
+    if (a.in >= kKBlockMinIn) {
+      int64_t b = 0;
+      for (; b + 16 <= a.batch; b += 16) rows_kblocked<16, true>(a, r0, r1, b);
+      if (a.batch - b >= 8) { rows_kblocked<8, true>(a, r0, r1, b); b += 8; }
+      if (a.batch - b >= 4) { rows_kblocked<4, true>(a, r0, r1, b); b += 4; }
+      for (int64_t r = r0; a.batch - b >= 2 && r < r1; ++r) row_tile<2, true>(a, r, b);
+      if (a.batch - b >= 2) b += 2;
+      if (a.batch - b >= 1) rows1_masked(a, r0, r1, b);
+      return;
     }
-    if (a.batch - b >= 8) { rows_kblocked<8, kMasked>(a, r0, r1, b); b += 8; }
-    if (a.batch - b >= 4) { rows_kblocked<4, kMasked>(a, r0, r1, b); b += 4; }
-    if (a.batch - b >= 2) { rows_kblocked<2, kMasked>(a, r0, r1, b); b += 2; }
-    if (a.batch - b >= 1) rows_kblocked<1, kMasked>(a, r0, r1, b);
-    return;
   }
   for (int64_t r = r0; r < r1; ++r) {
     int64_t b = 0;
