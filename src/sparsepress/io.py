@@ -212,6 +212,17 @@ def _copy_side_files(source: Path, staging: Path) -> None:
             shutil.copytree(source / name, staging / name)
 
 
+def _read_json_object(path: Path, what: str) -> dict[str, Any]:
+    """A JSON object from `path`; FormatError naming the file when it is unreadable or not an object."""
+    try:
+        parsed = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FormatError(path, f"unreadable {what}: {exc}") from None
+    if not isinstance(parsed, dict):
+        raise FormatError(path, f"{what} is not a JSON object")
+    return parsed
+
+
 def read_manifest(folder: str | Path) -> dict[str, Any]:
     """The verified manifest of a folder: version known, tensors file present and matching its sha256."""
     folder = Path(folder)
@@ -222,12 +233,7 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
         raise InputError(folder, "model folder not found")
     if not path.is_file():
         raise FormatError(path, "missing: not a sparsepress folder")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FormatError(path, f"unreadable manifest: {exc}") from None
-    if not isinstance(manifest, dict):
-        raise FormatError(path, "manifest is not a JSON object")
+    manifest = _read_json_object(path, "manifest")
     version = manifest.get("format_version")
     if not isinstance(version, int):
         raise FormatError(path, f"format_version missing or not an integer: {version!r}")
@@ -417,12 +423,7 @@ def verify_folder(folder: str | Path) -> dict[str, Any]:
     manifest = read_manifest(folder)
     config = folder / "config.json"
     if config.exists():
-        try:
-            parsed = json.loads(config.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise FormatError(config, f"unreadable config: {exc}") from None
-        if not isinstance(parsed, dict):
-            raise FormatError(config, "config is not a JSON object")
+        _read_json_object(config, "config")
     tensors = _read_tensors(folder)
     if config.exists():
         # The model on the meta device (nothing allocated) gives every dense tensor's expected shape.
