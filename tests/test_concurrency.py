@@ -11,18 +11,15 @@ import torch
 
 import sparsepress as sp
 from sparsepress import native
+from tiny import tiny_bert, token_ids
 
 THREADS, CALLS = 4, 20
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(0)
-    model = BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                 intermediate_size=64, max_position_embeddings=64)).eval()
-    ids = [torch.randint(0, 100, (12,), generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    model = tiny_bert()
+    ids = token_ids()
     recipe = {"stages": [{"prune": {"method": "magnitude", "sparsity": 0.5}}, {"quantize": {"method": "rtn"}},
                          {"quantize_embeddings": {"bits": 8}}], "format": "bitmask"}
     model = sp.compress(model, recipe, calibration=ids)

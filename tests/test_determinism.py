@@ -3,23 +3,15 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 import sparsepress as sp
 from sparsepress import native
 from sparsepress.io import MANIFEST, TENSORS
+from tiny import tiny_bert, token_ids
 
 
-def _model():
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(0)
-    return BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                intermediate_size=64, max_position_embeddings=64)).eval()
 
 
-def _ids():
-    return [torch.randint(0, 100, (12,), generator=torch.Generator().manual_seed(i)) for i in range(4)]
 
 
 RECIPES = {
@@ -37,14 +29,14 @@ def test_two_runs_give_identical_bytes(name, tmp_path, monkeypatch):
         # `format: auto` picks the fastest *measured* kernel when native kernels exist, so only the
         # reference path (smallest format) is deterministic; pin it for this case.
         monkeypatch.setattr(native, "_MODULE", None)
-    folders = [sp.save(sp.compress(_model(), RECIPES[name], calibration=_ids(), batch_size=2), tmp_path / str(run))
+    folders = [sp.save(sp.compress(tiny_bert(), RECIPES[name], calibration=token_ids(), batch_size=2), tmp_path / str(run))
                for run in range(2)]
     for filename in (TENSORS, MANIFEST):
         assert (folders[0] / filename).read_bytes() == (folders[1] / filename).read_bytes(), filename
 
 
 def test_load_save_round_trip_is_byte_identical(tmp_path):
-    model = sp.compress(_model(), RECIPES["wanda-2:4-rtn"], calibration=_ids())
+    model = sp.compress(tiny_bert(), RECIPES["wanda-2:4-rtn"], calibration=token_ids())
     first = sp.save(model, tmp_path / "a")
     second = sp.save(sp.load(first), tmp_path / "b")
     for filename in (TENSORS, MANIFEST, "config.json"):

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 import sparsepress as sp
 from sparsepress.cli import app
 from sparsepress.io import MANIFEST, TENSORS, sha256_of, verify_folder
+from tiny import tiny_bert, token_ids
 
 runner = CliRunner()
 
@@ -257,23 +258,15 @@ def test_crash_while_saving_keeps_the_old_folder(tiny_bert_dir, good_recipe, tmp
 # --- damaged or hostile folders ------------------------------------------------------------------
 
 
-def _tiny_model(vocab: int = 100):
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(0)
-    return BertModel(BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                intermediate_size=64, max_position_embeddings=64)).eval()
 
 
-def _ids(n: int = 4):
-    return [torch.randint(0, 100, (12,), generator=torch.Generator().manual_seed(i)) for i in range(n)]
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory) -> Path:
     recipe = {"stages": [{"prune": {"method": "magnitude", "sparsity": 0.5}}, {"quantize": {"method": "rtn"}},
                          {"quantize_embeddings": {"bits": 8}}], "format": "bitmask"}
-    model = sp.compress(_tiny_model(), recipe, calibration=_ids())
+    model = sp.compress(tiny_bert(), recipe, calibration=token_ids())
     return sp.save(model, tmp_path_factory.mktemp("saved") / "m")
 
 
@@ -463,11 +456,11 @@ def test_nan_weight_via_cli_names_the_layer(tiny_bert_dir, good_recipe, tmp_path
 
 
 def test_nonfinite_skip_zeroes_weights_with_a_warning():
-    model = _tiny_model()
+    model = tiny_bert()
     with torch.no_grad():
         model.encoder.layer[0].intermediate.dense.weight[0, :4] = float("nan")
     with pytest.warns(sp.NonFiniteWarning, match=r"encoder.layer.0.intermediate.dense: zeroed 4"):
-        sp.compress(model, {"stages": [{"prune": {"method": "wanda", "sparsity": 0.5}}]}, calibration=_ids(),
+        sp.compress(model, {"stages": [{"prune": {"method": "wanda", "sparsity": 0.5}}]}, calibration=token_ids(),
                     nonfinite="skip")
     weight = model.encoder.layer[0].intermediate.dense.weight
     assert bool(torch.isfinite(weight).all()) and bool((weight[0, :4] == 0).all())
@@ -480,16 +473,16 @@ def _poison_tokens(model, token: int = 7):
 
 
 def test_nonfinite_calibration_activations(tmp_path):
-    ids = _ids(6)
+    ids = token_ids(6)
     ids[2][3] = 7  # sample 2 carries the poisoned token; the others do not
     for sample in (ids[0], ids[1], ids[3], ids[4], ids[5]):
         sample[sample == 7] = 8
     recipe = {"stages": [{"prune": {"method": "sparsegpt", "sparsity": 0.5}}, {"quantize_embeddings": {"bits": 8}}]}
-    model = _tiny_model()
+    model = tiny_bert()
     _poison_tokens(model)
     with pytest.raises(sp.PoisonedWeightError, match=r"encoder.layer.0.attention.self.query: NaN or Inf in calibration"):
         sp.compress(model, recipe, calibration=ids)
-    model = _tiny_model()
+    model = tiny_bert()
     _poison_tokens(model)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -505,7 +498,7 @@ def test_nonfinite_calibration_activations(tmp_path):
 
 
 def test_save_refuses_nan_and_writes_nothing(tmp_path):
-    model = _tiny_model()
+    model = tiny_bert()
     with torch.no_grad():
         model.pooler.dense.bias[0] = float("nan")
     with pytest.raises(sp.FormatError, match="pooler.dense.bias"):
@@ -515,4 +508,4 @@ def test_save_refuses_nan_and_writes_nothing(tmp_path):
 
 def test_unknown_nonfinite_policy_is_refused():
     with pytest.raises(sp.InputError, match="nonfinite"):
-        sp.compress(_tiny_model(), {"stages": [{"prune": {"sparsity": 0.5}}]}, calibration=_ids(), nonfinite="ignore")
+        sp.compress(tiny_bert(), {"stages": [{"prune": {"sparsity": 0.5}}]}, calibration=token_ids(), nonfinite="ignore")

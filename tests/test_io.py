@@ -9,20 +9,14 @@ import torch
 
 import sparsepress as sp
 from sparsepress.io import MANIFEST, TENSORS
+from tiny import tiny_bert
 
 
-def _tiny_model(vocab: int = 100):
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64)
-    return BertModel(config).eval()
 
 
 @pytest.fixture(scope="module")
 def compressed():
-    model = _tiny_model()
+    model = tiny_bert()
     ids = [torch.randint(0, 100, (16,), generator=torch.Generator().manual_seed(i)) for i in range(8)]
     recipe = {"stages": [{"prune": {"method": "magnitude", "sparsity": 0.5}}, {"quantize": {"method": "rtn"}},
                          {"quantize_embeddings": {"bits": 8}}], "format": "bitmask"}
@@ -130,7 +124,7 @@ def test_missing_tensor_is_a_layout_error(compressed, tmp_path):
 
 
 def test_dense_model_saves_and_loads(tmp_path):
-    model = _tiny_model()
+    model = tiny_bert()
     sp.save(model, tmp_path / "d")
     loaded = sp.load(tmp_path / "d")
     ids = _ids()

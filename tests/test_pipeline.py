@@ -7,23 +7,20 @@ import torch
 
 import sparsepress as sp
 from sparsepress.models import find_layout
+from tiny import tiny_bert, token_ids
 
 
-def _model():
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(0)
-    return BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                intermediate_size=64, max_position_embeddings=64)).eval()
+def _ids(n=8):
+    return token_ids(n, length=16)
 
 
-def _ids(n=8, length=16):
-    return [torch.randint(0, 100, (length,), generator=torch.Generator().manual_seed(i)) for i in range(n)]
+
+
 
 
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
 def test_every_block_linear_is_packed_at_the_asked_sparsity(method):
-    model = sp.compress(_model(), {"stages": [{"prune": {"method": method, "sparsity": 0.5}}]}, calibration=_ids())
+    model = sp.compress(tiny_bert(), {"stages": [{"prune": {"method": method, "sparsity": 0.5}}]}, calibration=_ids())
     layout = find_layout(model)
     packed = [m for _, block in layout.blocks for m in block.modules() if isinstance(m, sp.SparseLinear)]
     assert len(packed) == 2 * 6
@@ -34,7 +31,7 @@ def test_every_block_linear_is_packed_at_the_asked_sparsity(method):
 
 def test_nm_pattern_is_packed_as_nm_when_asked():
     recipe = {"stages": [{"prune": {"method": "wanda", "pattern": "2:4"}}, {"quantize": {"method": "rtn"}}], "format": "nm"}
-    model = sp.compress(_model(), recipe, calibration=_ids())
+    model = sp.compress(tiny_bert(), recipe, calibration=_ids())
     layer = model.encoder.layer[0].output.dense
     assert layer.packed.name == "nm" and layer.packed.dtype == "int8"
     groups = (layer.weight != 0).view(layer.out_features, -1, 4).sum(dim=2)
@@ -44,7 +41,7 @@ def test_nm_pattern_is_packed_as_nm_when_asked():
 def test_targets_and_ignore_select_layers():
     recipe = {"stages": [{"prune": {"method": "magnitude", "sparsity": 0.5, "targets": [r".*\.intermediate\.dense"],
                                     "ignore": [r"encoder\.layer\.1\..*"]}}]}
-    model = sp.compress(_model(), recipe, calibration=_ids())
+    model = sp.compress(tiny_bert(), recipe, calibration=_ids())
     assert isinstance(model.encoder.layer[0].intermediate.dense, sp.SparseLinear)
     assert isinstance(model.encoder.layer[1].intermediate.dense, torch.nn.Linear)
     assert isinstance(model.encoder.layer[0].attention.self.query, torch.nn.Linear)
@@ -52,11 +49,11 @@ def test_targets_and_ignore_select_layers():
 
 def test_target_regex_matching_nothing_is_a_recipe_error():
     with pytest.raises(sp.RecipeError, match="targets"):
-        sp.compress(_model(), {"stages": [{"prune": {"sparsity": 0.5, "targets": ["nothing_like_this"]}}]}, calibration=_ids())
+        sp.compress(tiny_bert(), {"stages": [{"prune": {"sparsity": 0.5, "targets": ["nothing_like_this"]}}]}, calibration=_ids())
 
 
 def test_nan_weight_is_refused_with_layer_named():
-    model = _model()
+    model = tiny_bert()
     with torch.no_grad():
         model.encoder.layer[1].attention.self.key.weight[0, 0] = float("nan")
     with pytest.raises(sp.PoisonedWeightError, match="encoder.layer.1.attention.self.key"):
@@ -64,10 +61,10 @@ def test_nan_weight_is_refused_with_layer_named():
 
 
 def test_compression_keeps_outputs_close_and_is_deterministic():
-    reference = _model()
+    reference = tiny_bert()
     recipe = {"stages": [{"prune": {"method": "sparsegpt", "sparsity": 0.3}}, {"quantize": {"method": "gptq"}}]}
-    first = sp.compress(_model(), recipe, calibration=_ids())
-    second = sp.compress(_model(), recipe, calibration=_ids())
+    first = sp.compress(tiny_bert(), recipe, calibration=_ids())
+    second = sp.compress(tiny_bert(), recipe, calibration=_ids())
     ids = torch.stack(_ids(2))
     with torch.no_grad():
         ref = reference(input_ids=ids).last_hidden_state
@@ -78,7 +75,7 @@ def test_compression_keeps_outputs_close_and_is_deterministic():
     assert cosine > 0.9
 
 
-def test_generic_adapter_reaches_every_linear_of_an_unknown_model():
+def test_generic_adapter_reaches_every_linear_of_an_unknowntiny_bert():
     torch.manual_seed(0)
 
     class Tiny(torch.nn.Module):
@@ -96,11 +93,11 @@ def test_generic_adapter_reaches_every_linear_of_an_unknown_model():
 
 
 def test_quantize_embeddings_replaces_tables():
-    model = sp.compress(_model(), {"stages": [{"quantize_embeddings": {"bits": 4}}]})
+    model = sp.compress(tiny_bert(), {"stages": [{"quantize_embeddings": {"bits": 4}}]})
     assert isinstance(model.embeddings.word_embeddings, sp.QuantizedEmbedding)
     assert model.embeddings.word_embeddings.bits == 4
 
 
 def test_unavailable_stage_is_a_clear_recipe_error():
     with pytest.raises(sp.RecipeError, match="distill"):
-        sp.compress(_model(), {"stages": [{"distill": {"steps": 1}}]}, calibration=_ids())
+        sp.compress(tiny_bert(), {"stages": [{"distill": {"steps": 1}}]}, calibration=_ids())

@@ -14,6 +14,7 @@ from sparsepress import pipeline
 from sparsepress.checkpoint import Checkpoint, checkpoint_folder, weights_digest
 from sparsepress.cli import app
 from sparsepress.io import TENSORS
+from tiny import tiny_bert, token_ids
 
 runner = CliRunner()
 RECIPE = {"stages": [{"prune": {"method": "sparsegpt", "sparsity": 0.5}}, {"quantize": {"method": "gptq"}},
@@ -24,16 +25,8 @@ class Stop(Exception):
     pass
 
 
-def _model():
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(0)
-    return BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                intermediate_size=64, max_position_embeddings=64)).eval()
 
 
-def _ids():
-    return [torch.randint(0, 100, (12,), generator=torch.Generator().manual_seed(i)) for i in range(4)]
 
 
 def _stop_after_block(n):
@@ -44,12 +37,12 @@ def _stop_after_block(n):
 
 
 def test_resumed_run_is_byte_identical(tmp_path, monkeypatch):
-    reference = sp.save(sp.compress(_model(), RECIPE, calibration=_ids(), batch_size=4), tmp_path / "ref")
+    reference = sp.save(sp.compress(tiny_bert(), RECIPE, calibration=token_ids(), batch_size=4), tmp_path / "ref")
     out = tmp_path / "out"
-    model = _model()
+    model = tiny_bert()
     ckpt = Checkpoint.for_output(out, model)
     with pytest.raises(Stop):
-        sp.compress(model, RECIPE, calibration=_ids(), batch_size=4, checkpoint=ckpt, progress=_stop_after_block(1))
+        sp.compress(model, RECIPE, calibration=token_ids(), batch_size=4, checkpoint=ckpt, progress=_stop_after_block(1))
     folder = checkpoint_folder(out)
     assert sorted(p.name for p in folder.iterdir()) == [
         "block-0000.json", "block-0000.safetensors", "fingerprint.json", "hidden-0000.safetensors"]
@@ -57,8 +50,8 @@ def test_resumed_run_is_byte_identical(tmp_path, monkeypatch):
     original = pipeline._Compressor.compress_block
     monkeypatch.setattr(pipeline._Compressor, "compress_block",
                         lambda self, name, *a: calls.append(name) or original(self, name, *a))
-    model = _model()
-    resumed = sp.compress(model, RECIPE, calibration=_ids(), batch_size=4,
+    model = tiny_bert()
+    resumed = sp.compress(model, RECIPE, calibration=token_ids(), batch_size=4,
                           checkpoint=Checkpoint.for_output(out, model, resume=True))
     assert calls == ["encoder.layer.1"]  # block 0 came from the checkpoint
     sp.save(resumed, out)
@@ -69,37 +62,37 @@ def test_resumed_run_is_byte_identical(tmp_path, monkeypatch):
 
 def test_mismatching_fingerprint_is_refused(tmp_path):
     out = tmp_path / "out"
-    model = _model()
+    model = tiny_bert()
     with pytest.raises(Stop):
-        sp.compress(model, RECIPE, calibration=_ids(), checkpoint=Checkpoint.for_output(out, model),
+        sp.compress(model, RECIPE, calibration=token_ids(), checkpoint=Checkpoint.for_output(out, model),
                     progress=_stop_after_block(1))
     other = {**RECIPE, "seed": 1}
-    model = _model()
+    model = tiny_bert()
     with pytest.raises(sp.InputError, match=r"another run \(different recipe, seed\).*without --resume"):
-        sp.compress(model, other, calibration=_ids(), checkpoint=Checkpoint.for_output(out, model, resume=True))
+        sp.compress(model, other, calibration=token_ids(), checkpoint=Checkpoint.for_output(out, model, resume=True))
     with torch.no_grad():
         model.encoder.layer[0].output.dense.weight.mul_(2)
     with pytest.raises(sp.InputError, match=r"different weights_sha256"):
-        sp.compress(model, RECIPE, calibration=_ids(), checkpoint=Checkpoint(checkpoint_folder(out),
+        sp.compress(model, RECIPE, calibration=token_ids(), checkpoint=Checkpoint(checkpoint_folder(out),
                     weights=weights_digest(model), resume=True))
-    model = _model()
+    model = tiny_bert()
     with pytest.raises(sp.InputError, match=r"different calibration_sha256"):
-        sp.compress(model, RECIPE, calibration=_ids()[:3], checkpoint=Checkpoint.for_output(out, model, resume=True))
+        sp.compress(model, RECIPE, calibration=token_ids()[:3], checkpoint=Checkpoint.for_output(out, model, resume=True))
 
 
 def test_damaged_checkpoint_is_a_format_error(tmp_path):
     out = tmp_path / "out"
-    model = _model()
+    model = tiny_bert()
     with pytest.raises(Stop):
-        sp.compress(model, RECIPE, calibration=_ids(), checkpoint=Checkpoint.for_output(out, model),
+        sp.compress(model, RECIPE, calibration=token_ids(), checkpoint=Checkpoint.for_output(out, model),
                     progress=_stop_after_block(1))
     path = checkpoint_folder(out) / "block-0000.safetensors"
     data = bytearray(path.read_bytes())
     data[-5] ^= 0xFF
     path.write_bytes(bytes(data))
-    model = _model()
+    model = tiny_bert()
     with pytest.raises(sp.FormatError, match="block-0000.safetensors.*damaged"):
-        sp.compress(model, RECIPE, calibration=_ids(), checkpoint=Checkpoint.for_output(out, model, resume=True))
+        sp.compress(model, RECIPE, calibration=token_ids(), checkpoint=Checkpoint.for_output(out, model, resume=True))
 
 
 def _cli(*args):
