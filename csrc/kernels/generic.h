@@ -128,6 +128,22 @@ static void rows_csr_i8(const LinearArgs& a, int64_t r0, int64_t r1) {
   }
 }
 
+// Columns [from, in) of one token quantized with scale s (signed and +128 copies), then the padding
+// up to `stride` zeroed; SIMD levels call it for the tail their vectors do not cover.
+static inline void quantize_row_from(const float* row, float s, int64_t from, int64_t in, int64_t stride,
+                                     int8_t* q, uint8_t* u) {
+  for (int64_t j = from; j < in; ++j) {
+    float v = __builtin_nearbyintf(row[j] / s);
+    v = v > 127.f ? 127.f : (v < -127.f ? -127.f : v);
+    q[j] = int8_t(v);
+    u[j] = uint8_t(int(v) + 128);
+  }
+  for (int64_t j = in; j < stride; ++j) {
+    q[j] = 0;
+    u[j] = 128;
+  }
+}
+
 // Scalar per-token quantization (QuantizeFn); division, not a reciprocal multiply, to round like torch.
 static void quantize(const float* x, int64_t b0, int64_t b1, int64_t in, int64_t stride, int8_t* xq,
                      uint8_t* xu, float* sx) {
@@ -140,18 +156,7 @@ static void quantize(const float* x, int64_t b0, int64_t b1, int64_t in, int64_t
     }
     const float s = amax == 0.f ? 1.f : amax / 127.f;
     sx[b] = s;
-    int8_t* q = xq + b * stride;
-    uint8_t* u = xu + b * stride;
-    for (int64_t j = 0; j < in; ++j) {
-      float v = __builtin_nearbyintf(row[j] / s);
-      v = v > 127.f ? 127.f : (v < -127.f ? -127.f : v);
-      q[j] = int8_t(v);
-      u[j] = uint8_t(int(v) + 128);
-    }
-    for (int64_t j = in; j < stride; ++j) {
-      q[j] = 0;
-      u[j] = 128;
-    }
+    quantize_row_from(row, s, 0, in, stride, xq + b * stride, xu + b * stride);
   }
 }
 

@@ -321,16 +321,7 @@ void quantize(const float* x, int64_t b0, int64_t b1, int64_t in, int64_t stride
       _mm_storel_epi64(reinterpret_cast<__m128i*>(q + j), b8);
       _mm_storel_epi64(reinterpret_cast<__m128i*>(u + j), _mm_xor_si128(b8, flip));
     }
-    for (int64_t j = in8; j < in; ++j) {
-      float v = __builtin_nearbyintf(row[j] / s);
-      v = v > 127.f ? 127.f : (v < -127.f ? -127.f : v);
-      q[j] = int8_t(v);
-      u[j] = uint8_t(int(v) + 128);
-    }
-    for (int64_t j = in; j < stride; ++j) {
-      q[j] = 0;
-      u[j] = 128;
-    }
+    generic::quantize_row_from(row, s, in8, in, stride, q, u);
   }
 }
 
