@@ -12,6 +12,7 @@
 #include <string>
 
 #include "dispatch.h"
+#include "openmp_team.h"
 #include "plan.h"
 
 namespace nb = nanobind;
@@ -32,8 +33,10 @@ bool is(const Array& a) { return a.dtype() == nb::dtype<T>(); }
 
 class NativeLinear {
  public:
-  NativeLinear(sp::Kind kind, sp::LinearArgs args, std::vector<Array> keep)
-      : kind_(kind), args_(args), keep_(std::move(keep)) {}
+  NativeLinear(sp::Kind kind, sp::LinearArgs args, std::vector<Array> keep, bool panels = false)
+      : kind_(kind), args_(args), keep_(std::move(keep)) {
+    if (panels) panels_ = sp::prepare_panels(kind, args);
+  }
 
   // y[B, out] = x[B, in] W^T (+ bias)
   void call(const F32In& x, F32Out& y, std::optional<Vec> bias, int n_threads) {
@@ -49,6 +52,7 @@ class NativeLinear {
       a.bias = bias->data();
     }
     if (a.batch == 0) return;
+    sp::use_panels(panels_, a);
     nb::gil_scoped_release unlocked;
     sp::run_linear(kind_, a, n_threads);
   }
@@ -64,6 +68,7 @@ class NativeLinear {
     a.x = reinterpret_cast<const float*>(x);
     a.y = reinterpret_cast<float*>(y);
     a.bias = reinterpret_cast<const float*>(bias);
+    sp::use_panels(panels_, a);
     nb::gil_scoped_release unlocked;
     sp::run_linear(kind_, a, n_threads);
   }
@@ -75,6 +80,7 @@ class NativeLinear {
   sp::Kind kind_;
   sp::LinearArgs args_;
   std::vector<Array> keep_;  // owns the buffers args_ points into
+  sp::PreparedPanels panels_;
 };
 
 // Fills scale/rowsum/group fields of int8 kinds.
@@ -99,7 +105,8 @@ void set_quant(sp::LinearArgs& a, std::vector<Array>& keep, const std::optional<
 }
 
 NativeLinear make_masked(const Array& mask, const Array& values, const Array& row_offsets, int64_t in,
-                         std::optional<Array> scales, std::optional<Array> rowsum, int64_t group_size) {
+                         std::optional<Array> scales, std::optional<Array> rowsum, int64_t group_size,
+                         bool panels) {
   sp::LinearArgs a;
   require(is<uint8_t>(mask) && mask.ndim() == 2, "mask must be uint8 [out, ceil(in/8)]");
   a.out = int64_t(mask.shape(0));
@@ -126,11 +133,11 @@ NativeLinear make_masked(const Array& mask, const Array& values, const Array& ro
   } else {
     throw std::invalid_argument("values must be int8, float32 or 16-bit (bf16 bits)");
   }
-  return NativeLinear(kind, a, std::move(keep));
+  return NativeLinear(kind, a, std::move(keep), panels);
 }
 
 NativeLinear make_dense_int8(const Array& values, std::optional<Array> scales, std::optional<Array> rowsum,
-                             int64_t group_size) {
+                             int64_t group_size, bool panels) {
   sp::LinearArgs a;
   require(is<int8_t>(values) && values.ndim() == 2, "values must be int8 [out, in]");
   a.out = int64_t(values.shape(0));
@@ -139,7 +146,7 @@ NativeLinear make_dense_int8(const Array& values, std::optional<Array> scales, s
   a.values_len = a.out * a.in;
   std::vector<Array> keep{values};
   set_quant(a, keep, scales, rowsum, group_size, true);
-  return NativeLinear(sp::Kind::DenseI8, a, std::move(keep));
+  return NativeLinear(sp::Kind::DenseI8, a, std::move(keep), panels);
 }
 
 NativeLinear make_csr(const Array& row_ptr, const Array& col_indices, const Array& values, int64_t in,
@@ -180,6 +187,10 @@ NB_MODULE(_native, m) {
   m.def("active_isa", [] { return std::string(sp::active_table().name); }, "The ISA level in use.");
   m.def("set_gemm_min_batch", &sp::set_gemm_min_batch, nb::arg("n"),
         "Tokens from which int8 layers use the tiled GEMM instead of the row kernels (0: default; tests, tuning).");
+  m.def("attach_openmp", &sp::attach_openmp, nb::arg("path"),
+        "Run parallel calls on the OpenMP team of the runtime already loaded from `path`; '' or why not.");
+  m.def("detach_openmp", &sp::detach_openmp, "Run parallel calls on sparsepress's own thread pool.");
+  m.def("parallel_backend", [] { return std::string(sp::parallel_backend()); }, "'openmp' or 'own'.");
   m.def("gemm_min_batch", &sp::gemm_min_batch, "Current GEMM cutover of the active ISA level.");
   m.def("quantize_rows", [](const F32In& x) {
     // test hook: the activation quantization exactly as the kernels see it
@@ -206,10 +217,12 @@ NB_MODULE(_native, m) {
 
   m.def("masked_linear", &make_masked, nb::arg("mask"), nb::arg("values"), nb::arg("row_offsets"),
         nb::arg("in_features"), nb::arg("scales").none() = nb::none(), nb::arg("rowsum").none() = nb::none(),
-        nb::arg("group_size") = 0,
-        "Masked stream weight (bitmask, and nm/bbs converted to it): int8 / float32 / bf16-bits values.");
+        nb::arg("group_size") = 0, nb::arg("panels") = true,
+        "Masked stream weight (bitmask, and nm/bbs converted to it): int8 / float32 / bf16-bits values.\n"
+        "panels: pack small int8 layers' GEMM panels once here instead of on every many-token call.");
   m.def("dense_int8_linear", &make_dense_int8, nb::arg("values"), nb::arg("scales"), nb::arg("rowsum"),
-        nb::arg("group_size") = 0, "Dense int8 weight [out, in].");
+        nb::arg("group_size") = 0, nb::arg("panels") = true,
+        "Dense int8 weight [out, in] (panels: as for masked_linear).");
   m.def("csr_linear", &make_csr, nb::arg("row_ptr"), nb::arg("col_indices"), nb::arg("values"),
         nb::arg("in_features"), nb::arg("scales").none() = nb::none(), nb::arg("group_size") = 0,
         "CSR weight: float32 or int8 values.");

@@ -38,6 +38,10 @@ struct LinearArgs {
   const float* scales = nullptr;
   const int32_t* rowsum = nullptr;
   int64_t n_groups = 1, group_size = 0;  // group_size = in when n_groups == 1
+  // GEMM panels prepared once per weight (prepare_panels in plan.h): tile t of kGemmRows rows at
+  // panels + panel_off[t]; null: the GEMM packs its panels per call.
+  const int8_t* panels = nullptr;
+  const int64_t* panel_off = nullptr;
   const float* bias = nullptr;  // [out] or null
   float* y = nullptr;           // [batch, out]
 };
@@ -67,6 +71,10 @@ struct KernelTable {
   // the same for masked layers of >= 4M weights (their panel packing costs about as much as
   // several row passes; the AVX-512 K-blocked row dots keep up to 16 tokens)
   int gemm_min_batch_big_masked;
+  // Prepared GEMM panels (null: this tree packs per call only). panel_offsets fills off[n_tiles + 1]
+  // (byte offsets, multiples of 64) and returns the bytes; pack_panels writes them there.
+  int64_t (*panel_offsets)(const LinearArgs&, bool masked, int64_t* off);
+  void (*pack_panels)(const LinearArgs&, bool masked, const int64_t* off, int8_t* out);
 };
 
 constexpr int64_t kGemmRows = 32;  // output rows per GEMM tile

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
 #include <cmath>
 #include <vector>
 
@@ -83,6 +84,56 @@ int gemm_min_batch() {
 void quantize_rows(const float* x, int64_t batch, int64_t in, int64_t stride, int8_t* xq,
                    uint8_t* xu, float* sx) {
   active_table().quantize(x, 0, batch, in, stride, xq, xu, sx);
+}
+
+PreparedPanels::PreparedPanels(PreparedPanels&& o) noexcept
+    : table(o.table), data(o.data), offsets(o.offsets) {
+  o.table = nullptr;
+  o.data = nullptr;
+  o.offsets = nullptr;
+}
+
+PreparedPanels& PreparedPanels::operator=(PreparedPanels&& o) noexcept {
+  if (this != &o) {
+    std::free(data);
+    delete[] offsets;
+    table = o.table;
+    data = o.data;
+    offsets = o.offsets;
+    o.table = nullptr;
+    o.data = nullptr;
+    o.offsets = nullptr;
+  }
+  return *this;
+}
+
+PreparedPanels::~PreparedPanels() {
+  std::free(data);
+  delete[] offsets;
+}
+
+PreparedPanels prepare_panels(Kind kind, const LinearArgs& a) {
+  PreparedPanels p;
+  const KernelTable& table = active_table();
+  if ((kind != Kind::MaskedI8 && kind != Kind::DenseI8) || a.n_groups != 1 || !table.panel_offsets ||
+      a.out * a.in >= (int64_t(4) << 20) || a.out == 0)
+    return p;
+  const bool masked = kind == Kind::MaskedI8;
+  const int64_t tiles = (a.out + kGemmRows - 1) / kGemmRows;
+  p.offsets = new int64_t[size_t(tiles + 1)];
+  const int64_t bytes = table.panel_offsets(a, masked, p.offsets);
+  p.data = static_cast<int8_t*>(std::aligned_alloc(64, size_t((bytes + 63) / 64 * 64)));
+  if (!p.data) return PreparedPanels();
+  table.pack_panels(a, masked, p.offsets, p.data);
+  p.table = &table;
+  return p;
+}
+
+void use_panels(const PreparedPanels& p, LinearArgs& a) {
+  if (p.data && p.table == &active_table()) {
+    a.panels = p.data;
+    a.panel_off = p.offsets;
+  }
 }
 
 void run_linear(Kind kind, LinearArgs a, int n_threads) {

@@ -23,4 +23,25 @@ int gemm_min_batch();
 void quantize_rows(const float* x, int64_t batch, int64_t in, int64_t stride, int8_t* xq,
                    uint8_t* xu, float* sx);
 
+// GEMM panels of a weight prepared once (see LinearArgs::panels), owned here.
+struct PreparedPanels {
+  const KernelTable* table = nullptr;  // the tree that packed them: only its GEMM may read them
+  int8_t* data = nullptr;
+  int64_t* offsets = nullptr;
+  PreparedPanels() = default;
+  PreparedPanels(const PreparedPanels&) = delete;
+  PreparedPanels& operator=(const PreparedPanels&) = delete;
+  PreparedPanels(PreparedPanels&& o) noexcept;
+  PreparedPanels& operator=(PreparedPanels&& o) noexcept;
+  ~PreparedPanels();
+};
+
+// Panels for int8 weights with one scale per row small enough that packing them on every call
+// would cost more than the GEMM itself (< 4M weights); empty otherwise, or when the active tree
+// has no prepared panels.
+PreparedPanels prepare_panels(Kind kind, const LinearArgs& a);
+
+// `a` with the panels filled in when they were packed by the active tree.
+void use_panels(const PreparedPanels& p, LinearArgs& a);
+
 }  // namespace sp

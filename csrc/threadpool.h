@@ -1,4 +1,5 @@
-// A fixed pool of worker threads shared by every kernel call.
+// A fixed pool of worker threads shared by every kernel call, unless the host's OpenMP team is
+// attached (openmp_team.h): then parallel calls run on that team instead.
 // One caller at a time owns the pool; a concurrent caller (another Python thread)
 // does not wait for it but runs its own tasks inline, so calls never block each
 // other and never share work state.
@@ -10,6 +11,8 @@
 #include <mutex>
 #include <thread>
 #include <vector>
+
+#include "openmp_team.h"
 
 namespace sp {
 
@@ -28,6 +31,9 @@ class ThreadPool {
       for (int t = 0; t < n_tasks; ++t) fn(t);
       return;
     }
+    auto call = [](void* f, int t) { (*static_cast<const std::function<void(int)>*>(f))(t); };
+    if (openmp_run(n_tasks, std::min(n_threads, n_tasks), call, const_cast<std::function<void(int)>*>(&fn)))
+      return;
     std::unique_lock<std::mutex> owner(owner_mu_, std::try_to_lock);
     if (!owner.owns_lock()) {
       for (int t = 0; t < n_tasks; ++t) fn(t);

@@ -115,14 +115,17 @@ def test_native_large_layer(isa, fmt, dtype, params):
 INT8_CASES = [c for c in CASES if c[1] == "int8" and c[0] != "csr"]
 
 
-@pytest.fixture(params=["row", "gemm"])
+@pytest.fixture(params=["row", "gemm", "gemm-per-call-panels"])
 def int8_path(request):
-    """Forces the row kernels or the tiled GEMM for every batch size (then restores the cutover)."""
+    """Forces the row kernels or the tiled GEMM (panels prepared once, or packed per call) for every
+    batch size, then restores the defaults."""
     lib = native.module()
     if lib is None:
         pytest.skip("sparsepress._native not built")
     lib.set_gemm_min_batch(10**9 if request.param == "row" else 1)
+    kernels.PREPARE_PANELS = request.param != "gemm-per-call-panels"
     yield request.param
+    kernels.PREPARE_PANELS = True
     lib.set_gemm_min_batch(0)
 
 
@@ -301,9 +304,60 @@ def test_torch_compile_inductor():
     torch.testing.assert_close(f(x), kernels.packed_linear(x, packed, None) * 2)
 
 
+@pytest.fixture(params=["openmp", "own"])
+def parallel_backend(request):
+    """Runs a test on torch's OpenMP team and on sparsepress's own pool (then restores the default)."""
+    if not native.native_available():
+        pytest.skip("sparsepress._native not built")
+    before = native.parallel_backend()
+    if native.set_parallel_backend(request.param) != request.param:
+        native.set_parallel_backend(before)
+        pytest.skip(f"no {request.param} backend here (torch without OpenMP)")
+    yield request.param
+    native.set_parallel_backend(before)
+
+
 @needs_native
 @pytest.mark.native
-def test_concurrent_callers_get_their_own_results():
+def test_torch_openmp_team_is_the_default_backend():
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        pytest.skip("torch is not built with OpenMP here")
+    assert native.parallel_backend() == "openmp"
+    assert "omp" in native.host_openmp_library()
+
+
+@needs_native
+@pytest.mark.native
+def test_backends_give_identical_results():
+    """Each output row is computed whole by one task, so the thread split cannot change a bit."""
+    torch.manual_seed(3)
+    layers = [BitmaskWeight.pack(random_sparse(300, 384, 0.5, 1), dtype="int8"),
+              BBSWeight.pack(bbs_weight(200, 512, 64, 32, 2), dtype="int8", bank=64),
+              DenseWeight.pack(torch.randn(96, 200), dtype="int8"),
+              BitmaskWeight.pack(random_sparse(64, 96, 0.3, 4), dtype="fp32")]
+    before = native.parallel_backend()
+    try:
+        for packed in layers:
+            for batch in (1, 7, 64, 300):
+                x = torch.randn(batch, packed.shape[1])
+                results = []
+                for backend in ("own", "openmp"):
+                    native.set_parallel_backend(backend)
+                    results.append(kernels.packed_linear(x, packed, None))
+                assert torch.equal(results[0], results[1])
+                assert_matches_reference(packed, x, None)
+    finally:
+        native.set_parallel_backend(before)
+
+
+def test_unknown_backend_is_refused():
+    with pytest.raises(ValueError, match="parallel backend 'gpu'"):
+        native.set_parallel_backend("gpu")
+
+
+@needs_native
+@pytest.mark.native
+def test_concurrent_callers_get_their_own_results(parallel_backend):
     from sparsepress.nn.sparse_linear import SparseLinear
 
     torch.manual_seed(0)

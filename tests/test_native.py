@@ -64,6 +64,20 @@ def test_env_level_the_cpu_lacks_fails_clearly():
     assert "SPARSEPRESS_ISA" in done.stderr
 
 
+@needs_native
+def test_env_selects_our_own_pool():
+    done = run_python("from sparsepress import native; print(native.parallel_backend())", SPARSEPRESS_THREADS="own")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "own"
+
+
+@needs_native
+def test_env_backend_typo_fails_clearly():
+    done = run_python("import sparsepress.native", SPARSEPRESS_THREADS="gomp")
+    assert done.returncode != 0
+    assert "SPARSEPRESS_THREADS='gomp'" in done.stderr
+
+
 def test_disable_native_uses_reference_path():
     code = (
         "import torch\n"

@@ -17,5 +17,7 @@ void quantize(const float* x, int64_t b0, int64_t b1, int64_t in, int64_t stride
               float* sx);
 void masked_gemm_i8(const LinearArgs& a, int64_t r0, int64_t r1);
 void dense_gemm_i8(const LinearArgs& a, int64_t r0, int64_t r1);
+int64_t panel_offsets(const LinearArgs& a, bool masked, int64_t* off);
+void pack_panels(const LinearArgs& a, bool masked, const int64_t* off, int8_t* out);
 }  // namespace SP_ISA_NS
 }  // namespace sp

@@ -161,15 +161,23 @@ def _plan_tensors(packed: PackedWeight, kind: str) -> tuple[torch.Tensor, ...]:
     return (packed.values.contiguous(), *quant)  # type: ignore[attr-defined]
 
 
+# Small int8 layers get their many-token GEMM panels packed once, when the handle is made, instead of
+# on every call (MiniLM at 16 tokens: 1536x384 from 58 to 37 us a call). Costs about one byte per
+# weight of memory beside the packed weight; layers of >= 4M weights never get them. Tests switch it
+# off to reach the per-call packing.
+PREPARE_PANELS = True
+
+
 def _make_handle(kind: str, tensors: list[torch.Tensor] | tuple[torch.Tensor, ...], in_features: int,
                  group_size: int) -> Any:
     lib = native.module()
     assert lib is not None
     if kind == "masked":
-        return lib.masked_linear(*tensors[:3], in_features, *tensors[3:], group_size=group_size)
+        return lib.masked_linear(*tensors[:3], in_features, *tensors[3:], group_size=group_size,
+                                 panels=PREPARE_PANELS)
     if kind == "csr":
         return lib.csr_linear(*tensors[:3], in_features, *tensors[3:], group_size=group_size)
-    return lib.dense_int8_linear(*tensors, group_size=group_size)
+    return lib.dense_int8_linear(*tensors, group_size=group_size, panels=PREPARE_PANELS)
 
 
 @torch.compiler.disable
@@ -268,20 +276,21 @@ def packed_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | No
     return y.reshape(*lead, out_features)
 
 
-# Below this many multiply-adds a call runs on the calling thread: waking the pool's helper costs more
-# than it saves, and its spinning competes with torch's own threads between our layers (measured on
-# MiniLM at 16 tokens: 384x384 layers ran faster single-threaded, end to end 8.7 -> 7.3 ms).
-SINGLE_THREAD_MACS = 4_000_000
+# With sparsepress's own pool, calls below this many multiply-adds run on the calling thread: waking
+# the pool's helper costs more than it saves, and its spinning competes with torch's threads between
+# our layers (MiniLM at 16 tokens: end to end 8.7 -> 7.3 ms). On torch's OpenMP team (the default)
+# the helper is already spinning, and splitting even 384x384 x 16 tokens pays (3.85 -> 3.58 ms).
+SINGLE_THREAD_MACS = {"openmp": 0, "own": 4_000_000, "none": 0}
 
 
 def threads_for(macs: int) -> int:
-    """Threads for a call of `macs` multiply-adds: 1 for small work, else torch's intra-op count.
+    """Threads for a call of `macs` multiply-adds: 1 for small work on our own pool, else torch's count.
 
     Example:
-        >>> threads_for(1000)
-        1
+        >>> threads_for(1000) in (1, torch.get_num_threads())
+        True
     """
-    return 1 if macs < SINGLE_THREAD_MACS else torch.get_num_threads()
+    return 1 if macs < SINGLE_THREAD_MACS[native.parallel_backend()] else torch.get_num_threads()
 
 
 def measure_ms(packed: PackedWeight, bias: torch.Tensor | None, batch: int = 1, repeats: int = 7) -> float:

@@ -4,6 +4,10 @@
 pure-torch reference path). `SPARSEPRESS_ISA=scalar|avx2|avx512` forces an ISA level at load; it is
 an error when this CPU lacks that level.
 
+Threads: parallel kernel calls run on torch's own OpenMP team when torch uses OpenMP (the default),
+so our work lands on the threads torch already keeps spinning between its ops instead of competing
+with them for the cores. `SPARSEPRESS_THREADS=own` keeps sparsepress's own thread pool instead.
+
 Example:
     >>> from sparsepress import native
     >>> native.active_isa() in ("scalar", "avx2", "avx512", "none")
@@ -13,7 +17,10 @@ Example:
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from types import ModuleType
+
+_BACKENDS = ("openmp", "own")
 
 
 def _load() -> ModuleType | None:
@@ -29,7 +36,43 @@ def _load() -> ModuleType | None:
             _native.set_isa(forced)
         except ValueError as exc:
             raise RuntimeError(f"SPARSEPRESS_ISA={forced!r}: {exc}") from None
+    threads = os.environ.get("SPARSEPRESS_THREADS", "") or "openmp"
+    if threads not in _BACKENDS:
+        raise RuntimeError(f"SPARSEPRESS_THREADS={threads!r}: expected one of {', '.join(_BACKENDS)}")
+    if threads == "openmp":
+        _attach_host_openmp(_native)
     return _native
+
+
+def host_openmp_library() -> str | None:
+    """Path of the OpenMP runtime torch runs its intra-op work on, when torch uses one; else None.
+
+    Only libraries already loaded in this process count (read from /proc/self/maps), preferring the
+    copy shipped inside torch.
+
+    Example:
+        >>> path = host_openmp_library()
+        >>> path is None or "omp" in Path(path).name
+        True
+    """
+    import torch
+
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return None
+    try:
+        maps = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return None
+    loaded = {line.split(maxsplit=5)[-1] for line in maps if "/" in line}
+    runtimes = sorted(p for p in loaded if Path(p).name.startswith(("libgomp", "libiomp5")))
+    torch_dir = str(Path(torch.__file__).resolve().parent)
+    runtimes.sort(key=lambda p: not str(Path(p).resolve()).startswith(torch_dir))
+    return runtimes[0] if runtimes else None
+
+
+def _attach_host_openmp(lib: ModuleType) -> bool:
+    path = host_openmp_library()
+    return path is not None and lib.attach_openmp(path) == ""
 
 
 _MODULE = _load()
@@ -84,3 +127,32 @@ def set_isa(name: str) -> None:
     if _MODULE is None:
         raise RuntimeError("the native extension sparsepress._native is not available")
     _MODULE.set_isa(name)
+
+
+def parallel_backend() -> str:
+    """Which threads run parallel kernel calls: 'openmp' (torch's team), 'own' (our pool), or 'none'.
+
+    Example:
+        >>> parallel_backend() in ("openmp", "own", "none")
+        True
+    """
+    return _MODULE.parallel_backend() if _MODULE is not None else "none"
+
+
+def set_parallel_backend(name: str) -> str:
+    """Switch to 'openmp' (torch's OpenMP team, when torch has one) or 'own'; returns the one in use.
+
+    Example:
+        >>> previous = parallel_backend()
+        >>> set_parallel_backend("own") in ("own", "none")
+        True
+        >>> _ = set_parallel_backend(previous) if previous != "none" else None
+    """
+    if name not in _BACKENDS:
+        raise ValueError(f"parallel backend {name!r}: expected one of {', '.join(_BACKENDS)}")
+    if _MODULE is None:
+        return "none"
+    _MODULE.detach_openmp()
+    if name == "openmp":
+        _attach_host_openmp(_MODULE)
+    return parallel_backend()

@@ -6,7 +6,7 @@ namespace scalar {
 
 const KernelTable& table() {
   static const KernelTable t = {"scalar", masked_i8, dense_i8, masked_f32, masked_bf16, csr_f32, csr_i8,
-                                 quantize, nullptr, nullptr, false, 1 << 30, 1 << 30};
+                                 quantize, nullptr, nullptr, false, 1 << 30, 1 << 30, nullptr, nullptr};
   return t;
 }
 
