@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 import sparsepress as sp
-from sparsepress.evaluate import dynamic_int8, latency_ms, median_ms
+from sparsepress.evaluate import dynamic_int8, forward_runner, interleaved_ms
 from sparsepress.sources import load_source, read_text, token_samples
 
 HERE = Path(__file__).resolve().parent
@@ -77,9 +77,9 @@ def onnxruntime_session(path: Path, threads: int):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def ort_ms(session, batch: int, seq_len: int, repeats: int) -> float:
+def ort_runner(session, batch: int, seq_len: int):
     feed = {k: v.numpy() for k, v in inputs_for(batch, seq_len).items()}
-    return median_ms(lambda: session.run(None, feed), repeats=repeats)
+    return lambda: session.run(None, feed)
 
 
 def deepsparse_ms(python: str, onnx: Path, batch: int, seq_len: int, repeats: int) -> float | None:
@@ -106,22 +106,32 @@ def magnitude_pruned(model: torch.nn.Module, sparsity: float) -> torch.nn.Module
     return pruned
 
 
+# The compressed MiniLMs timed: 50% + int8 in each pattern our kernels run (SparseGPT + GPTQ).
+PATTERN_RECIPES = {
+    "sparsepress 50% + int8, BBS(64)": "sparsegpt-bbs64-int8.yaml",
+    "sparsepress 50% + int8, 2:4": "sparsegpt-2of4-int8.yaml",
+    "sparsepress 50% + int8, unstructured": "sparsegpt-50-int8.yaml",
+}
+
+
 def minilm_tables(args: argparse.Namespace) -> None:
     source = load_source("minilm")
     dense = source.model
-    recipe = sp.Recipe.from_yaml(HERE.parent / "recipes" / "sparsegpt-50-int8.yaml")
     ids = token_samples(source.tokenizer, read_text(None), args.samples, 128)
-    compressed = sp.compress(copy.deepcopy(dense), recipe, calibration=ids, tokenizer=source.tokenizer)
-    quantized = dynamic_int8(dense)
+    compressed = {name: sp.compress(copy.deepcopy(dense), sp.Recipe.from_yaml(HERE.parent / "recipes" / recipe),
+                                    calibration=ids, tokenizer=source.tokenizer)
+                  for name, recipe in PATTERN_RECIPES.items()}
+    models = {"torch fp32 (dense)": dense, "torch dynamic int8 (dense)": dynamic_int8(dense), **compressed}
     workdir = Path(tempfile.mkdtemp(prefix="sp-e2e-"))
-    ort_int8 = None
+    sessions = {}
     if not args.skip_onnx:
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         fp32_path = export_onnx(dense, workdir / "dense.onnx")
         quantize_dynamic(str(fp32_path), str(workdir / "dense-int8.onnx"), weight_type=QuantType.QInt8)
-        ort_int8 = onnxruntime_session(workdir / "dense-int8.onnx", torch.get_num_threads())
-        ort_fp32 = onnxruntime_session(fp32_path, torch.get_num_threads())
+        sessions["ONNX Runtime fp32 (dense)"] = onnxruntime_session(fp32_path, torch.get_num_threads())
+        sessions["ONNX Runtime int8 (dense)"] = onnxruntime_session(workdir / "dense-int8.onnx",
+                                                                    torch.get_num_threads())
     deepsparse_onnx = {}
     if args.deepsparse_python:
         for sparsity in (0.0, 0.5, 0.75, 0.9):
@@ -131,19 +141,20 @@ def minilm_tables(args: argparse.Namespace) -> None:
     for batch, seq_len in ((1, 16), (32, 64)):
         batch_inputs = inputs_for(batch, seq_len)
         batch_inputs.pop("token_type_ids")
-        repeats = args.repeats if batch == 1 else max(3, args.repeats // 3)
-        rows = [
-            ("torch fp32 (dense)", latency_ms(dense, batch_inputs, repeats)),
-            ("torch dynamic int8 (dense)", latency_ms(quantized, batch_inputs, repeats)),
-            ("sparsepress 50% + int8 (SparseGPT + GPTQ)", latency_ms(compressed, batch_inputs, repeats)),
-        ]
-        if ort_int8 is not None:
-            rows.append(("ONNX Runtime fp32 (dense)", ort_ms(ort_fp32, batch, seq_len, repeats)))
-            rows.append(("ONNX Runtime int8 (dense)", ort_ms(ort_int8, batch, seq_len, repeats)))
+        rounds = args.repeats if batch == 1 else max(4, args.repeats // 2)
+        runs = {name: forward_runner(model, batch_inputs) for name, model in models.items()}
+        per_round = 5 if batch == 1 else 1
+        # torch models timed round-robin: a slow phase of the machine hits every one alike
+        rows = list(interleaved_ms(runs, rounds=rounds, per_round=per_round).items())
+        # each ONNX Runtime session alone: its own thread pool spins between runs and would slow
+        # whatever ran next in this process
+        for name, session in sessions.items():
+            rows += interleaved_ms({name: ort_runner(session, batch, seq_len)}, rounds=rounds,
+                                   per_round=per_round).items()
         for sparsity, path in deepsparse_onnx.items():
-            ms = deepsparse_ms(args.deepsparse_python, path, batch, seq_len, repeats)
+            ms = deepsparse_ms(args.deepsparse_python, path, batch, seq_len, max(3, rounds))
             if ms is not None:
-                rows.append((f"DeepSparse 1.8.0 fp32, magnitude {int(sparsity * 100)}%", ms))
+                rows.append((f"DeepSparse 1.8.0 fp32, magnitude {int(sparsity * 100)}% (own process)", ms))
         print_table(f"all-MiniLM-L6-v2, batch {batch} x {seq_len} tokens", rows)
 
 
@@ -162,15 +173,15 @@ def decoder_table(args: argparse.Namespace) -> None:
     prompt = torch.randint(0, 4096, (1, 8), generator=torch.Generator().manual_seed(1))
     new_tokens = args.decode_tokens
 
-    def tokens_per_s(model: torch.nn.Module) -> float:
+    def generate(model: torch.nn.Module):
         def run() -> None:
             with torch.inference_mode():
                 model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-        return new_tokens / (median_ms(run, repeats=3, warmup=1) / 1000)
+        return run
 
-    rows = [(name, 1000.0 / tokens_per_s(model)) for name, model in (
-        ("torch fp32 (dense)", dense), ("torch dynamic int8 (dense)", quantized),
-        ("sparsepress 50% + int8 (Wanda + RTN)", compressed))]
+    runs = {"torch fp32 (dense)": generate(dense), "torch dynamic int8 (dense)": generate(quantized),
+            "sparsepress 50% + int8 (Wanda + RTN)": generate(compressed)}
+    rows = [(name, ms / new_tokens) for name, ms in interleaved_ms(runs, rounds=3, warmup=1).items()]
     print_table(f"LLaMA-shaped decoder ({args.decoder_layers} layers, hidden 2048), batch-1 decode, ms per token", rows)
 
 

@@ -206,7 +206,7 @@ def bench_rows(folder: Path, reference: str | None, batch: int, seq_len: int, re
     """Latency (ms) of torch fp32, torch dynamic int8 and the sparsepress folder, measured side by side."""
     import torch
 
-    from .evaluate import dynamic_int8, latency_ms
+    from .evaluate import dynamic_int8, models_ms
     from .io import load, read_manifest
     from .sources import load_source
 
@@ -217,12 +217,8 @@ def bench_rows(folder: Path, reference: str | None, batch: int, seq_len: int, re
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(1000 if vocab > 2000 else 0, min(vocab, 2000 if vocab > 2000 else vocab), (batch, seq_len), generator=gen)
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    quantized = dynamic_int8(dense)
-    return [
-        ("torch fp32 (dense)", latency_ms(dense, inputs, repeats)),
-        ("torch dynamic int8 (dense)", latency_ms(quantized, inputs, repeats)),
-        ("sparsepress", latency_ms(model, inputs, repeats)),
-    ]
+    models = {"torch fp32 (dense)": dense, "torch dynamic int8 (dense)": dynamic_int8(dense), "sparsepress": model}
+    return list(models_ms(models, inputs, rounds=repeats).items())
 
 
 @app.command("bench")

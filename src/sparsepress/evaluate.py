@@ -92,11 +92,56 @@ def median_ms(run: Callable[[], Any], repeats: int = 10, warmup: int = 3) -> flo
 
 def latency_ms(model: nn.Module, batch: dict[str, torch.Tensor], repeats: int = 10) -> float:
     """Median forward latency of `model` on `batch`, in milliseconds."""
+    return median_ms(forward_runner(model, batch), repeats=repeats)
+
+
+def interleaved_ms(runs: dict[str, Callable[[], Any]], rounds: int = 10, per_round: int = 1,
+                   warmup: int = 2) -> dict[str, float]:
+    """Median wall time (ms) of each run, timed round-robin so machine noise hits every one alike.
+
+    Each round runs every entry `per_round` times in turn; a slow phase of a shared machine then
+    lands on all entries instead of on whichever one was being timed, and ratios stay honest.
+
+    Example:
+        >>> sorted(interleaved_ms({"a": lambda: None, "b": lambda: None}, rounds=3))
+        ['a', 'b']
+    """
+    for run in runs.values():
+        for _ in range(warmup):
+            run()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            for _ in range(per_round):
+                start = time.perf_counter()
+                run()
+                times[name].append((time.perf_counter() - start) * 1000.0)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def forward_runner(model: nn.Module, batch: dict[str, torch.Tensor]) -> Callable[[], None]:
+    """A no-argument callable running one inference-mode forward of `model` on `batch` (for timers).
+
+    Example:
+        >>> run = forward_runner(nn.Identity(), {"input": torch.ones(1)})
+        >>> run() is None
+        True
+    """
     def run() -> None:
         with torch.inference_mode():
             _forward(model, batch)
 
-    return median_ms(run, repeats=repeats)
+    return run
+
+
+def models_ms(models: dict[str, nn.Module], batch: dict[str, torch.Tensor], rounds: int = 10) -> dict[str, float]:
+    """Median forward latency (ms) of several models on one batch, measured interleaved.
+
+    Example:
+        >>> sorted(models_ms({"id": nn.Identity()}, {"input": torch.ones(1)}, rounds=2))
+        ['id']
+    """
+    return interleaved_ms({name: forward_runner(model, batch) for name, model in models.items()}, rounds=rounds)
 
 
 def dynamic_int8(model: nn.Module) -> nn.Module:

@@ -76,6 +76,8 @@ def _attach_host_openmp(lib: ModuleType) -> bool:
 
 
 _MODULE = _load()
+# read on every kernel call, so kept here rather than asked of the extension each time
+_BACKEND = [_MODULE.parallel_backend() if _MODULE is not None else "none"]
 
 
 def module() -> ModuleType | None:
@@ -136,7 +138,7 @@ def parallel_backend() -> str:
         >>> parallel_backend() in ("openmp", "own", "none")
         True
     """
-    return _MODULE.parallel_backend() if _MODULE is not None else "none"
+    return _BACKEND[0]
 
 
 def set_parallel_backend(name: str) -> str:
@@ -155,4 +157,5 @@ def set_parallel_backend(name: str) -> str:
     _MODULE.detach_openmp()
     if name == "openmp":
         _attach_host_openmp(_MODULE)
-    return parallel_backend()
+    _BACKEND[0] = _MODULE.parallel_backend()
+    return _BACKEND[0]

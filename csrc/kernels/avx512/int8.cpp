@@ -486,18 +486,33 @@ static inline void micro(const LinearArgs& a, const int8_t* buf, int64_t k4n, in
 
 constexpr int kMR = 6;
 
+// Token blocks of near-equal size of at most kMost: 16 tokens at most 5 run as 4+4+4+4, not as
+// 5+5+5+1, whose lone token would be one latency-bound accumulator chain. Block b of `blocks`
+// starts at m0 + block_start(b) and holds block_size(b) tokens.
+struct TokenBlocks {
+  int64_t blocks, base, extra;
+  TokenBlocks(int64_t total, int most)
+      : blocks(total > 0 ? (total + most - 1) / most : 0), base(blocks ? total / blocks : 0),
+        extra(blocks ? total % blocks : 0) {}
+  int size(int64_t b) const { return int(base + (b < extra ? 1 : 0)); }
+};
+
 template <int NJ>
 static void panel_tokens(const LinearArgs& a, const int8_t* buf, int64_t k4n, int64_t m0, int64_t m1,
                          int64_t n0, int nr) {
+  const TokenBlocks tb(m1 - m0, kMR);
   int64_t m = m0;
-  for (; m + kMR <= m1; m += kMR) micro<kMR, NJ>(a, buf, k4n, m, n0, nr);
-  switch (m1 - m) {
-    case 5: micro<5, NJ>(a, buf, k4n, m, n0, nr); break;
-    case 4: micro<4, NJ>(a, buf, k4n, m, n0, nr); break;
-    case 3: micro<3, NJ>(a, buf, k4n, m, n0, nr); break;
-    case 2: micro<2, NJ>(a, buf, k4n, m, n0, nr); break;
-    case 1: micro<1, NJ>(a, buf, k4n, m, n0, nr); break;
-    default: break;
+  for (int64_t b = 0; b < tb.blocks; ++b) {
+    const int size = tb.size(b);
+    switch (size) {
+      case 6: micro<6, NJ>(a, buf, k4n, m, n0, nr); break;
+      case 5: micro<5, NJ>(a, buf, k4n, m, n0, nr); break;
+      case 4: micro<4, NJ>(a, buf, k4n, m, n0, nr); break;
+      case 3: micro<3, NJ>(a, buf, k4n, m, n0, nr); break;
+      case 2: micro<2, NJ>(a, buf, k4n, m, n0, nr); break;
+      default: micro<1, NJ>(a, buf, k4n, m, n0, nr); break;
+    }
+    m += size;
   }
 }
 
@@ -603,14 +618,18 @@ constexpr int kQuadMR = 5;
 template <int NJ>
 static void quad_tokens(const LinearArgs& a, const int8_t* buf, const uint8_t* q, int64_t windows, int64_t m0,
                         int64_t m1, int64_t n0, int nr) {
+  const TokenBlocks tb(m1 - m0, kQuadMR);
   int64_t m = m0;
-  for (; m + kQuadMR <= m1; m += kQuadMR) micro_quads<kQuadMR, NJ>(a, buf, q, windows, m, n0, nr);
-  switch (m1 - m) {
-    case 4: micro_quads<4, NJ>(a, buf, q, windows, m, n0, nr); break;
-    case 3: micro_quads<3, NJ>(a, buf, q, windows, m, n0, nr); break;
-    case 2: micro_quads<2, NJ>(a, buf, q, windows, m, n0, nr); break;
-    case 1: micro_quads<1, NJ>(a, buf, q, windows, m, n0, nr); break;
-    default: break;
+  for (int64_t b = 0; b < tb.blocks; ++b) {
+    const int size = tb.size(b);
+    switch (size) {
+      case 5: micro_quads<5, NJ>(a, buf, q, windows, m, n0, nr); break;
+      case 4: micro_quads<4, NJ>(a, buf, q, windows, m, n0, nr); break;
+      case 3: micro_quads<3, NJ>(a, buf, q, windows, m, n0, nr); break;
+      case 2: micro_quads<2, NJ>(a, buf, q, windows, m, n0, nr); break;
+      default: micro_quads<1, NJ>(a, buf, q, windows, m, n0, nr); break;
+    }
+    m += size;
   }
 }
 

@@ -73,6 +73,8 @@ class SparseLinear(nn.Module):
 
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected inputs with {self.in_features} features, got shape {tuple(x.shape)}")
+        if x.dtype == torch.float32:  # the common case: packed_linear keeps the leading dims itself
+            return packed_linear(x, self.packed, self.bias)
         lead = x.shape[:-1]
         y = packed_linear(x.reshape(-1, self.in_features).to(torch.float32), self.packed, self.bias)
         return y.reshape(*lead, self.out_features).to(x.dtype)
