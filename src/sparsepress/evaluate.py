@@ -123,8 +123,10 @@ def forward_runner(model: nn.Module, batch: dict[str, torch.Tensor]) -> Callable
     """A no-argument callable running one inference-mode forward of `model` on `batch` (for timers).
 
     Example:
-        >>> run = forward_runner(nn.Identity(), {"input": torch.ones(1)})
-        >>> run() is None
+        >>> class Echo(nn.Module):
+        ...     def forward(self, **batch):
+        ...         return batch
+        >>> forward_runner(Echo(), {"input_ids": torch.ones(1)})() is None
         True
     """
     def run() -> None:
@@ -138,8 +140,11 @@ def models_ms(models: dict[str, nn.Module], batch: dict[str, torch.Tensor], roun
     """Median forward latency (ms) of several models on one batch, measured interleaved.
 
     Example:
-        >>> sorted(models_ms({"id": nn.Identity()}, {"input": torch.ones(1)}, rounds=2))
-        ['id']
+        >>> class Echo(nn.Module):
+        ...     def forward(self, **batch):
+        ...         return batch
+        >>> sorted(models_ms({"echo": Echo()}, {"input_ids": torch.ones(1)}, rounds=2))
+        ['echo']
     """
     return interleaved_ms({name: forward_runner(model, batch) for name, model in models.items()}, rounds=rounds)
 
