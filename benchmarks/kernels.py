@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
-import time
 import warnings
 from pathlib import Path
 
@@ -23,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsepress import kernels, native
+from sparsepress.evaluate import interleaved_ms
 from sparsepress.formats import BBSWeight, BitmaskWeight, NMWeight, PackedWeight
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
@@ -88,37 +87,35 @@ def copies(packed: PackedWeight, count: int) -> list[PackedWeight]:
     return out
 
 
-def time_stack(step, n_layers: int, reps: int) -> float:
-    """Median ms per layer of running `step(i)` over the stack, after one warm pass."""
-    for i in range(n_layers):
-        step(i)
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
+def stack_runner(step, n_layers: int):
+    """A callable running `step(i)` over the whole stack; its time / n_layers is ms per layer."""
+    def run() -> None:
         for i in range(n_layers):
             step(i)
-        times.append((time.perf_counter() - start) / n_layers)
-    return statistics.median(times) * 1e3
+    return run
 
 
-def torch_baselines(shape, batch, reps, llc, gen):
+def time_stack(step, n_layers: int, reps: int) -> float:
+    """Median ms per layer of running `step(i)` over the stack, after one warm pass."""
+    return interleaved_ms({"stack": stack_runner(step, n_layers)}, rounds=reps, warmup=1)["stack"] / n_layers
+
+
+def torch_runners(shape, x: torch.Tensor, llc: int, gen: torch.Generator) -> dict[str, tuple]:
+    """(runner, layers) of torch fp32 (F.linear) and torch dynamic int8 (fbgemm) stacks of `shape`."""
     out_features, in_features = shape
-    x = torch.randn(batch, in_features, generator=gen)
     n_fp32 = layers_needed(4 * out_features * in_features, llc)
     weights = [torch.randn(out_features, in_features, generator=gen) * 0.02 for _ in range(n_fp32)]
-    fp32 = time_stack(lambda i: F.linear(x, weights[i]), n_fp32, reps)
     n_int8 = layers_needed(out_features * in_features, llc)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        qlayers = []
+        quantized = []
         for i in range(n_int8):
             lin = torch.nn.Linear(in_features, out_features, bias=False)
             lin.weight.data = weights[i % n_fp32]
-            qlayers.append(torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(lin), {torch.nn.Linear},
-                                                                  dtype=torch.qint8))
-    int8 = time_stack(lambda i: qlayers[i](x), n_int8, reps)
-    del weights, qlayers
-    return x, fp32, int8
+            quantized.append(torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(lin), {torch.nn.Linear},
+                                                                    dtype=torch.qint8))
+    return {"torch fp32": (stack_runner(lambda i: F.linear(x, weights[i]), n_fp32), n_fp32),
+            "torch dyn int8": (stack_runner(lambda i: quantized[i](x), n_int8), n_int8)}
 
 
 def csr_baseline(w: torch.Tensor, x: torch.Tensor, reps: int, llc: int) -> float:
@@ -155,15 +152,23 @@ def main() -> None:
                 packed = pack(fmt, w)
                 packs[label] = (w, packed, copies(packed, layers_needed(packed.nbytes, llc)))
             for batch in args.batches:
-                x, fp32_ms, int8_ms = torch_baselines(shape, batch, reps, llc, gen)
-                for label, (w, packed, stack) in packs.items():
-                    ms = time_stack(lambda i: kernels.packed_linear(x, stack[i], None), len(stack), reps)
-                    csr = "-" if args.no_csr else f"{csr_baseline(w, x, reps, llc) / ms:.2f}x"
+                x = torch.randn(batch, shape[1], generator=gen)
+                runners = torch_runners(shape, x, llc, gen)
+                for label, (_, _, stack) in packs.items():
+                    runners[label] = (stack_runner(lambda i, s=stack, x=x: kernels.packed_linear(x, s[i], None),
+                                                   len(stack)), len(stack))
+                # every runtime timed round-robin, so a slow phase of the machine hits all alike
+                total = interleaved_ms({k: run for k, (run, _) in runners.items()}, rounds=reps, warmup=1)
+                ms = {k: total[k] / layers for k, (_, layers) in runners.items()}
+                fp32_ms, int8_ms = ms["torch fp32"], ms["torch dyn int8"]
+                for label, (w, packed, _) in packs.items():
+                    csr = "-" if args.no_csr else f"{csr_baseline(w, x, reps, llc) / ms[label]:.2f}x"
                     bpw = packed.nbytes / (shape[0] * shape[1])
-                    print(f"| {shape[0]}x{shape[1]} | {batch} | {label} | {ms:.3f} | {fp32_ms / ms:.2f}x "
-                          f"| {int8_ms / ms:.2f}x | {csr} | {bpw:.3f} |", flush=True)
+                    print(f"| {shape[0]}x{shape[1]} | {batch} | {label} | {ms[label]:.3f} | {fp32_ms / ms[label]:.2f}x "
+                          f"| {int8_ms / ms[label]:.2f}x | {csr} | {bpw:.3f} |", flush=True)
                 print(f"| {shape[0]}x{shape[1]} | {batch} | torch fp32 / dyn int8 | {fp32_ms:.3f} / {int8_ms:.3f} "
                       f"| | | | 4.0 / 1.0 |", flush=True)
+                del runners
 
 
 if __name__ == "__main__":

@@ -31,6 +31,12 @@ void require(bool ok, const std::string& what) {
 template <typename T>
 bool is(const Array& a) { return a.dtype() == nb::dtype<T>(); }
 
+sp::Activation to_activation(int code) {
+  require(code >= 0 && code <= int(sp::Activation::Silu),
+          "activation must be 0 (none), 1 (gelu), 2 (gelu_tanh), 3 (relu) or 4 (silu), got " + std::to_string(code));
+  return sp::Activation(code);
+}
+
 class NativeLinear {
  public:
   NativeLinear(sp::Kind kind, sp::LinearArgs args, std::vector<Array> keep, bool panels = false)
@@ -39,7 +45,7 @@ class NativeLinear {
   }
 
   // y[B, out] = x[B, in] W^T (+ bias)
-  void call(const F32In& x, F32Out& y, std::optional<Vec> bias, int n_threads) {
+  void call(const F32In& x, F32Out& y, std::optional<Vec> bias, int n_threads, int activation) {
     require(x.shape(1) == size_t(args_.in), "x has " + std::to_string(x.shape(1)) +
                                                   " features, the weight expects " + std::to_string(args_.in));
     require(y.shape(0) == x.shape(0) && y.shape(1) == size_t(args_.out), "y must be [batch, out]");
@@ -51,6 +57,7 @@ class NativeLinear {
       require(bias->shape(0) == size_t(args_.out), "bias must have out elements");
       a.bias = bias->data();
     }
+    a.activation = to_activation(activation);
     if (a.batch == 0) return;
     sp::use_panels(panels_, a);
     nb::gil_scoped_release unlocked;
@@ -60,14 +67,16 @@ class NativeLinear {
   // Same as call() on raw addresses (what packed_linear uses: converting three tensors through
   // DLPack costs microseconds per call). The caller guarantees x is float32 [batch, in] and y float32
   // [batch, out], both C-contiguous, and bias (0: none) float32 [out].
-  void call_raw(uintptr_t x, int64_t batch, uintptr_t y, uintptr_t bias, int n_threads) {
+  void call_raw(uintptr_t x, int64_t batch, uintptr_t y, uintptr_t bias, int n_threads, int activation) {
     require(batch >= 0 && (batch == 0 || (x != 0 && y != 0)), "x and y must be non-null");
+    const sp::Activation act = to_activation(activation);
     if (batch == 0) return;
     sp::LinearArgs a = args_;
     a.batch = batch;
     a.x = reinterpret_cast<const float*>(x);
     a.y = reinterpret_cast<float*>(y);
     a.bias = reinterpret_cast<const float*>(bias);
+    a.activation = act;
     sp::use_panels(panels_, a);
     nb::gil_scoped_release unlocked;
     sp::run_linear(kind_, a, n_threads);
@@ -208,9 +217,11 @@ NB_MODULE(_native, m) {
 
   nb::class_<NativeLinear>(m, "NativeLinear", "A packed weight prepared for the native kernels.")
       .def("__call__", &NativeLinear::call, nb::arg("x"), nb::arg("y"), nb::arg("bias").none(),
-           nb::arg("n_threads") = 1, "y[B, out] = x[B, in] @ W.T (+ bias); x, y float32 C-contiguous.")
+           nb::arg("n_threads") = 1, nb::arg("activation") = 0,
+           "y[B, out] = act(x[B, in] @ W.T (+ bias)); x, y float32 C-contiguous; activation 0 none, 1 gelu,\n"
+           "2 gelu_tanh, 3 relu, 4 silu.")
       .def("call_raw", &NativeLinear::call_raw, nb::arg("x_ptr"), nb::arg("batch"), nb::arg("y_ptr"),
-           nb::arg("bias_ptr"), nb::arg("n_threads") = 1,
+           nb::arg("bias_ptr"), nb::arg("n_threads") = 1, nb::arg("activation") = 0,
            "Unchecked fast path: addresses of float32 C-contiguous x [batch, in], y [batch, out], bias [out] or 0.")
       .def_prop_ro("in_features", &NativeLinear::in_features)
       .def_prop_ro("out_features", &NativeLinear::out_features);

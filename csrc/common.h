@@ -6,6 +6,9 @@
 
 namespace sp {
 
+// Elementwise function applied to a linear's outputs inside the same call (fused activation).
+enum class Activation : int { None = 0, Gelu = 1, GeluTanh = 2, Relu = 3, Silu = 4 };
+
 // Everything a row-range kernel needs; filled once per call by plan.cpp.
 // Weight layouts are exactly those of docs/formats.md; nm and bbs weights are
 // handed over as masked streams (mask + flat values + row offsets).
@@ -44,12 +47,15 @@ struct LinearArgs {
   const int64_t* panel_off = nullptr;
   const float* bias = nullptr;  // [out] or null
   float* y = nullptr;           // [batch, out]
+  Activation activation = Activation::None;  // applied by run_linear after the kernels
 };
 
 using RowKernel = void (*)(const LinearArgs&, int64_t r0, int64_t r1);
 // Per-token int8 quantization of rows [b0, b1) (docs/formats.md, bit-exact with torch):
 // sx = max|x|/127 (1 for an all-zero row), xq = clamp(round_half_even(x / sx), -127, 127),
 // xu = xq + 128; row b at xq/xu + b * stride, padded to stride with xq = 0 / xu = 128.
+// y[b, c0 .. c1) = act(y[b, c0 .. c1)) for b < batch (rows `stride` floats apart).
+using ActivateFn = void (*)(float* y, int64_t batch, int64_t stride, int64_t c0, int64_t c1, Activation kind);
 using QuantizeFn = void (*)(const float* x, int64_t b0, int64_t b1, int64_t in, int64_t stride, int8_t* xq,
                             uint8_t* xu, float* sx);
 
@@ -62,11 +68,13 @@ struct KernelTable {
   RowKernel csr_f32;
   RowKernel csr_i8;
   QuantizeFn quantize;
+  ActivateFn activate;
   // Tiled GEMM for many tokens (one scale per row only; null: use the row kernels).
   // Row ranges handed to them start at multiples of kGemmRows.
   RowKernel masked_gemm_i8;
   RowKernel dense_gemm_i8;
   bool gemm_wants_i16;
+  bool gemm_activates;  // the GEMM applies LinearArgs::activation itself (in its tile epilogue)
   int gemm_min_batch;  // use the GEMM from this many tokens on
   // the same for masked layers of >= 4M weights (their panel packing costs about as much as
   // several row passes; the AVX-512 K-blocked row dots keep up to 16 tokens)

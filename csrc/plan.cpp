@@ -202,7 +202,15 @@ void run_linear(Kind kind, LinearArgs a, int n_threads) {
   const int n_tasks = int(std::min<int64_t>(max_tasks, threads == 1 ? 1 : threads * 4));
   const std::vector<int64_t> cut = split_rows(a, kind, n_tasks, align);
   const int real_tasks = int(cut.size()) - 1;
-  pool.run(real_tasks, threads, [&](int t) { kernel(a, cut[t], cut[t + 1]); });
+  if (a.activation == Activation::None || (gemm && table.gemm_activates)) {
+    pool.run(real_tasks, threads, [&](int t) { kernel(a, cut[t], cut[t + 1]); });
+  } else {
+    // each task activates the outputs it just wrote, while they are still in its caches
+    pool.run(real_tasks, threads, [&](int t) {
+      kernel(a, cut[t], cut[t + 1]);
+      table.activate(a.y, a.batch, a.out, cut[t], cut[t + 1], a.activation);
+    });
+  }
 }
 
 }  // namespace sp

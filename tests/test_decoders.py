@@ -195,3 +195,31 @@ def test_llama_two_four_packs_as_nm_and_round_trips(tmp_path):
     sp.save(model, tmp_path / "nm")
     ids = _probe()
     assert torch.allclose(_logits(sp.load(tmp_path / "nm"), ids), _logits(model, ids), atol=1e-4)
+
+
+FUSED = {"llama": ("mlp.gate_proj", "silu"), "gpt2": ("mlp.c_fc", "gelu_tanh"), "opt": ("fc1", "relu")}
+
+
+@pytest.mark.parametrize("family", list(BUILDERS))
+def test_mlp_activation_is_fused_into_its_linear(compressed, family):
+    """Found by watching a forward pass, not by names: each block's MLP input projection carries the
+    activation, the activation module became Identity, and the logits equal the unfused model's."""
+    from sparsepress.fusion import fuse_activations
+
+    _, model = compressed[family]
+    suffix, kind = FUSED[family]
+    fused = {name: m.activation for name, m in model.named_modules() if getattr(m, "activation", None) == kind}
+    assert sorted(fused) == [f"{BLOCK_PREFIX[family]}{i}.{suffix}" for i in range(2)]
+    unfused = copy.deepcopy(model)
+    for name, module in unfused.named_modules():
+        if name in fused:
+            module.activation = None
+    for parent in unfused.modules():  # put the activation modules back where the Identity stands
+        for attr, child in list(parent._modules.items()):
+            if isinstance(child, nn.Identity) and any(f"{p}." in f"{n}." for n in fused for p in [n.rsplit(".", 1)[0]]):
+                from transformers.activations import ACT2FN
+
+                act = {"silu": "silu", "gelu_tanh": "gelu_new", "relu": "relu"}[kind]
+                parent._modules[attr] = ACT2FN[act]
+    torch.testing.assert_close(_logits(model, _probe()), _logits(unfused, _probe()), rtol=1e-3, atol=1e-3)
+    assert fuse_activations(model) == []  # idempotent: nothing left to fuse

@@ -391,3 +391,61 @@ def test_concurrent_callers_get_their_own_results(parallel_backend):
 def test_measure_ms_positive():
     packed = BitmaskWeight.pack(random_sparse(16, 32, 0.5, 9), dtype="int8")
     assert kernels.measure_ms(packed, None, batch=4) > 0
+
+
+@pytest.mark.native
+@pytest.mark.parametrize("activation", list(kernels.ACTIVATIONS))
+def test_fused_activation_functions_match_torch(isa, activation):
+    """An identity weight exposes the kernels' activation itself over a wide input range."""
+    values = torch.linspace(-30, 30, 4001)
+    values = torch.cat([values, torch.tensor([0.0, -0.0, 1e-30, -1e-30, 88.0, -88.0, 1e4, -1e4])])
+    width = 64
+    x = torch.nn.functional.pad(values, (0, (-values.numel()) % width)).view(-1, width)
+    packed = BitmaskWeight.pack(torch.eye(width), dtype="fp32")
+    y = kernels.packed_linear(x, packed, None, activation)
+    expected = kernels.ACTIVATIONS[activation][1](x)
+    # erf to 1.5e-7 absolute: gelu within 0.5 |x| 1.5e-7 where it is ~0 (x << 0)
+    torch.testing.assert_close(y, expected, rtol=2e-6, atol=3e-6)
+
+
+@pytest.mark.native
+@pytest.mark.parametrize("activation", list(kernels.ACTIVATIONS))
+@pytest.mark.parametrize("fmt,dtype,params", CASES, ids=[f"{f}-{d}-{'-'.join(map(str, p.values()))}" for f, d, p in CASES])
+def test_fused_activation_on_every_kernel(isa, activation, fmt, dtype, params):
+    """act(linear) == the reference linear followed by torch's activation, rows and GEMM token counts."""
+    packed = pack(fmt, weight_for(fmt, 70, 256, 0.5, 3, params), dtype, None, **params)
+    bias = torch.randn(70)
+    for batch in (1, 5, 16, 40):
+        x = torch.randn(batch, 256) * 2
+        y = kernels.packed_linear(x, packed, bias, activation)
+        ref = kernels.ACTIVATIONS[activation][1](kernels.reference_linear(x, packed, bias))
+        plain = kernels.packed_linear(x, packed, bias)
+        torch.testing.assert_close(y, kernels.ACTIVATIONS[activation][1](plain), rtol=1e-5, atol=1e-5)
+        assert float((y - ref).abs().max()) <= 1e-3 * float(ref.abs().max()) + 1e-4
+
+
+def test_unknown_activation_is_refused():
+    packed = BitmaskWeight.pack(torch.eye(4), dtype="fp32")
+    with pytest.raises(ValueError, match="activation 'tanh' is not one of gelu"):
+        kernels.packed_linear(torch.ones(1, 4), packed, None, "tanh")
+
+
+def test_reference_path_applies_the_activation():
+    packed = DenseWeight.pack(torch.eye(3), dtype="int4")  # int4: no native kernel
+    x = torch.tensor([[-1.0, 0.5, 2.0]])
+    y = kernels.packed_linear(x, packed, None, "relu")
+    assert y.min() >= 0 and y[0, 2] > 1.5
+
+
+def test_deepcopy_of_a_layer_that_ran_natively():
+    """The native handle cached on a packed weight is not copied; the copy builds its own."""
+    import copy
+
+    from sparsepress.nn.sparse_linear import SparseLinear
+
+    layer = SparseLinear.from_linear(torch.nn.Linear(64, 32), format="bitmask", dtype="int8")
+    x = torch.randn(5, 64)
+    y = layer(x)
+    twin = copy.deepcopy(layer)
+    torch.testing.assert_close(twin(x), y)
+    assert twin.packed.values is not layer.packed.values

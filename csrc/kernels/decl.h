@@ -15,6 +15,7 @@ void masked_bf16(const LinearArgs& a, int64_t r0, int64_t r1);
 void csr_f32(const LinearArgs& a, int64_t r0, int64_t r1);
 void quantize(const float* x, int64_t b0, int64_t b1, int64_t in, int64_t stride, int8_t* xq, uint8_t* xu,
               float* sx);
+void activate(float* y, int64_t batch, int64_t stride, int64_t c0, int64_t c1, Activation kind);
 void masked_gemm_i8(const LinearArgs& a, int64_t r0, int64_t r1);
 void dense_gemm_i8(const LinearArgs& a, int64_t r0, int64_t r1);
 int64_t panel_offsets(const LinearArgs& a, bool masked, int64_t* off);

@@ -62,6 +62,29 @@ def reference_linear(x2d: torch.Tensor, packed: PackedWeight, bias: torch.Tensor
     return F.linear(x2d, weight, None if bias is None else bias.float())
 
 
+# Activations the kernels can apply to their outputs in the same call: name -> (native code, torch).
+ACTIVATIONS: dict[str, tuple[int, Any]] = {
+    "gelu": (1, F.gelu),
+    "gelu_tanh": (2, lambda y: F.gelu(y, approximate="tanh")),
+    "relu": (3, F.relu),
+    "silu": (4, F.silu),
+}
+
+
+def activation_code(name: str | None) -> int:
+    """The native code of a fused activation (0: none); ValueError naming the choices otherwise.
+
+    Example:
+        >>> activation_code("gelu"), activation_code(None)
+        (1, 0)
+    """
+    if name is None:
+        return 0
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation {name!r} is not one of {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[name][0]
+
+
 @dataclass(frozen=True)
 class _Plan:
     """A packed weight prepared for one native kernel (kind + tensors + sizes) and its handle."""
@@ -212,29 +235,36 @@ def _packed_linear_op(
     out_features: int,
     group_size: int,
     bias: torch.Tensor | None,
+    activation: int = 0,
 ) -> torch.Tensor:
-    """Native y[B, out] for a prepared weight (the tensors of a `_Plan`); what torch.compile sees."""
+    """Native act(y[B, out]) for a prepared weight (the tensors of a `_Plan`); what torch.compile sees."""
     handle = _make_handle(kind, weight, in_features, group_size)
     x = x.contiguous().float()
     y = torch.empty(x.shape[0], out_features, dtype=torch.float32)
-    handle(x, y, None if bias is None else bias.float().contiguous(), torch.get_num_threads())
+    handle(x, y, None if bias is None else bias.float().contiguous(), torch.get_num_threads(), activation)
     return y
 
 
 @_packed_linear_op.register_fake
-def _(x, weight, kind, in_features, out_features, group_size, bias):
+def _(x, weight, kind, in_features, out_features, group_size, bias, activation=0):
     return x.new_empty((x.shape[0], out_features), dtype=torch.float32)
 
 
-def packed_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y[..., out] = x[..., in] W^T (+ bias) for a packed weight; native kernel where one exists.
+def packed_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = None,
+                  activation: str | None = None) -> torch.Tensor:
+    """y[..., out] = act(x[..., in] W^T (+ bias)) for a packed weight; native kernel where one exists.
+
+    `activation` (one of ACTIVATIONS, or None) is applied to the outputs inside the same call.
 
     Example:
         >>> from sparsepress.formats import NMWeight
-        >>> p = NMWeight.pack(torch.tensor([[0.0, 1.0, 0.0, 2.0]]), dtype="fp32", n=2, m=4)
+        >>> p = NMWeight.pack(torch.tensor([[0.0, 1.0, 0.0, -2.0]]), dtype="fp32", n=2, m=4)
         >>> packed_linear(torch.ones(3, 4), p).shape
         torch.Size([3, 1])
+        >>> packed_linear(torch.ones(1, 4), p, activation="relu").tolist()
+        [[0.0]]
     """
+    code = activation_code(activation)
     plan = getattr(packed, _PLAN_ATTR, None)
     if plan is None or plan.source is not packed.values:  # type: ignore[attr-defined]
         plan = _build_plan(packed)
@@ -259,7 +289,7 @@ def packed_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | No
         y = torch.empty((*shape[:-1], plan.out_features), dtype=torch.float32)
         rows = x.numel() // in_features if in_features else 0
         plan.handle.call_raw(x.data_ptr(), rows, y.data_ptr(), bias_ptr,
-                             threads_for(rows * in_features * plan.out_features))
+                             threads_for(rows * in_features * plan.out_features), code)
         return y
     lead = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])
@@ -269,15 +299,17 @@ def packed_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | No
             y = F.linear(x2d.float(), packed.values, bias)  # type: ignore[attr-defined]
         else:
             y = reference_linear(x2d, packed, bias)
+        if code:
+            y = ACTIVATIONS[activation][1](y)  # type: ignore[index]
     elif torch.compiler.is_compiling():
         y = _packed_linear_op(x2d, list(plan.tensors), plan.kind, plan.in_features, out_features,
-                              plan.group_size, bias)
+                              plan.group_size, bias, code)
     else:
         x2d = x2d.float().contiguous()
         if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
             bias = bias.float().contiguous()
         y = torch.empty(x2d.shape[0], out_features, dtype=torch.float32)
-        plan.handle(x2d, y, bias, torch.get_num_threads())
+        plan.handle(x2d, y, bias, torch.get_num_threads(), code)
     return y.reshape(*lead, out_features)
 
 
@@ -322,6 +354,8 @@ def measure_ms(packed: PackedWeight, bias: torch.Tensor | None, batch: int = 1, 
 
 
 __all__ = [
+    "ACTIVATIONS",
+    "activation_code",
     "dense_int8_available",
     "measure_ms",
     "native_supports",

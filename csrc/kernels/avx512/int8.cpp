@@ -9,6 +9,7 @@
 #define SP_ISA_NS avx512
 #include "kernels/decl.h"
 #include "kernels/generic.h"
+#include "kernels/activation.h"
 
 namespace sp {
 namespace avx512 {
@@ -456,6 +457,9 @@ static inline void store_tile(const LinearArgs& a, const __m512i (&acc)[MR][NJ],
       _mm512_mask_storeu_ps(a.y + (m0 + i) * a.out + n, km, v);
     }
   }
+  // fused activation on the tile just stored, while it is in L1 (the table says the GEMM does it)
+  if (a.activation != Activation::None)
+    act::activate(a.y + m0 * a.out, MR, a.out, n0, n0 + generic::imin(16 * NJ, nr), a.activation);
 }
 
 // y[m0 .. m0+MR, n0 .. n0+nr) from the dense panel.
@@ -672,6 +676,7 @@ static void gemm(const LinearArgs& a, int64_t r0, int64_t r1) {
   int8_t* buf = a.n_groups == 1 ? tl_panel.get(dense_bytes > quad_bytes ? dense_bytes : quad_bytes) : nullptr;
   if (!buf) {
     rows<kMasked>(a, r0, r1);
+    if (a.activation != Activation::None) act::activate(a.y, a.batch, a.out, r0, r1, a.activation);
     return;
   }
   __m512i* stage = reinterpret_cast<__m512i*>(buf + kpad * 64);

@@ -44,6 +44,11 @@ class PackedWeight(ABC):
     scales: torch.Tensor | None
     group_size: int | None
 
+    def __getstate__(self) -> dict[str, Any]:
+        # copies (copy.deepcopy of a model) drop the native kernel handle cached on the weight:
+        # it is rebuilt from the copied tensors on first use
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_sparsepress_")}
+
     @classmethod
     def pack(
         cls,

@@ -28,7 +28,11 @@ class SparseLinear(nn.Module):
 
     The forward runs the native kernel for the format where one exists, else the pure-torch
     reference (which unpacks). Int dtypes quantize activations per token to int8 on the fly.
+    `activation` (None, or a name of `kernels.ACTIVATIONS`) is applied to the outputs in the same
+    call; `sparsepress.fusion.fuse_activations` sets it where a model's activation module follows.
     """
+
+    activation: str | None = None
 
     def __init__(self, packed: PackedWeight, bias: torch.Tensor | None = None):
         super().__init__()
@@ -74,9 +78,9 @@ class SparseLinear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected inputs with {self.in_features} features, got shape {tuple(x.shape)}")
         if x.dtype == torch.float32:  # the common case: packed_linear keeps the leading dims itself
-            return packed_linear(x, self.packed, self.bias)
+            return packed_linear(x, self.packed, self.bias, self.activation)
         lead = x.shape[:-1]
-        y = packed_linear(x.reshape(-1, self.in_features).to(torch.float32), self.packed, self.bias)
+        y = packed_linear(x.reshape(-1, self.in_features).to(torch.float32), self.packed, self.bias, self.activation)
         return y.reshape(*lead, self.out_features).to(x.dtype)
 
     @property
@@ -94,4 +98,5 @@ class SparseLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, format={self.packed.name}, "
             f"dtype={self.packed.dtype}, sparsity={self.packed.sparsity:.3f}, bias={self.bias is not None}"
+            + (f", activation={self.activation}" if self.activation else "")
         )
