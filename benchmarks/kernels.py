@@ -119,6 +119,7 @@ def torch_runners(shape, x: torch.Tensor, llc: int, gen: torch.Generator) -> dic
 
 
 def csr_baseline(w: torch.Tensor, x: torch.Tensor, reps: int, llc: int) -> float:
+    warnings.filterwarnings("ignore", message="Sparse")  # torch's beta notices about CSR tensors
     csr = w.to_sparse_csr()
     nbytes = csr.values().numel() * 12
     stack = [csr] + [torch.sparse_csr_tensor(csr.crow_indices().clone(), csr.col_indices().clone(),

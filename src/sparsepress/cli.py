@@ -202,6 +202,9 @@ def eval_command(
     console.print(kv_table(f"eval {folder}", [(k, f"{v:.4f}") for k, v in result.items()]))
 
 
+TORCH_BASELINES = ("torch fp32 (dense)", "torch dynamic int8 (dense)")
+
+
 def bench_rows(folder: Path, reference: str | None, batch: int, seq_len: int, repeats: int = 10) -> list[tuple[str, float]]:
     """Latency (ms) of torch fp32, torch dynamic int8 and the sparsepress folder, measured side by side."""
     import torch
@@ -234,7 +237,7 @@ def bench_command(
     from .report import latency_table
 
     rows = bench_rows(folder, reference, batch, seq_len, repeats)
-    console.print(latency_table(f"latency, batch {batch} x {seq_len} tokens", rows, baseline="torch fp32 (dense)"))
+    console.print(latency_table(f"latency, batch {batch} x {seq_len} tokens", rows, baselines=TORCH_BASELINES))
 
 
 @app.command("demo")
@@ -269,7 +272,7 @@ def demo_command(
     ]))
     for batch, seq_len in ((1, 16), (8, 64)):
         rows = bench_rows(out, None, batch, seq_len, repeats=10)
-        console.print(latency_table(f"latency, batch {batch} x {seq_len} tokens", rows, baseline="torch fp32 (dense)"))
+        console.print(latency_table(f"latency, batch {batch} x {seq_len} tokens", rows, baselines=TORCH_BASELINES))
 
 
 def _describe(recipe: Any) -> str:

@@ -71,13 +71,19 @@ def kv_table(title: str, rows: list[tuple[str, str]]) -> Table:
     return table
 
 
-def latency_table(title: str, rows: list[tuple[str, float]], baseline: str) -> Table:
-    """Latency rows with the speedup of each over `baseline`, measured in one process."""
+def latency_table(title: str, rows: list[tuple[str, float]], baselines: tuple[str, ...]) -> Table:
+    """Latency rows with the speedup of each over every one of `baselines`, measured in one process.
+
+    Example:
+        >>> latency_table("t", [("a", 2.0), ("b", 1.0)], baselines=("a",)).row_count
+        2
+    """
     table = Table(title=title)
     table.add_column("model")
     table.add_column("ms", justify="right")
-    table.add_column(f"speedup vs {baseline}", justify="right")
-    base = dict(rows)[baseline]
+    for baseline in baselines:
+        table.add_column(f"speedup vs {baseline}", justify="right")
+    times = dict(rows)
     for name, ms in rows:
-        table.add_row(name, f"{ms:.2f}", f"{base / ms:.2f}x")
+        table.add_row(name, f"{ms:.2f}", *(f"{times[b] / ms:.2f}x" for b in baselines))
     return table
