@@ -45,7 +45,7 @@ def bbs_weight(out_features: int, in_features: int, bank: int, k: int, seed: int
 
 def pack(fmt: str, w: torch.Tensor, dtype: str, group_size: int | None, **params):
     cls = {"bitmask": BitmaskWeight, "nm": NMWeight, "bbs": BBSWeight, "csr": CSRWeight, "dense": DenseWeight}[fmt]
-    return cls.pack(w, dtype=dtype, group_size=group_size if dtype == "int8" else None, **params)
+    return cls.pack(w, dtype=dtype, group_size=group_size if dtype in ("int8", "int4") else None, **params)
 
 
 def assert_matches_reference(packed, x: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -53,7 +53,7 @@ def assert_matches_reference(packed, x: torch.Tensor, bias: torch.Tensor | None)
     ref = kernels.reference_linear(x, packed, bias)
     # float accumulation order differs: allow a few ulps of the sum of |terms|
     xs = x
-    if packed.dtype == "int8":
+    if packed.dtype in ("int8", "int4"):
         xq, sx = kernels.quantize_activations(x)
         xs = xq * sx
     magnitude = xs.abs() @ packed.unpack().abs().T
@@ -67,6 +67,9 @@ CASES = [
     ("nm", "int8", {"n": 2, "m": 4}), ("nm", "int8", {"n": 4, "m": 8}), ("nm", "fp32", {"n": 2, "m": 4}),
     ("bbs", "int8", {"bank": 64}), ("bbs", "fp32", {"bank": 32}),
     ("csr", "fp32", {}), ("csr", "int8", {}), ("dense", "int8", {}),
+    # int4 values run on the int8 kernels, widened when the weight is prepared
+    ("bitmask", "int4", {}), ("nm", "int4", {"n": 2, "m": 4}), ("bbs", "int4", {"bank": 64}),
+    ("csr", "int4", {}), ("dense", "int4", {}),
 ]
 
 
@@ -223,7 +226,7 @@ def test_activation_quantization_is_bit_exact(isa):
 
 def test_reference_path_for_unsupported_dtype():
     w = random_sparse(9, 16, 0.5, 1)
-    packed = BitmaskWeight.pack(w, dtype="int4")
+    packed = DenseWeight.pack(w, dtype="bf16")
     assert not kernels.native_supports(packed)
     x = torch.randn(3, 16)
     torch.testing.assert_close(kernels.packed_linear(x, packed, None), kernels.reference_linear(x, packed, None))
@@ -431,7 +434,7 @@ def test_unknown_activation_is_refused():
 
 
 def test_reference_path_applies_the_activation():
-    packed = DenseWeight.pack(torch.eye(3), dtype="int4")  # int4: no native kernel
+    packed = DenseWeight.pack(torch.eye(3), dtype="bf16")  # dense bf16: no native kernel
     x = torch.tensor([[-1.0, 0.5, 2.0]])
     y = kernels.packed_linear(x, packed, None, "relu")
     assert y.min() >= 0 and y[0, 2] > 1.5

@@ -100,13 +100,13 @@ class _Plan:
 
 def _kind_of(packed: PackedWeight) -> str | None:
     """Which native kernel family runs this weight, or None (reference path)."""
-    if packed.dtype not in ("fp32", "bf16", "int8"):
+    if packed.dtype not in ("fp32", "bf16", "int8", "int4"):
         return None
     if packed.name in ("bitmask", "nm", "bbs"):
         return "masked"
-    if packed.name == "csr" and packed.dtype in ("fp32", "int8"):
+    if packed.name == "csr" and packed.dtype in ("fp32", "int8", "int4"):
         return "csr"
-    if packed.name == "dense" and packed.dtype == "int8":
+    if packed.name == "dense" and packed.dtype in ("int8", "int4"):
         return "dense_int8"
     return None
 
@@ -142,7 +142,11 @@ def _row_sums(packed: PackedWeight) -> torch.Tensor:
     return padded.view(out_features, groups, size).sum(dim=2, dtype=torch.int32).contiguous()
 
 
-def _stream_values(packed: PackedWeight) -> torch.Tensor:
+def _stream_values(packed: PackedWeight, count: int) -> torch.Tensor:
+    """The `count` stored values as the kernels read them: int4 widened to int8 (the int8 kernels
+    then run int4 weights: same integers, same scales), bf16 as its 16-bit patterns."""
+    if packed.dtype == "int4":
+        return packed._logical_values((count,)).contiguous()
     values = packed.values.reshape(-1)  # type: ignore[attr-defined]
     if values.dtype == torch.bfloat16:
         values = values.view(torch.int16)  # the kernels widen bf16 bits themselves
@@ -172,16 +176,18 @@ def _masked_layout(packed: PackedWeight) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _plan_tensors(packed: PackedWeight, kind: str) -> tuple[torch.Tensor, ...]:
     quant: tuple[torch.Tensor, ...] = ()
-    if packed.dtype == "int8":
+    if is_integer(packed.dtype):
         assert packed.scales is not None
         quant = (packed.scales.float().contiguous(), _row_sums(packed))
     if kind == "masked":
         mask, offsets = _masked_layout(packed)
-        return (mask, _stream_values(packed), offsets, *quant)
+        return (mask, _stream_values(packed, int(offsets[-1])), offsets, *quant)
     if kind == "csr":
-        return (packed.row_ptr.contiguous(), packed.col_indices.contiguous(),  # type: ignore[attr-defined]
-                _stream_values(packed), *quant[:1])
-    return (packed.values.contiguous(), *quant)  # type: ignore[attr-defined]
+        row_ptr = packed.row_ptr.contiguous()  # type: ignore[attr-defined]
+        return (row_ptr, packed.col_indices.contiguous(),  # type: ignore[attr-defined]
+                _stream_values(packed, int(row_ptr[-1])), *quant[:1])
+    out_features, in_features = packed.shape
+    return (_stream_values(packed, out_features * in_features).view(out_features, in_features), *quant)
 
 
 # Small int8 layers get their many-token GEMM panels packed once, when the handle is made, instead of
