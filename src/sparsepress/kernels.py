@@ -116,7 +116,7 @@ def native_supports(packed: PackedWeight) -> bool:
 
     Example:
         >>> from sparsepress.formats import DenseWeight
-        >>> native_supports(DenseWeight.pack(torch.ones(2, 2), dtype="int4"))
+        >>> native_supports(DenseWeight.pack(torch.ones(2, 2), dtype="bf16"))
         False
     """
     return native.native_available() and _kind_of(packed) is not None
