@@ -3,7 +3,8 @@
 Each measurement runs a stack of distinct layers whose weights together exceed the last-level cache,
 so weights stream from DRAM as they do in a real model. Prints the CPU model and a markdown table:
 ms per layer, speedup over torch fp32 (F.linear), over torch dynamic int8 (quantize_dynamic, fbgemm),
-over torch.sparse CSR (fp32), and packed bytes per weight.
+over torch.sparse CSR (fp32), and packed bytes per weight (plus those of prepared GEMM panels, where a
+layer has them: with the default panel policy, big layers get them from their first 12..63-token call).
 
 Usage:
     python benchmarks/kernels.py            # full run (~3 minutes on 2 cores)
@@ -135,13 +136,16 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--no-csr", action="store_true", help="skip the (slow) torch.sparse CSR baseline")
+    parser.add_argument("--panels", choices=list(kernels.PANEL_POLICIES), default=kernels.PANELS,
+                        help="which layers get prepared GEMM panels (SPARSEPRESS_PANELS; default auto)")
     args = parser.parse_args()
+    kernels.PANELS = args.panels
     reps = args.reps or (3 if args.quick else 7)
     shapes = SHAPES[:1] if args.quick else SHAPES
     llc = llc_bytes()
     gen = torch.Generator().manual_seed(0)
     print(f"CPU: {cpu_model()}; torch threads: {torch.get_num_threads()}; "
-          f"native ISA: {native.active_isa()}; last-level cache {llc >> 20} MiB")
+          f"native ISA: {native.active_isa()}; last-level cache {llc >> 20} MiB; GEMM panels: {args.panels}")
     print()
     print("| shape (out x in) | batch | weights | ms | vs torch fp32 | vs torch dyn int8 | vs torch CSR | bytes/weight |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -164,9 +168,13 @@ def main() -> None:
                 fp32_ms, int8_ms = ms["torch fp32"], ms["torch dyn int8"]
                 for label, (w, packed, _) in packs.items():
                     csr = "-" if args.no_csr else f"{csr_baseline(w, x, reps, llc) / ms[label]:.2f}x"
-                    bpw = packed.nbytes / (shape[0] * shape[1])
+                    weights = shape[0] * shape[1]
+                    bpw = f"{packed.nbytes / weights:.3f}"
+                    panel_bytes = kernels._plan_of(packed).handle.panel_bytes
+                    if panel_bytes:  # prepared GEMM panels live beside the packed weight
+                        bpw += f" (+{panel_bytes / weights:.3f} panels)"
                     print(f"| {shape[0]}x{shape[1]} | {batch} | {label} | {ms[label]:.3f} | {fp32_ms / ms[label]:.2f}x "
-                          f"| {int8_ms / ms[label]:.2f}x | {csr} | {bpw:.3f} |", flush=True)
+                          f"| {int8_ms / ms[label]:.2f}x | {csr} | {bpw} |", flush=True)
                 print(f"| {shape[0]}x{shape[1]} | {batch} | torch fp32 / dyn int8 | {fp32_ms:.3f} / {int8_ms:.3f} "
                       f"| | | | 4.0 / 1.0 |", flush=True)
                 del runners

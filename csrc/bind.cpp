@@ -7,6 +7,9 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
+#include <atomic>
+#include <memory>
+#include <mutex>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -39,9 +42,19 @@ sp::Activation to_activation(int code) {
 
 class NativeLinear {
  public:
-  NativeLinear(sp::Kind kind, sp::LinearArgs args, std::vector<Array> keep, bool panels = false)
-      : kind_(kind), args_(args), keep_(std::move(keep)) {
-    if (panels) panels_ = sp::prepare_panels(kind, args);
+  // panel_limit: layers of fewer weights get GEMM panels now; lazy_panels: bigger ones get them on
+  // their first call of kLazyMin..kLazyMax tokens (where packing per call costs most).
+  NativeLinear(sp::Kind kind, sp::LinearArgs args, std::vector<Array> keep, int64_t panel_limit = 0,
+               bool lazy_panels = false)
+      : kind_(kind), args_(args), keep_(std::move(keep)), lazy_(std::make_unique<Lazy>()) {
+    if (panel_limit > 0) lazy_->panels = sp::prepare_panels(kind, args, panel_limit);
+    lazy_->ready.store(lazy_->panels.data != nullptr, std::memory_order_release);
+    lazy_->allowed = lazy_panels && !lazy_->ready.load(std::memory_order_relaxed);
+  }
+
+  bool has_panels() const { return lazy_->ready.load(std::memory_order_acquire); }
+  int64_t panel_bytes() const {
+    return has_panels() ? lazy_->panels.offsets[(args_.out + sp::kGemmRows - 1) / sp::kGemmRows] : 0;
   }
 
   // y[B, out] = x[B, in] W^T (+ bias)
@@ -59,8 +72,8 @@ class NativeLinear {
     }
     a.activation = to_activation(activation);
     if (a.batch == 0) return;
-    sp::use_panels(panels_, a);
     nb::gil_scoped_release unlocked;
+    attach_panels(a);
     sp::run_linear(kind_, a, n_threads);
   }
 
@@ -77,8 +90,8 @@ class NativeLinear {
     a.y = reinterpret_cast<float*>(y);
     a.bias = reinterpret_cast<const float*>(bias);
     a.activation = act;
-    sp::use_panels(panels_, a);
     nb::gil_scoped_release unlocked;
+    attach_panels(a);
     sp::run_linear(kind_, a, n_threads);
   }
 
@@ -89,7 +102,28 @@ class NativeLinear {
   sp::Kind kind_;
   sp::LinearArgs args_;
   std::vector<Array> keep_;  // owns the buffers args_ points into
-  sp::PreparedPanels panels_;
+
+  static constexpr int64_t kLazyMin = 12, kLazyMax = 64;
+  struct Lazy {
+    std::mutex mu;                 // one builder at a time
+    std::atomic<bool> ready{false};  // panels complete and readable (release / acquire)
+    bool allowed = false;
+    sp::PreparedPanels panels;
+  };
+  std::unique_ptr<Lazy> lazy_;  // behind a pointer so NativeLinear stays movable
+
+  void attach_panels(sp::LinearArgs& a) {
+    Lazy& l = *lazy_;
+    if (!l.ready.load(std::memory_order_acquire) && l.allowed && a.batch >= kLazyMin && a.batch < kLazyMax) {
+      std::lock_guard<std::mutex> lock(l.mu);
+      if (!l.ready.load(std::memory_order_relaxed)) {
+        l.panels = sp::prepare_panels(kind_, args_, int64_t(1) << 62);
+        l.allowed = false;  // built, or not possible here: never try again
+        l.ready.store(l.panels.data != nullptr, std::memory_order_release);
+      }
+    }
+    if (l.ready.load(std::memory_order_acquire)) sp::use_panels(l.panels, a);
+  }
 };
 
 // Fills scale/rowsum/group fields of int8 kinds.
@@ -115,7 +149,7 @@ void set_quant(sp::LinearArgs& a, std::vector<Array>& keep, const std::optional<
 
 NativeLinear make_masked(const Array& mask, const Array& values, const Array& row_offsets, int64_t in,
                          std::optional<Array> scales, std::optional<Array> rowsum, int64_t group_size,
-                         bool panels) {
+                         int64_t panel_limit, bool lazy_panels) {
   sp::LinearArgs a;
   require(is<uint8_t>(mask) && mask.ndim() == 2, "mask must be uint8 [out, ceil(in/8)]");
   a.out = int64_t(mask.shape(0));
@@ -142,11 +176,11 @@ NativeLinear make_masked(const Array& mask, const Array& values, const Array& ro
   } else {
     throw std::invalid_argument("values must be int8, float32 or 16-bit (bf16 bits)");
   }
-  return NativeLinear(kind, a, std::move(keep), panels);
+  return NativeLinear(kind, a, std::move(keep), panel_limit, lazy_panels);
 }
 
 NativeLinear make_dense_int8(const Array& values, std::optional<Array> scales, std::optional<Array> rowsum,
-                             int64_t group_size, bool panels) {
+                             int64_t group_size, int64_t panel_limit, bool lazy_panels) {
   sp::LinearArgs a;
   require(is<int8_t>(values) && values.ndim() == 2, "values must be int8 [out, in]");
   a.out = int64_t(values.shape(0));
@@ -155,7 +189,7 @@ NativeLinear make_dense_int8(const Array& values, std::optional<Array> scales, s
   a.values_len = a.out * a.in;
   std::vector<Array> keep{values};
   set_quant(a, keep, scales, rowsum, group_size, true);
-  return NativeLinear(sp::Kind::DenseI8, a, std::move(keep), panels);
+  return NativeLinear(sp::Kind::DenseI8, a, std::move(keep), panel_limit, lazy_panels);
 }
 
 NativeLinear make_csr(const Array& row_ptr, const Array& col_indices, const Array& values, int64_t in,
@@ -223,17 +257,21 @@ NB_MODULE(_native, m) {
       .def("call_raw", &NativeLinear::call_raw, nb::arg("x_ptr"), nb::arg("batch"), nb::arg("y_ptr"),
            nb::arg("bias_ptr"), nb::arg("n_threads") = 1, nb::arg("activation") = 0,
            "Unchecked fast path: addresses of float32 C-contiguous x [batch, in], y [batch, out], bias [out] or 0.")
+      .def_prop_ro("has_panels", &NativeLinear::has_panels, "Whether GEMM panels were prepared.")
+      .def_prop_ro("panel_bytes", &NativeLinear::panel_bytes, "Bytes of the prepared GEMM panels (0: none).")
       .def_prop_ro("in_features", &NativeLinear::in_features)
       .def_prop_ro("out_features", &NativeLinear::out_features);
 
   m.def("masked_linear", &make_masked, nb::arg("mask"), nb::arg("values"), nb::arg("row_offsets"),
         nb::arg("in_features"), nb::arg("scales").none() = nb::none(), nb::arg("rowsum").none() = nb::none(),
-        nb::arg("group_size") = 0, nb::arg("panels") = true,
+        nb::arg("group_size") = 0, nb::arg("panel_limit") = int64_t(4) << 20, nb::arg("lazy_panels") = false,
         "Masked stream weight (bitmask, and nm/bbs converted to it): int8 / float32 / bf16-bits values.\n"
-        "panels: pack small int8 layers' GEMM panels once here instead of on every many-token call.");
+        "panel_limit: int8 layers of fewer weights get their GEMM panels packed once here instead of on\n"
+        "every many-token call (0: none); lazy_panels: bigger ones get them on their first call of\n"
+        "12..63 tokens.");
   m.def("dense_int8_linear", &make_dense_int8, nb::arg("values"), nb::arg("scales"), nb::arg("rowsum"),
-        nb::arg("group_size") = 0, nb::arg("panels") = true,
-        "Dense int8 weight [out, in] (panels: as for masked_linear).");
+        nb::arg("group_size") = 0, nb::arg("panel_limit") = int64_t(4) << 20, nb::arg("lazy_panels") = false,
+        "Dense int8 weight [out, in] (panel_limit, lazy_panels: as for masked_linear).");
   m.def("csr_linear", &make_csr, nb::arg("row_ptr"), nb::arg("col_indices"), nb::arg("values"),
         nb::arg("in_features"), nb::arg("scales").none() = nb::none(), nb::arg("group_size") = 0,
         "CSR weight: float32 or int8 values.");

@@ -36,10 +36,9 @@ struct PreparedPanels {
   ~PreparedPanels();
 };
 
-// Panels for int8 weights with one scale per row small enough that packing them on every call
-// would cost more than the GEMM itself (< 4M weights); empty otherwise, or when the active tree
-// has no prepared panels.
-PreparedPanels prepare_panels(Kind kind, const LinearArgs& a);
+// Panels for int8 weights with one scale per row of fewer than `max_weights` weights; empty
+// otherwise, or when the active tree has no prepared panels.
+PreparedPanels prepare_panels(Kind kind, const LinearArgs& a, int64_t max_weights);
 
 // `a` with the panels filled in when they were packed by the active tree.
 void use_panels(const PreparedPanels& p, LinearArgs& a);

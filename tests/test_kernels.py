@@ -126,9 +126,9 @@ def int8_path(request):
     if lib is None:
         pytest.skip("sparsepress._native not built")
     lib.set_gemm_min_batch(10**9 if request.param == "row" else 1)
-    kernels.PREPARE_PANELS = request.param != "gemm-per-call-panels"
+    kernels.PANELS = "none" if request.param == "gemm-per-call-panels" else "auto"
     yield request.param
-    kernels.PREPARE_PANELS = True
+    kernels.PANELS = "auto"
     lib.set_gemm_min_batch(0)
 
 
@@ -195,6 +195,41 @@ def test_big_masked_layer_across_the_cutover(isa):
     bias = torch.randn(1024)
     for batch in (1, 2, 4, 12, 16, 17, 20):
         assert_matches_reference(packed, torch.randn(batch, 4096), bias)
+
+
+@pytest.mark.native
+@pytest.mark.parametrize("fmt,params", [("bitmask", {}), ("bbs", {"bank": 64}), ("dense", {})])
+def test_big_layer_with_prepared_panels(isa, fmt, params, monkeypatch):
+    """SPARSEPRESS_PANELS=all: a >= 4M-weight layer gets panels and its GEMM (from 12 tokens) matches."""
+    monkeypatch.setattr(kernels, "PANELS", "all")
+    packed = pack(fmt, weight_for(fmt, 1024, 4096, 0.5, 8, params), "int8", None, **params)
+    bias = torch.randn(1024)
+    for batch in (1, 11, 12, 16, 33):
+        assert_matches_reference(packed, torch.randn(batch, 4096), bias)
+    plan = kernels._plan_of(packed)
+    assert plan.handle.has_panels == (isa == "avx512")
+
+
+def test_default_panels_come_to_big_layers_only_with_mid_size_calls():
+    """auto: small layers at once; a big one on its first 12..63-token call, never from decode or
+    long prefill calls; the results are the same before and after."""
+    if not native.native_available():
+        pytest.skip("sparsepress._native not built")
+    assert kernels.PANELS == "auto"
+    big = BitmaskWeight.pack(random_sparse(1024, 4096, 0.5, 2), dtype="int8")
+    small = BitmaskWeight.pack(random_sparse(256, 256, 0.5, 2), dtype="int8")
+    avx512 = native.active_isa() == "avx512"
+    assert kernels._plan_of(small).handle.has_panels == avx512
+    handle = kernels._plan_of(big).handle
+    bias = torch.randn(1024)
+    for batch in (1, 2, 11, 64, 100):
+        assert_matches_reference(big, torch.randn(batch, 4096), bias)
+        assert not handle.has_panels and handle.panel_bytes == 0
+    x16 = torch.randn(16, 4096)
+    first = kernels.packed_linear(x16, big, bias)  # builds them (AVX-512), then runs on them
+    assert handle.has_panels == avx512 and (handle.panel_bytes > 0) == avx512
+    assert_matches_reference(big, x16, bias)
+    assert torch.equal(kernels.packed_linear(x16, big, bias), first)
 
 
 @needs_native

@@ -78,6 +78,12 @@ def test_env_backend_typo_fails_clearly():
     assert "SPARSEPRESS_THREADS='gomp'" in done.stderr
 
 
+def test_env_panel_policy_typo_fails_clearly():
+    done = run_python("import sparsepress.kernels", SPARSEPRESS_PANELS="most")
+    assert done.returncode != 0
+    assert "SPARSEPRESS_PANELS='most'" in done.stderr
+
+
 def test_disable_native_uses_reference_path():
     code = (
         "import torch\n"

@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -190,11 +191,21 @@ def _plan_tensors(packed: PackedWeight, kind: str) -> tuple[torch.Tensor, ...]:
     return (_stream_values(packed, out_features * in_features).view(out_features, in_features), *quant)
 
 
-# Small int8 layers get their many-token GEMM panels packed once, when the handle is made, instead of
-# on every call (MiniLM at 16 tokens: 1536x384 from 58 to 37 us a call). Costs about one byte per
-# weight of memory beside the packed weight; layers of >= 4M weights never get them. Tests switch it
-# off to reach the per-call packing.
-PREPARE_PANELS = True
+# Which int8 layers get their many-token GEMM panels packed once instead of on every call. A panel
+# costs about one byte per weight beside the packed weight (at 50%: two bytes per kept value).
+#   small: layers under 4M weights, when the handle is made: packing them per call would cost more
+#          than their GEMM (MiniLM at 16 tokens: 1536x384 from 58 to 37 us a call).
+#   auto (default): small, and each bigger layer on its first call of 12..63 tokens, where packing
+#          per call costs most (LLaMA-7B shapes at 16 tokens: 1.0-2.6x over fbgemm instead of
+#          0.9-1.1x); decode (1 token) and long prefills (64+, packing amortized) never build them.
+#   all:   every int8 layer, when the handle is made. none: packed per call everywhere.
+# (eager weight limit, lazy for bigger layers); SPARSEPRESS_PANELS sets the policy.
+PANEL_POLICIES: dict[str, tuple[int, bool]] = {
+    "none": (0, False), "small": (4 << 20, False), "auto": (4 << 20, True), "all": (1 << 62, False),
+}
+PANELS = os.environ.get("SPARSEPRESS_PANELS", "") or "auto"
+if PANELS not in PANEL_POLICIES:
+    raise RuntimeError(f"SPARSEPRESS_PANELS={PANELS!r}: expected one of {', '.join(PANEL_POLICIES)}")
 
 
 def _make_handle(kind: str, tensors: list[torch.Tensor] | tuple[torch.Tensor, ...], in_features: int,
@@ -202,11 +213,13 @@ def _make_handle(kind: str, tensors: list[torch.Tensor] | tuple[torch.Tensor, ..
     lib = native.module()
     assert lib is not None
     if kind == "masked":
+        limit, lazy = PANEL_POLICIES[PANELS]
         return lib.masked_linear(*tensors[:3], in_features, *tensors[3:], group_size=group_size,
-                                 panels=PREPARE_PANELS)
+                                 panel_limit=limit, lazy_panels=lazy)
     if kind == "csr":
         return lib.csr_linear(*tensors[:3], in_features, *tensors[3:], group_size=group_size)
-    return lib.dense_int8_linear(*tensors, group_size=group_size, panels=PREPARE_PANELS)
+    limit, lazy = PANEL_POLICIES[PANELS]
+    return lib.dense_int8_linear(*tensors, group_size=group_size, panel_limit=limit, lazy_panels=lazy)
 
 
 @torch.compiler.disable
