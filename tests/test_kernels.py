@@ -487,3 +487,19 @@ def test_deepcopy_of_a_layer_that_ran_natively():
     twin = copy.deepcopy(layer)
     torch.testing.assert_close(twin(x), y)
     assert twin.packed.values is not layer.packed.values
+
+
+@needs_native
+def test_format_auto_keeps_no_measuring_handles():
+    """Timing candidates for `format: auto` must not leave handles (or 16-token GEMM panels of big
+    layers) on the chosen weight: the model builds its own on first use."""
+    from sparsepress.packing import choose_packing
+    from sparsepress.prune.solve import compress_weight
+    from sparsepress.recipe import PruneStage, QuantizeStage
+
+    linear = torch.nn.Linear(4096, 1024)
+    result = compress_weight(linear.weight, None, PruneStage(method="magnitude", sparsity=0.5),
+                             quant=QuantizeStage(method="rtn", bits=8))
+    layer, meta = choose_packing(linear, result, PruneStage(method="magnitude", sparsity=0.5), "auto")
+    assert len(meta["measured_ms"]) >= 2  # candidates were timed natively
+    assert not hasattr(layer.packed, kernels._PLAN_ATTR)

@@ -199,7 +199,8 @@ def _plan_tensors(packed: PackedWeight, kind: str) -> tuple[torch.Tensor, ...]:
 #          per call costs most (LLaMA-7B shapes at 16 tokens: 1.0-2.6x over fbgemm instead of
 #          0.9-1.1x); decode (1 token) and long prefills (64+, packing amortized) never build them.
 #   all:   every int8 layer, when the handle is made. none: packed per call everywhere.
-# (eager weight limit, lazy for bigger layers); SPARSEPRESS_PANELS sets the policy.
+# Each policy maps to (weight limit for panels at once, whether bigger layers get them lazily);
+# SPARSEPRESS_PANELS sets it.
 PANEL_POLICIES: dict[str, tuple[int, bool]] = {
     "none": (0, False), "small": (4 << 20, False), "auto": (4 << 20, True), "all": (1 << 62, False),
 }
@@ -209,16 +210,16 @@ if PANELS not in PANEL_POLICIES:
 
 
 def _make_handle(kind: str, tensors: list[torch.Tensor] | tuple[torch.Tensor, ...], in_features: int,
-                 group_size: int) -> Any:
+                 group_size: int, panels: bool = True) -> Any:
+    """The native handle of a prepared weight; `panels=False` for throwaway handles (no GEMM panels)."""
     lib = native.module()
     assert lib is not None
+    limit, lazy = PANEL_POLICIES[PANELS] if panels else PANEL_POLICIES["none"]
     if kind == "masked":
-        limit, lazy = PANEL_POLICIES[PANELS]
         return lib.masked_linear(*tensors[:3], in_features, *tensors[3:], group_size=group_size,
                                  panel_limit=limit, lazy_panels=lazy)
     if kind == "csr":
         return lib.csr_linear(*tensors[:3], in_features, *tensors[3:], group_size=group_size)
-    limit, lazy = PANEL_POLICIES[PANELS]
     return lib.dense_int8_linear(*tensors, group_size=group_size, panel_limit=limit, lazy_panels=lazy)
 
 
@@ -236,6 +237,19 @@ def _build_plan(packed: PackedWeight) -> _Plan | None:
     except AttributeError:  # a slotted / frozen subclass: rebuild per call, still correct
         pass
     return plan
+
+
+def release_plan(packed: PackedWeight) -> None:
+    """Drop the native handle cached on a packed weight (rebuilt on its next use).
+
+    Example:
+        >>> from sparsepress.formats import DenseWeight
+        >>> p = DenseWeight.pack(torch.ones(2, 2), dtype="int8")
+        >>> _ = packed_linear(torch.ones(1, 2), p); release_plan(p)
+        >>> hasattr(p, _PLAN_ATTR)
+        False
+    """
+    packed.__dict__.pop(_PLAN_ATTR, None)
 
 
 def _plan_of(packed: PackedWeight) -> _Plan | None:
@@ -257,7 +271,8 @@ def _packed_linear_op(
     activation: int = 0,
 ) -> torch.Tensor:
     """Native act(y[B, out]) for a prepared weight (the tensors of a `_Plan`); what torch.compile sees."""
-    handle = _make_handle(kind, weight, in_features, group_size)
+    # a handle per call (the op gets tensors, not our cached plan): no panels to pack each time
+    handle = _make_handle(kind, weight, in_features, group_size, panels=False)
     x = x.contiguous().float()
     y = torch.empty(x.shape[0], out_features, dtype=torch.float32)
     handle(x, y, None if bias is None else bias.float().contiguous(), torch.get_num_threads(), activation)
@@ -381,4 +396,5 @@ __all__ = [
     "packed_linear",
     "quantize_activations",
     "reference_linear",
+    "release_plan",
 ]

@@ -65,7 +65,12 @@ def _measured_ms(packed: PackedWeight, bias: torch.Tensor | None) -> float | Non
 
     if not kernels.native_supports(packed):
         return None
-    return kernels.measure_ms(packed, bias, batch=AUTO_MEASURE_ROWS)
+    try:
+        return kernels.measure_ms(packed, bias, batch=AUTO_MEASURE_ROWS)
+    finally:
+        # the timing's native handle (and any GEMM panels it built) is not the model's to keep:
+        # compressing a big model must not hold panels for every layer it measured
+        kernels.release_plan(packed)
 
 
 def pick_auto(packs: list[PackedWeight], timings: dict[str, float]) -> PackedWeight:
