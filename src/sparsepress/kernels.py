@@ -195,7 +195,7 @@ def _plan_tensors(packed: PackedWeight, kind: str) -> tuple[torch.Tensor, ...]:
 # costs about one byte per weight beside the packed weight (at 50%: two bytes per kept value).
 #   small: layers under 4M weights, when the handle is made: packing them per call would cost more
 #          than their GEMM (MiniLM at 16 tokens: 1536x384 from 58 to 37 us a call).
-#   auto (default): small, and each bigger layer on its first call of 12..63 tokens, where packing
+#   auto (default): small, and each bigger sparse layer on its first call of 12..63 tokens, where packing
 #          per call costs most (LLaMA-7B shapes at 16 tokens: 1.0-2.6x over fbgemm instead of
 #          0.9-1.1x); decode (1 token) and long prefills (64+, packing amortized) never build them.
 #   all:   every int8 layer, when the handle is made. none: packed per call everywhere.
@@ -220,7 +220,9 @@ def _make_handle(kind: str, tensors: list[torch.Tensor] | tuple[torch.Tensor, ..
                                  panel_limit=limit, lazy_panels=lazy)
     if kind == "csr":
         return lib.csr_linear(*tensors[:3], in_features, *tensors[3:], group_size=group_size)
-    return lib.dense_int8_linear(*tensors, group_size=group_size, panel_limit=limit, lazy_panels=lazy)
+    # dense int8 layers keep to the eager limit: a panel would double a big one's memory, and its
+    # GEMM skips no zeros to pay for that
+    return lib.dense_int8_linear(*tensors, group_size=group_size, panel_limit=limit, lazy_panels=False)
 
 
 @torch.compiler.disable
