@@ -49,7 +49,7 @@ class NativeLinear {
       : kind_(kind), args_(args), keep_(std::move(keep)), lazy_(std::make_unique<Lazy>()) {
     if (panel_limit > 0) lazy_->panels = sp::prepare_panels(kind, args, panel_limit);
     lazy_->ready.store(lazy_->panels.data != nullptr, std::memory_order_release);
-    lazy_->allowed = lazy_panels && !lazy_->ready.load(std::memory_order_relaxed);
+    lazy_->allowed.store(lazy_panels && !lazy_->ready.load(std::memory_order_relaxed), std::memory_order_relaxed);
   }
 
   bool has_panels() const { return lazy_->ready.load(std::memory_order_acquire); }
@@ -107,18 +107,19 @@ class NativeLinear {
   struct Lazy {
     std::mutex mu;                 // one builder at a time
     std::atomic<bool> ready{false};  // panels complete and readable (release / acquire)
-    bool allowed = false;
+    std::atomic<bool> allowed{false};  // read unlocked by every call, so atomic
     sp::PreparedPanels panels;
   };
   std::unique_ptr<Lazy> lazy_;  // behind a pointer so NativeLinear stays movable
 
   void attach_panels(sp::LinearArgs& a) {
     Lazy& l = *lazy_;
-    if (!l.ready.load(std::memory_order_acquire) && l.allowed && a.batch >= kLazyMin && a.batch < kLazyMax) {
+    if (!l.ready.load(std::memory_order_acquire) && l.allowed.load(std::memory_order_relaxed) &&
+        a.batch >= kLazyMin && a.batch < kLazyMax) {
       std::lock_guard<std::mutex> lock(l.mu);
       if (!l.ready.load(std::memory_order_relaxed)) {
         l.panels = sp::prepare_panels(kind_, args_, int64_t(1) << 62);
-        l.allowed = false;  // built, or not possible here: never try again
+        l.allowed.store(false, std::memory_order_relaxed);  // built, or not possible here: never try again
         l.ready.store(l.panels.data != nullptr, std::memory_order_release);
       }
     }
@@ -264,13 +265,13 @@ NB_MODULE(_native, m) {
 
   m.def("masked_linear", &make_masked, nb::arg("mask"), nb::arg("values"), nb::arg("row_offsets"),
         nb::arg("in_features"), nb::arg("scales").none() = nb::none(), nb::arg("rowsum").none() = nb::none(),
-        nb::arg("group_size") = 0, nb::arg("panel_limit") = int64_t(4) << 20, nb::arg("lazy_panels") = false,
+        nb::arg("group_size") = 0, nb::arg("panel_limit") = sp::kSmallLayerWeights, nb::arg("lazy_panels") = false,
         "Masked stream weight (bitmask, and nm/bbs converted to it): int8 / float32 / bf16-bits values.\n"
         "panel_limit: int8 layers of fewer weights get their GEMM panels packed once here instead of on\n"
         "every many-token call (0: none); lazy_panels: bigger ones get them on their first call of\n"
         "12..63 tokens.");
   m.def("dense_int8_linear", &make_dense_int8, nb::arg("values"), nb::arg("scales"), nb::arg("rowsum"),
-        nb::arg("group_size") = 0, nb::arg("panel_limit") = int64_t(4) << 20, nb::arg("lazy_panels") = false,
+        nb::arg("group_size") = 0, nb::arg("panel_limit") = sp::kSmallLayerWeights, nb::arg("lazy_panels") = false,
         "Dense int8 weight [out, in] (panel_limit, lazy_panels: as for masked_linear).");
   m.def("csr_linear", &make_csr, nb::arg("row_ptr"), nb::arg("col_indices"), nb::arg("values"),
         nb::arg("in_features"), nb::arg("scales").none() = nb::none(), nb::arg("group_size") = 0,

@@ -68,7 +68,7 @@ constexpr int kBigPreparedCutover = 12;
 int gemm_cutover(const KernelTable& table, Kind kind, const LinearArgs& a) {
   const int o = g_gemm_min_batch.load(std::memory_order_relaxed);
   if (o > 0) return o;
-  if (a.out * a.in < (int64_t(4) << 20)) return table.gemm_min_batch;
+  if (a.out * a.in < kSmallLayerWeights) return table.gemm_min_batch;
   // big layers with prepared panels: no packing per call, the quad GEMM wins from ~12 tokens
   // (measured, 4096x11008 at 50%: even at 8 tokens, 1.17-1.38x over the row dots at 16)
   if (a.panels) return std::max(kBigPreparedCutover, table.gemm_min_batch);

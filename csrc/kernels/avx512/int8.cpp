@@ -540,19 +540,25 @@ static inline int window_quads(const LinearArgs& a, int64_t n0, int nr, int64_t 
   return (most + 3) / 4;
 }
 
-// Fills q[w] and the quad panel of rows [n0, n0 + nr); returns the panel's quad count.
-static int64_t pack_quads(const LinearArgs& a, int64_t n0, int nr, int nj, int64_t windows, uint8_t* q,
-                          int8_t* buf, __m512i* stage) {
+// Quads of every window of the rows [n0, n0 + nr) into q[w] (when q is given); returns their sum.
+static int64_t tile_quads(const LinearArgs& a, int64_t n0, int nr, int64_t windows, uint8_t* q) {
+  int64_t total = 0;
+  for (int64_t w = 0; w < windows; ++w) {
+    const int qw = window_quads(a, n0, nr, w * 64);
+    if (q) q[w] = uint8_t(qw);
+    total += qw;
+  }
+  return total;
+}
+
+// The quad panel of rows [n0, n0 + nr), q[w] quads per window (from tile_quads).
+static void pack_quads(const LinearArgs& a, int64_t n0, int nr, int nj, int64_t windows, const uint8_t* q,
+                       int8_t* buf, __m512i* stage) {
   const int8_t* vals = static_cast<const int8_t*>(a.values);
   const __m512i iota = _mm512_set_epi8(63, 62, 61, 60, 59, 58, 57, 56, 55, 54, 53, 52, 51, 50, 49, 48, 47, 46, 45,
                                        44, 43, 42, 41, 40, 39, 38, 37, 36, 35, 34, 33, 32, 31, 30, 29, 28, 27, 26,
                                        25, 24, 23, 22, 21, 20, 19, 18, 17, 16, 15, 14, 13, 12, 11, 10, 9, 8, 7, 6,
                                        5, 4, 3, 2, 1, 0);
-  int64_t total = 0;
-  for (int64_t w = 0; w < windows; ++w) {
-    q[w] = uint8_t(window_quads(a, n0, nr, w * 64));
-    total += q[w];
-  }
   const int64_t step = int64_t(nj) * 128;
   for (int h = 0; h < nj; ++h) {
     const int rows = int(generic::imin(16, nr - 16 * h));
@@ -585,7 +591,6 @@ static int64_t pack_quads(const LinearArgs& a, int64_t n0, int nr, int nj, int64
       dst += qw * step;
     }
   }
-  return total;
 }
 
 template <int MR, int NJ>
@@ -649,6 +654,15 @@ static inline bool quads_win(int64_t quads, int64_t windows) {
   return quads * kQuadShareDen <= windows * 16 * kQuadShareNum;
 }
 
+// Tokens [m0, m1) of the tile at n0 from its panel: quads (q per window) or the dense panel.
+static inline void tile_tokens(const LinearArgs& a, bool quads, const int8_t* data, const uint8_t* q,
+                               int64_t windows, int64_t m0, int64_t m1, int64_t n0, int nr) {
+  if (quads && nr > 16) quad_tokens<2>(a, data, q, windows, m0, m1, n0, nr);
+  else if (quads) quad_tokens<1>(a, data, q, windows, m0, m1, n0, nr);
+  else if (nr > 16) panel_tokens<2>(a, data, windows * 16, m0, m1, n0, nr);
+  else panel_tokens<1>(a, data, windows * 16, m0, m1, n0, nr);
+}
+
 template <bool kMasked>
 static void gemm(const LinearArgs& a, int64_t r0, int64_t r1) {
   const int64_t kpad = (a.in + 63) / 64 * 64, windows = kpad / 64;
@@ -661,11 +675,7 @@ static void gemm(const LinearArgs& a, int64_t r0, int64_t r1) {
         const int nr = int(generic::imin(kGemmRows, r1 - n0));
         const int8_t* tile = a.panels + a.panel_off[n0 / kGemmRows];
         const uint8_t* q = reinterpret_cast<const uint8_t*>(tile) + 1;
-        const int8_t* data = tile + header_bytes(windows);
-        if (tile[0] && nr > 16) quad_tokens<2>(a, data, q, windows, m0, m1, n0, nr);
-        else if (tile[0]) quad_tokens<1>(a, data, q, windows, m0, m1, n0, nr);
-        else if (nr > 16) panel_tokens<2>(a, data, kpad / 4, m0, m1, n0, nr);
-        else panel_tokens<1>(a, data, kpad / 4, m0, m1, n0, nr);
+        tile_tokens(a, tile[0] != 0, tile + header_bytes(windows), q, windows, m0, m1, n0, nr);
       }
     }
     return;
@@ -686,17 +696,11 @@ static void gemm(const LinearArgs& a, int64_t r0, int64_t r1) {
     for (int64_t n0 = r0; n0 < r1; n0 += kGemmRows) {
       const int nr = int(generic::imin(kGemmRows, r1 - n0));
       const int nj = nr > 16 ? 2 : 1;
-      if (kMasked) {
-        const int64_t quads = pack_quads(a, n0, nr, nj, windows, q, buf, stage);
-        if (quads_win(quads, windows)) {
-          if (nj == 2) quad_tokens<2>(a, buf, q, windows, m0, m1, n0, nr);
-          else quad_tokens<1>(a, buf, q, windows, m0, m1, n0, nr);
-          continue;
-        }
-      }
-      pack_panel<kMasked>(a, n0, nr, nj, kpad, buf + kpad * kGemmRows, buf);
-      if (nj == 2) panel_tokens<2>(a, buf, kpad / 4, m0, m1, n0, nr);
-      else panel_tokens<1>(a, buf, kpad / 4, m0, m1, n0, nr);
+      // quads only where they win; the counts are cheap, the packing is not
+      const bool quads = kMasked && quads_win(tile_quads(a, n0, nr, windows, q), windows);
+      if (quads) pack_quads(a, n0, nr, nj, windows, q, buf, stage);
+      else pack_panel<kMasked>(a, n0, nr, nj, kpad, buf + kpad * kGemmRows, buf);
+      tile_tokens(a, quads, buf, q, windows, m0, m1, n0, nr);
     }
   }
 }
@@ -712,8 +716,7 @@ int64_t panel_offsets(const LinearArgs& a, bool masked, int64_t* off) {
     off[t] = at;
     int64_t bytes = kpad / 4 * nj * 64;
     if (masked) {
-      int64_t quads = 0;
-      for (int64_t w = 0; w < windows; ++w) quads += window_quads(a, n0, nr, w * 64);
+      const int64_t quads = tile_quads(a, n0, nr, windows, nullptr);
       if (quads_win(quads, windows)) bytes = quads * nj * 128;
     }
     at += header_bytes(windows) + bytes;
@@ -733,18 +736,12 @@ void pack_panels(const LinearArgs& a, bool masked, const int64_t* off, int8_t* o
     int8_t* tile = out + off[t];
     uint8_t* q = reinterpret_cast<uint8_t*>(tile) + 1;
     int8_t* data = tile + header_bytes(windows);
-    tile[0] = 0;
-    int64_t quads = 0;
-    if (masked)  // the same decision panel_offsets made
-      for (int64_t w = 0; w < windows; ++w) quads += window_quads(a, n0, nr, w * 64);
-    if (masked && quads_win(quads, windows)) {
-      tile[0] = 1;
-      pack_quads(a, n0, nr, nj, windows, q, data, stage);
-    } else if (masked) {
-      pack_panel<true>(a, n0, nr, nj, kpad, rowbuf, data);
-    } else {
-      pack_panel<false>(a, n0, nr, nj, kpad, rowbuf, data);
-    }
+    // the same decision panel_offsets made
+    const bool quads = masked && quads_win(tile_quads(a, n0, nr, windows, q), windows);
+    tile[0] = quads ? 1 : 0;
+    if (quads) pack_quads(a, n0, nr, nj, windows, q, data, stage);
+    else if (masked) pack_panel<true>(a, n0, nr, nj, kpad, rowbuf, data);
+    else pack_panel<false>(a, n0, nr, nj, kpad, rowbuf, data);
   }
 }
 
