@@ -80,14 +80,7 @@ def median_ms(run: Callable[[], Any], repeats: int = 10, warmup: int = 3) -> flo
         >>> median_ms(lambda: None, repeats=3, warmup=1) >= 0
         True
     """
-    for _ in range(warmup):
-        run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append((time.perf_counter() - start) * 1000.0)
-    return statistics.median(times)
+    return interleaved_ms({"run": run}, rounds=repeats, warmup=warmup)["run"]
 
 
 def latency_ms(model: nn.Module, batch: dict[str, torch.Tensor], repeats: int = 10) -> float:

@@ -30,6 +30,7 @@ from .formats.base import PackedWeight, mask_to_bits
 from .formats.values import is_integer
 
 _PLAN_ATTR = "_sparsepress_native_plan"
+_is_compiling = torch.compiler.is_compiling
 
 
 def quantize_activations(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -337,7 +338,7 @@ def packed_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | No
             y = reference_linear(x2d, packed, bias)
         if code:
             y = ACTIVATIONS[activation][1](y)  # type: ignore[index]
-    elif torch.compiler.is_compiling():
+    elif _is_compiling():
         y = _packed_linear_op(x2d, list(plan.tensors), plan.kind, plan.in_features, out_features,
                               plan.group_size, bias, code)
     else:
@@ -365,8 +366,6 @@ def threads_for(macs: int) -> int:
     """
     return 1 if macs < SINGLE_THREAD_MACS[native.parallel_backend()] else torch.get_num_threads()
 
-
-_is_compiling = torch.compiler.is_compiling
 
 
 def measure_ms(packed: PackedWeight, bias: torch.Tensor | None, batch: int = 1, repeats: int = 7) -> float:
