@@ -62,6 +62,18 @@ def assert_matches_reference(packed, x: torch.Tensor, bias: torch.Tensor | None)
     assert bool(((y - ref).abs() <= tol).all()), float((y - ref).abs().max())
 
 
+def assert_random_inputs_match(packed, batch: int, seed: int, zero_row: int) -> None:
+    """Seeded inputs (row `zero_row` all zero when batch > 1: the sx = 1 branch) and, for odd seeds, a
+    bias: the native result equals the reference."""
+    out_features, in_features = packed.shape
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(batch, in_features, generator=gen) * 3
+    if batch > 1:
+        x[zero_row] = 0
+    bias = torch.randn(out_features, generator=gen) if seed % 2 else None
+    assert_matches_reference(packed, x, bias)
+
+
 CASES = [
     ("bitmask", "int8", {}), ("bitmask", "fp32", {}), ("bitmask", "bf16", {}),
     ("nm", "int8", {"n": 2, "m": 4}), ("nm", "int8", {"n": 4, "m": 8}), ("nm", "fp32", {"n": 2, "m": 4}),
@@ -98,12 +110,7 @@ def test_native_matches_reference(isa, fmt, dtype, params, data):
     seed = data.draw(st.integers(0, 2**16), label="seed")
     packed = pack(fmt, weight_for(fmt, out_features, in_features, density, seed, params), dtype, group_size, **params)
     assert kernels.native_supports(packed)
-    gen = torch.Generator().manual_seed(seed + 1)
-    x = torch.randn(batch, in_features, generator=gen) * 3
-    if batch > 1:
-        x[0] = 0  # an all-zero token takes the sx = 1 branch
-    bias = torch.randn(out_features, generator=gen) if seed % 2 else None
-    assert_matches_reference(packed, x, bias)
+    assert_random_inputs_match(packed, batch, seed, zero_row=0)
 
 
 @pytest.mark.native
@@ -145,12 +152,7 @@ def test_int8_paths_match_reference(isa, int8_path, fmt, dtype, params, data):
     group_size = data.draw(st.sampled_from([None, None, None, 64]), label="group_size")
     seed = data.draw(st.integers(0, 2**16), label="seed")
     packed = pack(fmt, weight_for(fmt, out_features, in_features, 0.5, seed, params), dtype, group_size, **params)
-    gen = torch.Generator().manual_seed(seed + 1)
-    x = torch.randn(batch, in_features, generator=gen) * 3
-    if batch > 1:
-        x[batch // 2] = 0
-    bias = torch.randn(out_features, generator=gen) if seed % 2 else None
-    assert_matches_reference(packed, x, bias)
+    assert_random_inputs_match(packed, batch, seed, zero_row=batch // 2)
 
 
 @pytest.mark.native
@@ -180,12 +182,7 @@ def test_wide_masked_rows_match_reference(isa, int8_path, fmt, dtype, params, da
     density = data.draw(st.sampled_from([0.0, 0.05, 0.5, 0.9, 1.0]), label="density")
     seed = data.draw(st.integers(0, 2**16), label="seed")
     packed = pack(fmt, weight_for(fmt, out_features, in_features, density, seed, params), dtype, None, **params)
-    gen = torch.Generator().manual_seed(seed + 1)
-    x = torch.randn(batch, in_features, generator=gen) * 3
-    if batch > 1:
-        x[batch // 2] = 0
-    bias = torch.randn(out_features, generator=gen) if seed % 2 else None
-    assert_matches_reference(packed, x, bias)
+    assert_random_inputs_match(packed, batch, seed, zero_row=batch // 2)
 
 
 @pytest.mark.native
