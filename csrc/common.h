@@ -80,9 +80,10 @@ struct KernelTable {
   // several row passes; the AVX-512 K-blocked row dots keep up to 16 tokens)
   int gemm_min_batch_big_masked;
   // Prepared GEMM panels (null: this tree packs per call only). panel_offsets fills off[n_tiles + 1]
-  // (byte offsets, multiples of 64) and returns the bytes; pack_panels writes them there.
+  // (byte offsets, multiples of 64) and returns the bytes; pack_panels writes them there. Both
+  // fail (-1 / false) only when their scratch cannot be allocated.
   int64_t (*panel_offsets)(const LinearArgs&, bool masked, int64_t* off);
-  void (*pack_panels)(const LinearArgs&, bool masked, const int64_t* off, int8_t* out);
+  bool (*pack_panels)(const LinearArgs&, bool masked, const int64_t* off, int8_t* out);
 };
 
 constexpr int64_t kGemmRows = 32;  // output rows per GEMM tile

@@ -126,9 +126,9 @@ PreparedPanels prepare_panels(Kind kind, const LinearArgs& a, int64_t max_weight
   const int64_t tiles = (a.out + kGemmRows - 1) / kGemmRows;
   p.offsets = new int64_t[size_t(tiles + 1)];
   const int64_t bytes = table.panel_offsets(a, masked, p.offsets);
+  if (bytes < 0) return PreparedPanels();
   p.data = static_cast<int8_t*>(std::aligned_alloc(64, size_t((bytes + 63) / 64 * 64)));
-  if (!p.data) return PreparedPanels();
-  table.pack_panels(a, masked, p.offsets, p.data);
+  if (!p.data || !table.pack_panels(a, masked, p.offsets, p.data)) return PreparedPanels();
   p.table = &table;
   return p;
 }

@@ -19,6 +19,6 @@ void activate(float* y, int64_t batch, int64_t stride, int64_t c0, int64_t c1, A
 void masked_gemm_i8(const LinearArgs& a, int64_t r0, int64_t r1);
 void dense_gemm_i8(const LinearArgs& a, int64_t r0, int64_t r1);
 int64_t panel_offsets(const LinearArgs& a, bool masked, int64_t* off);
-void pack_panels(const LinearArgs& a, bool masked, const int64_t* off, int8_t* out);
+bool pack_panels(const LinearArgs& a, bool masked, const int64_t* off, int8_t* out);
 }  // namespace SP_ISA_NS
 }  // namespace sp

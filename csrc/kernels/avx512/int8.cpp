@@ -375,6 +375,7 @@ struct Scratch {
   }
 };
 thread_local Scratch tl_panel;
+thread_local Scratch tl_counts;  // quads per window while a prepared tile is planned
 
 // In-place transpose of a 16 x 16 matrix of dwords (v[row] -> v[col]).
 static inline void transpose16(__m512i v[16]) {
@@ -520,15 +521,29 @@ static void panel_tokens(const LinearArgs& a, const int8_t* buf, int64_t k4n, in
   }
 }
 
-// Quad panels: the sparse GEMM of masked weights. Per 64-column window w of a tile, each row's
-// stored values are taken four at a time ("quads"); quad j of 16 rows is one zmm of weights plus
-// one zmm of their column positions inside the window. The micro-kernel loads a token's 64
-// activation bytes of the window once and, per quad, gathers each row's four activations with
-// vpermb and multiplies them with vpdpbusd. Zeros cost nothing but the padding of a window to
-// the tile's largest row: q_w = max over rows of ceil(nnz / 4) quads instead of 16 dense steps
-// (BBS(64) and 2:4 at 50%: exactly 8). vpermb and vpdpbusd issue side by side, so a quad costs
-// about what one dense step does: ~1.5x the dense GEMM's speed at 50% (measured, Zen 4).
-// Layout: for window w from qoff[w]: for j < q[w]: for h < NJ: 64 position bytes, 64 value bytes.
+// Quad panels: the sparse GEMM of masked weights. Each row's stored values are taken four at a
+// time ("quads"); quad j of 16 rows is one zmm of weights plus one zmm of their column positions
+// inside the quad's 64-column window. The micro-kernel loads a token's 64 activation bytes of a
+// window once and, per quad, gathers each row's four activations with vpermb and multiplies them
+// with vpdpbusd. Quads come in runs that share one window: (start column, quads). vpermb and
+// vpdpbusd issue side by side, so a quad costs about what one dense step (4 columns) does.
+//
+// Zeros cost nothing but padding: a quad has a lane for each of the 32 rows whether the row has
+// values for it or not. Two ways to lay quads out, the tile takes the one with fewer:
+//  - fixed windows: window w = columns [64w, 64w + 64) gets q_w = max over rows of ceil(nnz / 4)
+//    quads (BBS(64) and 2:4 at 50%: exactly 8, no padding);
+//  - sliding windows: each quad's window starts where the tile's most lagging row has its next
+//    stored value (rounded down to 32 columns), and every row takes its next (up to) four stored
+//    values inside it. A row dense in one stretch spills into the next quads instead of padding
+//    all 32 rows, so unstructured 50% needs ~1.06 quads per four values against ~1.29 in fixed
+//    windows (binomial row counts). Windows at 32-column steps keep the runs long (one window
+//    load per ~4 quads) at 1.5% more quads than 8-column steps.
+// Layout: for each run, for j < quads: for h < NJ: 64 position bytes, 64 value bytes.
+
+struct QuadRun {
+  int32_t start;  // first column of the window
+  int32_t quads;
+};
 
 // Quads of window w needed by the rows [n0, n0 + nr).
 static inline int window_quads(const LinearArgs& a, int64_t n0, int nr, int64_t c) {
@@ -540,7 +555,8 @@ static inline int window_quads(const LinearArgs& a, int64_t n0, int nr, int64_t 
   return (most + 3) / 4;
 }
 
-// Quads of every window of the rows [n0, n0 + nr) into q[w] (when q is given); returns their sum.
+// Fixed windows of the rows [n0, n0 + nr): quads per window into q[w] (when q is given); returns
+// their sum.
 static int64_t tile_quads(const LinearArgs& a, int64_t n0, int nr, int64_t windows, uint8_t* q) {
   int64_t total = 0;
   for (int64_t w = 0; w < windows; ++w) {
@@ -551,7 +567,15 @@ static int64_t tile_quads(const LinearArgs& a, int64_t n0, int nr, int64_t windo
   return total;
 }
 
-// The quad panel of rows [n0, n0 + nr), q[w] quads per window (from tile_quads).
+// The runs of fixed windows (those with quads); returns their count.
+static int64_t window_runs(const uint8_t* q, int64_t windows, QuadRun* runs) {
+  int64_t n = 0;
+  for (int64_t w = 0; w < windows; ++w)
+    if (q[w]) runs[n++] = QuadRun{int32_t(w * 64), int32_t(q[w])};
+  return n;
+}
+
+// The fixed-window quad panel of rows [n0, n0 + nr), q[w] quads per window (from tile_quads).
 static void pack_quads(const LinearArgs& a, int64_t n0, int nr, int nj, int64_t windows, const uint8_t* q,
                        int8_t* buf, __m512i* stage) {
   const int8_t* vals = static_cast<const int8_t*>(a.values);
@@ -593,8 +617,87 @@ static void pack_quads(const LinearArgs& a, int64_t n0, int nr, int nj, int64_t 
   }
 }
 
+// First stored column at or after c of the mask row m (in when there is none).
+static inline int64_t next_stored(const uint8_t* m, int64_t c, int64_t in) {
+  if (c >= in) return in;
+  int64_t c8 = c & ~int64_t(63);
+  uint64_t bits = mask_bits(m, c8, in) & (~0ull << (c - c8));
+  while (!bits) {
+    c8 += 64;
+    if (c8 >= in) return in;
+    bits = mask_bits(m, c8, in);
+  }
+  return c8 + int64_t(_tzcnt_u64(bits));
+}
+
+// Mask bits of columns [c, c + 64) for any c that is a multiple of 8.
+static inline uint64_t mask_bits8(const uint8_t* m, int64_t c, int64_t in) {
+  uint64_t v = 0;
+  const int64_t bytes = generic::imin(8, (in - c + 7) / 8);
+  std::memcpy(&v, m + c / 8, size_t(bytes));
+  return in - c < 64 ? _bzhi_u64(v, unsigned(in - c)) : v;
+}
+
+constexpr int64_t kSlideAlign = 32;  // sliding windows start at multiples of this many columns
+
+// Sliding quads of the rows [n0, n0 + nr): returns their count and sets *nruns. With out given,
+// also writes the runs and the quads (out must hold count * NJ * 128 bytes and runs *nruns entries,
+// as a first counting pass with out = runs = null says).
+static int64_t slide_quads(const LinearArgs& a, int64_t n0, int nr, int64_t kpad, QuadRun* runs, int8_t* out,
+                           int64_t* nruns) {
+  const int8_t* vals = static_cast<const int8_t*>(a.values);
+  const int64_t step = (nr > 16 ? 2 : 1) * 128;
+  const uint8_t* row[kGemmRows];
+  int64_t cur[kGemmRows], next[kGemmRows], p[kGemmRows];
+  for (int i = 0; i < nr; ++i) {
+    row[i] = a.mask + (n0 + i) * a.mask_stride;
+    cur[i] = 0;
+    p[i] = a.row_offsets[n0 + i];
+    next[i] = next_stored(row[i], 0, a.in);
+  }
+  int64_t count = 0, run = -1, last_start = -1;
+  for (;;) {
+    int64_t lag = a.in;
+    for (int i = 0; i < nr; ++i) lag = next[i] < lag ? next[i] : lag;
+    if (lag >= a.in) break;
+    const int64_t s = generic::imin(lag & ~(kSlideAlign - 1), kpad - 64);
+    if (s != last_start) {
+      ++run;
+      last_start = s;
+      if (runs) runs[run] = QuadRun{int32_t(s), 0};
+    }
+    if (runs) ++runs[run].quads;
+    int8_t* quad = out ? out + count * step : nullptr;
+    if (quad) std::memset(quad, 0, size_t(step));
+    for (int i = 0; i < nr; ++i) {
+      // done, or ahead of this window: a padding lane here (else cur <= next < s + 64)
+      if (next[i] >= s + 64 || next[i] >= a.in) continue;
+      uint64_t bits = mask_bits8(row[i], s, a.in);
+      if (cur[i] > s) bits &= ~0ull << (cur[i] - s);
+      uint32_t pos = 0;
+      int k = 0;
+      int64_t last = 0;
+      for (; k < 4 && bits; ++k, bits = _blsr_u64(bits)) {
+        last = int64_t(_tzcnt_u64(bits));
+        pos |= uint32_t(last) << (8 * k);
+      }
+      if (quad) {
+        int8_t* lane = quad + (i / 16) * 128 + (i % 16) * 4;
+        std::memcpy(lane, &pos, 4);
+        std::memcpy(lane + 64, vals + p[i], size_t(k));
+      }
+      p[i] += k;
+      cur[i] = k == 4 && bits ? s + last + 1 : s + 64;
+      next[i] = next_stored(row[i], cur[i], a.in);
+    }
+    ++count;
+  }
+  *nruns = run + 1;
+  return count;
+}
+
 template <int MR, int NJ>
-static inline void micro_quads(const LinearArgs& a, const int8_t* buf, const uint8_t* q, int64_t windows,
+static inline void micro_quads(const LinearArgs& a, const int8_t* buf, const QuadRun* runs, int64_t nruns,
                                int64_t m0, int64_t n0, int nr) {
   __m512i acc[MR][NJ];
 #pragma GCC unroll 8
@@ -604,11 +707,11 @@ static inline void micro_quads(const LinearArgs& a, const int8_t* buf, const uin
   const uint8_t* x = a.xu + m0 * a.x_stride;
   const int64_t xs = a.x_stride;
   const int8_t* p = buf;
-  for (int64_t w = 0; w < windows; ++w) {
+  for (int64_t r = 0; r < nruns; ++r) {
     __m512i xw[MR];
 #pragma GCC unroll 8
-    for (int i = 0; i < MR; ++i) xw[i] = _mm512_loadu_si512(x + i * xs + w * 64);
-    for (int j = q[w]; j > 0; --j, p += NJ * 128) {
+    for (int i = 0; i < MR; ++i) xw[i] = _mm512_loadu_si512(x + i * xs + runs[r].start);
+    for (int j = runs[r].quads; j > 0; --j, p += NJ * 128) {
 #pragma GCC unroll 2
       for (int h = 0; h < NJ; ++h) {
         const __m512i idx = _mm512_load_si512(p + h * 128);
@@ -625,18 +728,18 @@ static inline void micro_quads(const LinearArgs& a, const int8_t* buf, const uin
 constexpr int kQuadMR = 5;
 
 template <int NJ>
-static void quad_tokens(const LinearArgs& a, const int8_t* buf, const uint8_t* q, int64_t windows, int64_t m0,
+static void quad_tokens(const LinearArgs& a, const int8_t* buf, const QuadRun* runs, int64_t nruns, int64_t m0,
                         int64_t m1, int64_t n0, int nr) {
   const TokenBlocks tb(m1 - m0, kQuadMR);
   int64_t m = m0;
   for (int64_t b = 0; b < tb.blocks; ++b) {
     const int size = tb.size(b);
     switch (size) {
-      case 5: micro_quads<5, NJ>(a, buf, q, windows, m, n0, nr); break;
-      case 4: micro_quads<4, NJ>(a, buf, q, windows, m, n0, nr); break;
-      case 3: micro_quads<3, NJ>(a, buf, q, windows, m, n0, nr); break;
-      case 2: micro_quads<2, NJ>(a, buf, q, windows, m, n0, nr); break;
-      default: micro_quads<1, NJ>(a, buf, q, windows, m, n0, nr); break;
+      case 5: micro_quads<5, NJ>(a, buf, runs, nruns, m, n0, nr); break;
+      case 4: micro_quads<4, NJ>(a, buf, runs, nruns, m, n0, nr); break;
+      case 3: micro_quads<3, NJ>(a, buf, runs, nruns, m, n0, nr); break;
+      case 2: micro_quads<2, NJ>(a, buf, runs, nruns, m, n0, nr); break;
+      default: micro_quads<1, NJ>(a, buf, runs, nruns, m, n0, nr); break;
     }
     m += size;
   }
@@ -646,21 +749,62 @@ static void quad_tokens(const LinearArgs& a, const int8_t* buf, const uint8_t* q
 // 1.3x a dense step: measured break-even ~0.77 on Zen 4).
 constexpr int64_t kQuadShareNum = 3, kQuadShareDen = 4;
 
-// Prepared panels: per tile a header of round64(1 + windows) bytes (byte 0: 1 for quads; then
-// q[w]) followed by the quad panel or the dense panel.
-static inline int64_t header_bytes(int64_t windows) { return (1 + windows + 63) / 64 * 64; }
-
 static inline bool quads_win(int64_t quads, int64_t windows) {
   return quads * kQuadShareDen <= windows * 16 * kQuadShareNum;
 }
 
-// Tokens [m0, m1) of the tile at n0 from its panel: quads (q per window) or the dense panel.
-static inline void tile_tokens(const LinearArgs& a, bool quads, const int8_t* data, const uint8_t* q,
+// Tokens [m0, m1) of the tile at n0 from its panel: quads (in runs) or the dense panel.
+static inline void tile_tokens(const LinearArgs& a, const int8_t* data, const QuadRun* runs, int64_t nruns,
                                int64_t windows, int64_t m0, int64_t m1, int64_t n0, int nr) {
-  if (quads && nr > 16) quad_tokens<2>(a, data, q, windows, m0, m1, n0, nr);
-  else if (quads) quad_tokens<1>(a, data, q, windows, m0, m1, n0, nr);
+  if (runs && nr > 16) quad_tokens<2>(a, data, runs, nruns, m0, m1, n0, nr);
+  else if (runs) quad_tokens<1>(a, data, runs, nruns, m0, m1, n0, nr);
   else if (nr > 16) panel_tokens<2>(a, data, windows * 16, m0, m1, n0, nr);
   else panel_tokens<1>(a, data, windows * 16, m0, m1, n0, nr);
+}
+
+// A prepared tile: a 64-byte header (byte 0: the kind; bytes 4..7: the number of runs), for quads
+// their runs (round64(8 * runs) bytes), then the panel.
+enum TileKind : int8_t { kDenseTile = 0, kFixedQuads = 1, kSlidingQuads = 2 };
+
+struct TilePlan {
+  TileKind kind;
+  int64_t runs;    // quad runs
+  int64_t header;  // bytes before the panel
+  int64_t bytes;   // the panel's bytes
+};
+
+static inline int64_t round64(int64_t n) { return (n + 63) / 64 * 64; }
+
+// The layout of the tile at n0 with the fewest steps (q[w] gets the fixed-window quads when masked).
+static TilePlan plan_tile(const LinearArgs& a, bool masked, int64_t n0, int nr, int64_t kpad, uint8_t* q) {
+  const int64_t windows = kpad / 64, nj = nr > 16 ? 2 : 1;
+  TilePlan t{kDenseTile, 0, 64, kpad / 4 * nj * 64};
+  if (!masked) return t;
+  const int64_t fixed = tile_quads(a, n0, nr, windows, q);
+  int64_t slide_runs = 0;
+  const int64_t slides = slide_quads(a, n0, nr, kpad, nullptr, nullptr, &slide_runs);
+  const bool sliding = slides < fixed;
+  const int64_t quads = sliding ? slides : fixed;
+  if (!quads_win(quads, windows)) return t;
+  int64_t runs = slide_runs;
+  if (!sliding) {
+    runs = 0;
+    for (int64_t w = 0; w < windows; ++w) runs += q[w] != 0;
+  }
+  return {sliding ? kSlidingQuads : kFixedQuads, runs, 64 + round64(8 * runs), quads * nj * 128};
+}
+
+// Tokens [m0, m1) of a prepared tile.
+static inline void prepared_tokens(const LinearArgs& a, const int8_t* tile, int64_t windows, int64_t m0, int64_t m1,
+                                   int64_t n0, int nr) {
+  if (tile[0] == kDenseTile) {
+    tile_tokens(a, tile + 64, nullptr, 0, windows, m0, m1, n0, nr);
+    return;
+  }
+  int32_t nruns;
+  std::memcpy(&nruns, tile + 4, 4);
+  const QuadRun* runs = reinterpret_cast<const QuadRun*>(tile + 64);
+  tile_tokens(a, tile + 64 + round64(8 * int64_t(nruns)), runs, nruns, windows, m0, m1, n0, nr);
 }
 
 template <bool kMasked>
@@ -673,16 +817,16 @@ static void gemm(const LinearArgs& a, int64_t r0, int64_t r1) {
       const int64_t m1 = generic::imin(a.batch, m0 + mc);
       for (int64_t n0 = r0; n0 < r1; n0 += kGemmRows) {
         const int nr = int(generic::imin(kGemmRows, r1 - n0));
-        const int8_t* tile = a.panels + a.panel_off[n0 / kGemmRows];
-        const uint8_t* q = reinterpret_cast<const uint8_t*>(tile) + 1;
-        tile_tokens(a, tile[0] != 0, tile + header_bytes(windows), q, windows, m0, m1, n0, nr);
+        prepared_tokens(a, a.panels + a.panel_off[n0 / kGemmRows], windows, m0, m1, n0, nr);
       }
     }
     return;
   }
-  // dense panel kpad x 32 + its row buffer kpad x 16; quad panel up to kpad x 64; 32 staging zmm; q[]
+  // Per call: fixed-window quads only (sliding ones take longer to pack than a call runs).
+  // dense panel kpad x 32 + its row buffer kpad x 16; quad panel up to kpad x 64; 32 staging zmm;
+  // q[]; runs
   const size_t dense_bytes = size_t(kpad * (kGemmRows + 16));
-  const size_t quad_bytes = kMasked ? size_t(kpad * 64 + 32 * 64 + windows + 64) : 0;
+  const size_t quad_bytes = kMasked ? size_t(kpad * 64 + 32 * 64 + round64(windows) + windows * 8) : 0;
   int8_t* buf = a.n_groups == 1 ? tl_panel.get(dense_bytes > quad_bytes ? dense_bytes : quad_bytes) : nullptr;
   if (!buf) {
     rows<kMasked>(a, r0, r1);
@@ -691,6 +835,7 @@ static void gemm(const LinearArgs& a, int64_t r0, int64_t r1) {
   }
   __m512i* stage = reinterpret_cast<__m512i*>(buf + kpad * 64);
   uint8_t* q = reinterpret_cast<uint8_t*>(buf + kpad * 64 + 32 * 64);
+  QuadRun* runs = reinterpret_cast<QuadRun*>(buf + kpad * 64 + 32 * 64 + round64(windows));
   for (int64_t m0 = 0; m0 < a.batch; m0 += mc) {
     const int64_t m1 = generic::imin(a.batch, m0 + mc);
     for (int64_t n0 = r0; n0 < r1; n0 += kGemmRows) {
@@ -700,7 +845,8 @@ static void gemm(const LinearArgs& a, int64_t r0, int64_t r1) {
       const bool quads = kMasked && quads_win(tile_quads(a, n0, nr, windows, q), windows);
       if (quads) pack_quads(a, n0, nr, nj, windows, q, buf, stage);
       else pack_panel<kMasked>(a, n0, nr, nj, kpad, buf + kpad * kGemmRows, buf);
-      tile_tokens(a, quads, buf, q, windows, m0, m1, n0, nr);
+      const int64_t nruns = quads ? window_runs(q, windows, runs) : 0;
+      tile_tokens(a, buf, quads ? runs : nullptr, nruns, windows, m0, m1, n0, nr);
     }
   }
 }
@@ -708,41 +854,51 @@ static void gemm(const LinearArgs& a, int64_t r0, int64_t r1) {
 }  // namespace
 
 int64_t panel_offsets(const LinearArgs& a, bool masked, int64_t* off) {
-  const int64_t kpad = (a.in + 63) / 64 * 64, windows = kpad / 64;
+  const int64_t kpad = (a.in + 63) / 64 * 64;
+  uint8_t* q = reinterpret_cast<uint8_t*>(tl_counts.get(size_t(kpad / 64)));
+  if (!q) return -1;
   int64_t at = 0, t = 0;
   for (int64_t n0 = 0; n0 < a.out; n0 += kGemmRows, ++t) {
     const int nr = int(generic::imin(kGemmRows, a.out - n0));
-    const int nj = nr > 16 ? 2 : 1;
     off[t] = at;
-    int64_t bytes = kpad / 4 * nj * 64;
-    if (masked) {
-      const int64_t quads = tile_quads(a, n0, nr, windows, nullptr);
-      if (quads_win(quads, windows)) bytes = quads * nj * 128;
-    }
-    at += header_bytes(windows) + bytes;
+    const TilePlan plan = plan_tile(a, masked, n0, nr, kpad, q);
+    at += plan.header + plan.bytes;
   }
   off[t] = at;
   return at;
 }
 
-void pack_panels(const LinearArgs& a, bool masked, const int64_t* off, int8_t* out) {
+bool pack_panels(const LinearArgs& a, bool masked, const int64_t* off, int8_t* out) {
   const int64_t kpad = (a.in + 63) / 64 * 64, windows = kpad / 64;
   int8_t* rowbuf = tl_panel.get(size_t(kpad * 16));
+  uint8_t* q = reinterpret_cast<uint8_t*>(tl_counts.get(size_t(windows)));
+  if (!rowbuf || !q) return false;
   alignas(64) __m512i stage[32];
   int64_t t = 0;
   for (int64_t n0 = 0; n0 < a.out; n0 += kGemmRows, ++t) {
     const int nr = int(generic::imin(kGemmRows, a.out - n0));
     const int nj = nr > 16 ? 2 : 1;
     int8_t* tile = out + off[t];
-    uint8_t* q = reinterpret_cast<uint8_t*>(tile) + 1;
-    int8_t* data = tile + header_bytes(windows);
-    // the same decision panel_offsets made
-    const bool quads = masked && quads_win(tile_quads(a, n0, nr, windows, q), windows);
-    tile[0] = quads ? 1 : 0;
-    if (quads) pack_quads(a, n0, nr, nj, windows, q, data, stage);
-    else if (masked) pack_panel<true>(a, n0, nr, nj, kpad, rowbuf, data);
-    else pack_panel<false>(a, n0, nr, nj, kpad, rowbuf, data);
+    std::memset(tile, 0, 64);
+    const TilePlan plan = plan_tile(a, masked, n0, nr, kpad, q);  // the one panel_offsets made
+    tile[0] = plan.kind;
+    const int32_t nruns = int32_t(plan.runs);
+    std::memcpy(tile + 4, &nruns, 4);
+    QuadRun* runs = reinterpret_cast<QuadRun*>(tile + 64);
+    int8_t* data = tile + plan.header;
+    int64_t written = 0;
+    if (plan.kind == kSlidingQuads) {
+      slide_quads(a, n0, nr, kpad, runs, data, &written);
+    } else if (plan.kind == kFixedQuads) {
+      window_runs(q, windows, runs);
+      pack_quads(a, n0, nr, nj, windows, q, data, stage);
+    } else if (masked) {
+      pack_panel<true>(a, n0, nr, nj, kpad, rowbuf, data);
+    } else {
+      pack_panel<false>(a, n0, nr, nj, kpad, rowbuf, data);
+    }
   }
+  return true;
 }
 
 void masked_i8(const LinearArgs& a, int64_t r0, int64_t r1) { rows<true>(a, r0, r1); }
