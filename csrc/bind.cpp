@@ -57,6 +57,15 @@ class NativeLinear {
     return has_panels() ? lazy_->panels.offsets[(args_.out + sp::kGemmRows - 1) / sp::kGemmRows] : 0;
   }
 
+  // Prepared tiles per layout: (dense, fixed-window quads, sliding-window quads).
+  std::vector<int64_t> panel_tiles() const {
+    std::vector<int64_t> n(3, 0);
+    if (!has_panels()) return n;
+    for (int64_t t = 0; t < (args_.out + sp::kGemmRows - 1) / sp::kGemmRows; ++t)
+      ++n[size_t(lazy_->panels.data[lazy_->panels.offsets[t]])];
+    return n;
+  }
+
   // y[B, out] = x[B, in] W^T (+ bias)
   void call(const F32In& x, F32Out& y, std::optional<Vec> bias, int n_threads, int activation) {
     require(x.shape(1) == size_t(args_.in), "x has " + std::to_string(x.shape(1)) +
@@ -260,6 +269,8 @@ NB_MODULE(_native, m) {
            "Unchecked fast path: addresses of float32 C-contiguous x [batch, in], y [batch, out], bias [out] or 0.")
       .def_prop_ro("has_panels", &NativeLinear::has_panels, "Whether GEMM panels were prepared.")
       .def_prop_ro("panel_bytes", &NativeLinear::panel_bytes, "Bytes of the prepared GEMM panels (0: none).")
+      .def_prop_ro("panel_tiles", &NativeLinear::panel_tiles,
+                   "Prepared 32-row tiles per layout: [dense, fixed-window quads, sliding-window quads].")
       .def_prop_ro("in_features", &NativeLinear::in_features)
       .def_prop_ro("out_features", &NativeLinear::out_features);
 

@@ -207,6 +207,46 @@ def test_big_layer_with_prepared_panels(isa, fmt, params, monkeypatch):
     assert plan.handle.has_panels == (isa == "avx512")
 
 
+def lopsided_sparse(out_features: int, in_features: int, seed: int) -> torch.Tensor:
+    """Rows dense in a stretch that moves from row to row and sparse elsewhere: fixed 64-column
+    windows pad every row of a tile to the one dense there."""
+    w = random_sparse(out_features, in_features, 0.3, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    for r in range(out_features):
+        c = (r * 37) % max(1, in_features - 48)
+        w[r, c:c + 48] = torch.randn(min(48, in_features - c), generator=gen)
+    return w
+
+
+@pytest.mark.native
+@pytest.mark.parametrize(
+    "make,layout",
+    [
+        (lambda: BitmaskWeight.pack(random_sparse(96, 700, 0.5, 3), dtype="int8"), 2),
+        (lambda: BitmaskWeight.pack(lopsided_sparse(70, 515, 4), dtype="int8"), 2),
+        (lambda: BBSWeight.pack(bbs_weight(96, 640, 64, 32, 5), dtype="int8", bank=64, k=32), 1),
+        (lambda: DenseWeight.pack(random_sparse(40, 200, 1.0, 6), dtype="int8"), 0),
+    ],
+    ids=["unstructured", "lopsided", "bbs64", "dense"],
+)
+def test_prepared_tile_layouts_match_per_call_panels(make, layout, monkeypatch):
+    """Unstructured masks get sliding-window quads, BBS(64) fixed windows, dense weights dense tiles;
+    every layout gives exactly what the per-call panels (fixed windows) give, and the reference."""
+    if native.active_isa() != "avx512":
+        pytest.skip("prepared panels are AVX-512 only")
+    bias = torch.randn(make().out_features)
+    x = torch.randn(16, make().in_features)
+    monkeypatch.setattr(kernels, "PANELS", "none")
+    per_call = kernels.packed_linear(x, make(), bias)
+    monkeypatch.setattr(kernels, "PANELS", "all")
+    packed = make()
+    prepared = kernels.packed_linear(x, packed, bias)
+    tiles = kernels._plan_of(packed).handle.panel_tiles
+    assert tiles[layout] == sum(tiles) and sum(tiles) == (packed.out_features + 31) // 32
+    assert torch.equal(prepared, per_call)
+    assert_matches_reference(packed, x, bias)
+
+
 def test_default_panels_come_to_big_layers_only_with_mid_size_calls():
     """auto: small layers at once; a big one on its first 12..63-token call, never from decode or
     long prefill calls; the results are the same before and after."""

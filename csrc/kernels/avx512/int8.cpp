@@ -762,12 +762,10 @@ static inline void tile_tokens(const LinearArgs& a, const int8_t* data, const Qu
   else panel_tokens<1>(a, data, windows * 16, m0, m1, n0, nr);
 }
 
-// A prepared tile: a 64-byte header (byte 0: the kind; bytes 4..7: the number of runs), for quads
+// A prepared tile: a 64-byte header (byte 0: its PanelTile; bytes 4..7: the number of runs), for quads
 // their runs (round64(8 * runs) bytes), then the panel.
-enum TileKind : int8_t { kDenseTile = 0, kFixedQuads = 1, kSlidingQuads = 2 };
-
 struct TilePlan {
-  TileKind kind;
+  PanelTile kind;
   int64_t runs;    // quad runs
   int64_t header;  // bytes before the panel
   int64_t bytes;   // the panel's bytes
