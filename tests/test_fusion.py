@@ -35,6 +35,24 @@ class ResidualTrap(Mlp):
         return self.down(self.act(h) + h)
 
 
+class FaintResidualTrap(Mlp):
+    """The pre-activation is reused, but so faintly that the outputs barely move: only the watch of
+    the operations reading it can tell."""
+
+    def forward(self, x):
+        h = self.up(x)
+        return self.down(self.act(h) + 1e-4 * h)
+
+
+class ShapeReader(Mlp):
+    """Reads the linear's output's shape (no tensor comes of it) before the activation: still fusable."""
+
+    def forward(self, x):
+        h = self.up(x)
+        assert h.shape[-1] == h.size(-1) == 32 and h.dim() == 2
+        return self.down(self.act(h))
+
+
 class SharedAct(nn.Module):
     """One activation module called twice: turning it into Identity would break the second use."""
 
@@ -66,6 +84,15 @@ def test_hidden_reuse_is_detected_and_undone():
     assert model.up.activation is None and isinstance(model.act, nn.GELU)
     with torch.no_grad():
         torch.testing.assert_close(model(x), before)
+
+
+def test_faint_reuse_is_caught_by_the_read_watch_and_shape_reads_are_not():
+    x = torch.randn(3, 16)
+    trap = FaintResidualTrap().eval()
+    assert fuse_activations(trap, probe=(x,)) == []
+    assert trap.up.activation is None and isinstance(trap.act, nn.GELU)
+    reader = ShapeReader().eval()
+    assert fuse_activations(reader, probe=(x,)) == ["up"]
 
 
 def test_shared_activation_module_is_left_alone():

@@ -28,6 +28,11 @@ def test_magnitude_int8_minilm_is_small_and_loads(minilm, tmp_path):
     assert (out / "modules.json").is_file() and (out / "1_Pooling").is_dir()
     loaded = sp.load(out)
     assert type(loaded).__name__ == "BertModel"
+    # every FFN GELU runs inside its linear's kernel (the int8 roundings it flips downstream do not
+    # stop it), after compress and after load
+    for m in (model, loaded):
+        fused = [n for n, mod in m.named_modules() if getattr(mod, "activation", None) == "gelu"]
+        assert len(fused) == 6 and all(n.endswith("intermediate.dense") for n in fused)
     batch = minilm.tokenizer(["a sentence to embed", "another one"], padding=True, return_tensors="pt")
     with torch.no_grad():
         before = model(**batch).last_hidden_state
