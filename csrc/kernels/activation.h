@@ -1,6 +1,7 @@
 // Output activations fused into a linear call (y = act(x W^T + b)), compiled once per ISA tree.
-// Plain branch-free float code that GCC vectorizes with each tree's own -m flags (16 lanes in the
-// AVX-512 tree, 8 in AVX2); static functions only, for the reason generic.h gives.
+// Branch-free float code written once over GCC vector types, so each tree compiles it with its own
+// -m flags (16 lanes in the AVX-512 tree, 8 in AVX2, 4 in the scalar tree's SSE2 baseline); static
+// functions only, for the reason generic.h gives.
 //
 // exp: Cephes-style range reduction and degree-6 polynomial (relative error ~2e-7 on [-87, 88]);
 // erf: Abramowitz & Stegun 7.1.26 (absolute error <= 1.5e-7). Against torch's own functions the
@@ -18,67 +19,119 @@ namespace sp {
 namespace SP_ISA_NS {
 namespace act {
 
-static inline float clampf(float v, float lo, float hi) { return v < lo ? lo : (v > hi ? hi : v); }
+// One formula for every width: V is float or a GCC vector of floats (scalars broadcast in mixed
+// expressions, ?: selects per lane), so the tail element and the vector lanes agree exactly.
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+#elif defined(__AVX2__)
+constexpr int kLanes = 8;
+#else
+constexpr int kLanes = 4;  // SSE2, the x86-64 baseline
+#endif
+typedef float Vec __attribute__((vector_size(4 * kLanes)));
+typedef int32_t VecI __attribute__((vector_size(4 * kLanes)));
 
-static inline float expf_approx(float x) {
-  x = clampf(x, -87.0f, 88.0f);
-  const float n = __builtin_nearbyintf(x * 1.44269504088896341f);
-  float r = x - n * 0.693359375f;
+template <class V>
+static inline V clampv(V v, float lo, float hi) {
+  v = v < lo ? lo : v;
+  return v > hi ? hi : v;
+}
+
+static inline float clampv(float v, float lo, float hi) { return v < lo ? lo : (v > hi ? hi : v); }
+
+// 2^n for integral n in [-126, 127]
+static inline float pow2(float n) {
+  const int32_t bits = (int32_t(n) + 127) << 23;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+static inline Vec pow2(Vec n) {
+  const VecI bits = (__builtin_convertvector(n, VecI) + 127) << 23;
+  return reinterpret_cast<const Vec&>(bits);
+}
+
+template <class V>
+static inline V expv(V x) {
+  x = clampv(x, -87.0f, 88.0f);
+  // round to nearest (even) by the 1.5 * 2^23 trick: |x * log2 e| < 2^22 here
+  const V n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  V r = x - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
+  V p = r * 1.9875691500e-4f + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  const int32_t bits = (int32_t(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, 4);
-  return p * scale;
+  return p * pow2(n);
 }
 
-static inline float erf_approx(float x) {
-  const float ax = __builtin_fabsf(x);
-  const float t = 1.0f / (1.0f + 0.3275911f * ax);
-  float p = 1.061405429f;
-  p = p * t - 1.453152027f;
+template <class V>
+static inline V erfv(V x) {
+  const V ax = x < 0.f ? -x : x;
+  const V t = 1.0f / (ax * 0.3275911f + 1.0f);
+  V p = t * 1.061405429f - 1.453152027f;
   p = p * t + 1.421413741f;
   p = p * t - 0.284496736f;
   p = p * t + 0.254829592f;
-  const float y = 1.0f - p * t * expf_approx(-ax * ax);
+  const V y = 1.0f - p * t * expv<V>(-ax * ax);
   return x < 0.f ? -y : y;
 }
 
-static inline float gelu(float x) { return 0.5f * x * (1.0f + erf_approx(x * 0.70710678118654752f)); }
+template <class V>
+static inline V gelu(V x) { return 0.5f * x * (1.0f + erfv<V>(x * 0.70710678118654752f)); }
 
-static inline float gelu_tanh(float x) {
-  const float z = clampf(0.79788456080286536f * (x + 0.044715f * x * x * x), -9.f, 9.f);
-  const float th = 1.0f - 2.0f / (1.0f + expf_approx(2.0f * z));
+template <class V>
+static inline V gelu_tanh(V x) {
+  const V z = clampv(0.79788456080286536f * (x + 0.044715f * x * x * x), -9.f, 9.f);
+  const V th = 1.0f - 2.0f / (1.0f + expv<V>(2.0f * z));
   return 0.5f * x * (1.0f + th);
 }
 
-static inline float silu(float x) { return x / (1.0f + expf_approx(-x)); }
+template <class V>
+static inline V silu(V x) { return x / (1.0f + expv<V>(-x)); }
 
-static inline float relu(float x) { return x > 0.f ? x : 0.f; }
+template <class V>
+static inline V relu(V x) { return x > 0.f ? x : 0.f; }
 
-// y[b, c0 .. c1) = act(y[b, c0 .. c1)) for b < batch, rows `stride` floats apart.
-template <float (*F)(float)>
+// y[b, c0 .. c1) = act(y[b, c0 .. c1)) for b < batch, rows `stride` floats apart: kLanes at a time.
+template <Vec (*FV)(Vec), float (*F)(float)>
 static void apply(float* y, int64_t batch, int64_t stride, int64_t c0, int64_t c1) {
   for (int64_t b = 0; b < batch; ++b) {
     float* row = y + b * stride;
-    for (int64_t j = c0; j < c1; ++j) row[j] = F(row[j]);
+    int64_t j = c0;
+    for (; j + kLanes <= c1; j += kLanes) {
+      Vec v;
+      std::memcpy(&v, row + j, sizeof v);
+      v = FV(v);
+      std::memcpy(row + j, &v, sizeof v);
+    }
+    for (; j < c1; ++j) row[j] = F(row[j]);
   }
 }
 
 static void activate(float* y, int64_t batch, int64_t stride, int64_t c0, int64_t c1, Activation kind) {
   switch (kind) {
-    case Activation::Gelu: apply<gelu>(y, batch, stride, c0, c1); break;
-    case Activation::GeluTanh: apply<gelu_tanh>(y, batch, stride, c0, c1); break;
-    case Activation::Silu: apply<silu>(y, batch, stride, c0, c1); break;
-    case Activation::Relu: apply<relu>(y, batch, stride, c0, c1); break;
+    case Activation::Gelu: apply<gelu<Vec>, gelu<float>>(y, batch, stride, c0, c1); break;
+    case Activation::GeluTanh: apply<gelu_tanh<Vec>, gelu_tanh<float>>(y, batch, stride, c0, c1); break;
+    case Activation::Silu: apply<silu<Vec>, silu<float>>(y, batch, stride, c0, c1); break;
+    case Activation::Relu: apply<relu<Vec>, relu<float>>(y, batch, stride, c0, c1); break;
     case Activation::None: break;
   }
+}
+
+// act(v) of one vector, for epilogues that hold their outputs in registers.
+static inline Vec activate(Vec v, Activation kind) {
+  switch (kind) {
+    case Activation::Gelu: return gelu<Vec>(v);
+    case Activation::GeluTanh: return gelu_tanh<Vec>(v);
+    case Activation::Silu: return silu<Vec>(v);
+    case Activation::Relu: return relu<Vec>(v);
+    case Activation::None: break;
+  }
+  return v;
 }
 
 }  // namespace act

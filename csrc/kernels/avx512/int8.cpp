@@ -454,13 +454,12 @@ static inline void store_tile(const LinearArgs& a, const __m512i (&acc)[MR][NJ],
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
       const __m512 f = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[i][j], surplus));
-      const __m512 v = _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(f, s), _mm512_set1_ps(a.sx[m0 + i])), bias);
+      __m512 v = _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(f, s), _mm512_set1_ps(a.sx[m0 + i])), bias);
+      // the fused activation in registers (the table says the GEMM applies it)
+      if (a.activation != Activation::None) v = __m512(act::activate(act::Vec(v), a.activation));
       _mm512_mask_storeu_ps(a.y + (m0 + i) * a.out + n, km, v);
     }
   }
-  // fused activation on the tile just stored, while it is in L1 (the table says the GEMM does it)
-  if (a.activation != Activation::None)
-    act::activate(a.y + m0 * a.out, MR, a.out, n0, n0 + generic::imin(16 * NJ, nr), a.activation);
 }
 
 // y[m0 .. m0+MR, n0 .. n0+nr) from the dense panel.
