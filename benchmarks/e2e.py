@@ -141,7 +141,7 @@ def minilm_tables(args: argparse.Namespace) -> None:
     for batch, seq_len in ((1, 16), (32, 64)):
         batch_inputs = inputs_for(batch, seq_len)
         batch_inputs.pop("token_type_ids")
-        rounds = args.repeats if batch == 1 else max(4, args.repeats // 2)
+        rounds = args.repeats
         runs = {name: forward_runner(model, batch_inputs) for name, model in models.items()}
         per_round = 5 if batch == 1 else 1
         # torch models timed round-robin: a slow phase of the machine hits every one alike

@@ -82,7 +82,7 @@ class NativeLinear {
     a.activation = to_activation(activation);
     if (a.batch == 0) return;
     nb::gil_scoped_release unlocked;
-    attach_panels(a);
+    attach_panels(a, n_threads);
     sp::run_linear(kind_, a, n_threads);
   }
 
@@ -100,7 +100,7 @@ class NativeLinear {
     a.bias = reinterpret_cast<const float*>(bias);
     a.activation = act;
     nb::gil_scoped_release unlocked;
-    attach_panels(a);
+    attach_panels(a, n_threads);
     sp::run_linear(kind_, a, n_threads);
   }
 
@@ -121,13 +121,13 @@ class NativeLinear {
   };
   std::unique_ptr<Lazy> lazy_;  // behind a pointer so NativeLinear stays movable
 
-  void attach_panels(sp::LinearArgs& a) {
+  void attach_panels(sp::LinearArgs& a, int n_threads) {
     Lazy& l = *lazy_;
     if (!l.ready.load(std::memory_order_acquire) && l.allowed.load(std::memory_order_relaxed) &&
         a.batch >= kLazyMin && a.batch < kLazyMax) {
       std::lock_guard<std::mutex> lock(l.mu);
       if (!l.ready.load(std::memory_order_relaxed)) {
-        l.panels = sp::prepare_panels(kind_, args_, int64_t(1) << 62);
+        l.panels = sp::prepare_panels(kind_, args_, int64_t(1) << 62, n_threads);
         l.allowed.store(false, std::memory_order_relaxed);  // built, or not possible here: never try again
         l.ready.store(l.panels.data != nullptr, std::memory_order_release);
       }

@@ -79,11 +79,12 @@ struct KernelTable {
   // the same for masked layers of >= 4M weights (their panel packing costs about as much as
   // several row passes; the AVX-512 K-blocked row dots keep up to 16 tokens)
   int gemm_min_batch_big_masked;
-  // Prepared GEMM panels (null: this tree packs per call only). panel_offsets fills off[n_tiles + 1]
-  // (byte offsets, multiples of 64) and returns the bytes; pack_panels writes them there. Both
-  // fail (-1 / false) only when their scratch cannot be allocated.
-  int64_t (*panel_offsets)(const LinearArgs&, bool masked, int64_t* off);
-  bool (*pack_panels)(const LinearArgs&, bool masked, const int64_t* off, int8_t* out);
+  // Prepared GEMM panels (null: this tree packs per call only), one 32-row tile at a time (tiles are
+  // independent, so threads can share a layer): tile_panel_bytes says how many bytes (a multiple
+  // of 64) the tile at row n0 takes, pack_tile_panel writes them to out (64-byte aligned). Both fail
+  // (-1 / false) only when their scratch cannot be allocated.
+  int64_t (*tile_panel_bytes)(const LinearArgs&, bool masked, int64_t n0);
+  bool (*pack_tile_panel)(const LinearArgs&, bool masked, int64_t n0, int8_t* out);
 };
 
 constexpr int64_t kGemmRows = 32;  // output rows per GEMM tile

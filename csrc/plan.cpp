@@ -116,19 +116,35 @@ PreparedPanels::~PreparedPanels() {
   delete[] offsets;
 }
 
-PreparedPanels prepare_panels(Kind kind, const LinearArgs& a, int64_t max_weights) {
+PreparedPanels prepare_panels(Kind kind, const LinearArgs& a, int64_t max_weights, int threads) {
   PreparedPanels p;
   const KernelTable& table = active_table();
-  if ((kind != Kind::MaskedI8 && kind != Kind::DenseI8) || a.n_groups != 1 || !table.panel_offsets ||
+  if ((kind != Kind::MaskedI8 && kind != Kind::DenseI8) || a.n_groups != 1 || !table.tile_panel_bytes ||
       a.out * a.in >= max_weights || a.out == 0)
     return p;
   const bool masked = kind == Kind::MaskedI8;
   const int64_t tiles = (a.out + kGemmRows - 1) / kGemmRows;
   p.offsets = new int64_t[size_t(tiles + 1)];
-  const int64_t bytes = table.panel_offsets(a, masked, p.offsets);
-  if (bytes < 0) return PreparedPanels();
-  p.data = static_cast<int8_t*>(std::aligned_alloc(64, size_t((bytes + 63) / 64 * 64)));
-  if (!p.data || !table.pack_panels(a, masked, p.offsets, p.data)) return PreparedPanels();
+  // tiles are independent: sized, then packed, by every thread in contiguous tile ranges
+  const int tasks = int(std::min<int64_t>(tiles, threads > 1 ? threads * 4 : 1));
+  std::atomic<bool> ok{true};
+  ThreadPool& pool = ThreadPool::instance();
+  pool.run(tasks, threads, [&](int t) {
+    for (int64_t i = tiles * t / tasks; i < tiles * (t + 1) / tasks; ++i) {
+      p.offsets[i + 1] = table.tile_panel_bytes(a, masked, i * kGemmRows);
+      if (p.offsets[i + 1] < 0) ok.store(false, std::memory_order_relaxed);
+    }
+  });
+  if (!ok.load()) return PreparedPanels();
+  p.offsets[0] = 0;
+  for (int64_t i = 0; i < tiles; ++i) p.offsets[i + 1] += p.offsets[i];
+  p.data = static_cast<int8_t*>(std::aligned_alloc(64, size_t((p.offsets[tiles] + 63) / 64 * 64)));
+  if (!p.data) return PreparedPanels();
+  pool.run(tasks, threads, [&](int t) {
+    for (int64_t i = tiles * t / tasks; i < tiles * (t + 1) / tasks; ++i)
+      if (!table.pack_tile_panel(a, masked, i * kGemmRows, p.data + p.offsets[i])) ok.store(false, std::memory_order_relaxed);
+  });
+  if (!ok.load()) return PreparedPanels();
   p.table = &table;
   return p;
 }

@@ -37,8 +37,8 @@ struct PreparedPanels {
 };
 
 // Panels for int8 weights with one scale per row of fewer than `max_weights` weights; empty
-// otherwise, or when the active tree has no prepared panels.
-PreparedPanels prepare_panels(Kind kind, const LinearArgs& a, int64_t max_weights);
+// otherwise, or when the active tree has no prepared panels. `threads` share the packing.
+PreparedPanels prepare_panels(Kind kind, const LinearArgs& a, int64_t max_weights, int threads = 1);
 
 // `a` with the panels filled in when they were packed by the active tree.
 void use_panels(const PreparedPanels& p, LinearArgs& a);

@@ -850,50 +850,39 @@ static void gemm(const LinearArgs& a, int64_t r0, int64_t r1) {
 
 }  // namespace
 
-int64_t panel_offsets(const LinearArgs& a, bool masked, int64_t* off) {
+int64_t tile_panel_bytes(const LinearArgs& a, bool masked, int64_t n0) {
   const int64_t kpad = (a.in + 63) / 64 * 64;
   uint8_t* q = reinterpret_cast<uint8_t*>(tl_counts.get(size_t(kpad / 64)));
   if (!q) return -1;
-  int64_t at = 0, t = 0;
-  for (int64_t n0 = 0; n0 < a.out; n0 += kGemmRows, ++t) {
-    const int nr = int(generic::imin(kGemmRows, a.out - n0));
-    off[t] = at;
-    const TilePlan plan = plan_tile(a, masked, n0, nr, kpad, q);
-    at += plan.header + plan.bytes;
-  }
-  off[t] = at;
-  return at;
+  const TilePlan plan = plan_tile(a, masked, n0, int(generic::imin(kGemmRows, a.out - n0)), kpad, q);
+  return plan.header + plan.bytes;
 }
 
-bool pack_panels(const LinearArgs& a, bool masked, const int64_t* off, int8_t* out) {
+bool pack_tile_panel(const LinearArgs& a, bool masked, int64_t n0, int8_t* tile) {
   const int64_t kpad = (a.in + 63) / 64 * 64, windows = kpad / 64;
   int8_t* rowbuf = tl_panel.get(size_t(kpad * 16));
   uint8_t* q = reinterpret_cast<uint8_t*>(tl_counts.get(size_t(windows)));
   if (!rowbuf || !q) return false;
   alignas(64) __m512i stage[32];
-  int64_t t = 0;
-  for (int64_t n0 = 0; n0 < a.out; n0 += kGemmRows, ++t) {
-    const int nr = int(generic::imin(kGemmRows, a.out - n0));
-    const int nj = nr > 16 ? 2 : 1;
-    int8_t* tile = out + off[t];
-    std::memset(tile, 0, 64);
-    const TilePlan plan = plan_tile(a, masked, n0, nr, kpad, q);  // the one panel_offsets made
-    tile[0] = plan.kind;
-    const int32_t nruns = int32_t(plan.runs);
-    std::memcpy(tile + 4, &nruns, 4);
-    QuadRun* runs = reinterpret_cast<QuadRun*>(tile + 64);
-    int8_t* data = tile + plan.header;
-    int64_t written = 0;
-    if (plan.kind == kSlidingQuads) {
-      slide_quads(a, n0, nr, kpad, runs, data, &written);
-    } else if (plan.kind == kFixedQuads) {
-      window_runs(q, windows, runs);
-      pack_quads(a, n0, nr, nj, windows, q, data, stage);
-    } else if (masked) {
-      pack_panel<true>(a, n0, nr, nj, kpad, rowbuf, data);
-    } else {
-      pack_panel<false>(a, n0, nr, nj, kpad, rowbuf, data);
-    }
+  const int nr = int(generic::imin(kGemmRows, a.out - n0));
+  const int nj = nr > 16 ? 2 : 1;
+  std::memset(tile, 0, 64);
+  const TilePlan plan = plan_tile(a, masked, n0, nr, kpad, q);  // the one tile_panel_bytes made
+  tile[0] = plan.kind;
+  const int32_t nruns = int32_t(plan.runs);
+  std::memcpy(tile + 4, &nruns, 4);
+  QuadRun* runs = reinterpret_cast<QuadRun*>(tile + 64);
+  int8_t* data = tile + plan.header;
+  int64_t written = 0;
+  if (plan.kind == kSlidingQuads) {
+    slide_quads(a, n0, nr, kpad, runs, data, &written);
+  } else if (plan.kind == kFixedQuads) {
+    window_runs(q, windows, runs);
+    pack_quads(a, n0, nr, nj, windows, q, data, stage);
+  } else if (masked) {
+    pack_panel<true>(a, n0, nr, nj, kpad, rowbuf, data);
+  } else {
+    pack_panel<false>(a, n0, nr, nj, kpad, rowbuf, data);
   }
   return true;
 }
