@@ -60,17 +60,41 @@ AUTO_SPEEDUP_TO_GROW = 1.2
 AUTO_MEASURE_ROWS = 16
 
 
-def _measured_ms(packed: PackedWeight, bias: torch.Tensor | None) -> float | None:
-    from . import kernels
+# Rounds of the round-robin timing of the candidates (each round calls every candidate 3 times).
+AUTO_MEASURE_ROUNDS = 12
 
-    if not kernels.native_supports(packed):
-        return None
+
+def measured_ms(packs: list[PackedWeight], bias: torch.Tensor | None) -> dict[str, float]:
+    """Median ms per call of every candidate with a native kernel, at AUTO_MEASURE_ROWS rows.
+
+    The candidates are timed round-robin (`evaluate.interleaved_ms`), so a slow phase of the machine
+    hits them all alike: timed one after the other, a MiniLM layer's 15-microsecond calls let
+    noise pass for the 1.2x that makes `auto` store a layer dense.
+
+    Example:
+        >>> from sparsepress.formats import DenseWeight
+        >>> measured_ms([DenseWeight.pack(torch.ones(8, 8))], None)  # one candidate: nothing to compare
+        {}
+    """
+    from . import kernels
+    from .evaluate import interleaved_ms
+
+    native = [p for p in packs if kernels.native_supports(p)]
+    if len(native) < 2:
+        return {}
+    x = torch.randn(AUTO_MEASURE_ROWS, native[0].shape[1])
+
+    def runner(packed: PackedWeight):
+        return lambda: kernels.packed_linear(x, packed, bias)
+
     try:
-        return kernels.measure_ms(packed, bias, batch=AUTO_MEASURE_ROWS)
+        with torch.inference_mode():
+            return interleaved_ms({p.name: runner(p) for p in native}, rounds=AUTO_MEASURE_ROUNDS, per_round=3)
     finally:
-        # the timing's native handle (and any GEMM panels it built) is not the model's to keep:
+        # the timing's native handles (and any GEMM panels they built) are not the model's to keep:
         # compressing a big model must not hold panels for every layer it measured
-        kernels.release_plan(packed)
+        for packed in native:
+            kernels.release_plan(packed)
 
 
 def pick_auto(packs: list[PackedWeight], timings: dict[str, float]) -> PackedWeight:
@@ -115,10 +139,7 @@ def choose_packing(
         raise ValueError("; ".join(errors))
     timings: dict[str, float] = {}
     if measure and len(packs) > 1:
-        for packed in packs:
-            ms = _measured_ms(packed, linear.bias)
-            if ms is not None:
-                timings[packed.name] = ms
+        timings = measured_ms(packs, linear.bias)
     chosen = pick_auto(packs, timings)
     layer = SparseLinear(chosen, linear.bias)
     meta = {"format": chosen.name, "dtype": dtype, "sparsity": chosen.sparsity, "nbytes": layer.nbytes}
