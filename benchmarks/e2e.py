@@ -19,6 +19,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -121,6 +122,9 @@ def minilm_tables(args: argparse.Namespace) -> None:
     compressed = {name: sp.compress(copy.deepcopy(dense), sp.Recipe.from_yaml(HERE.parent / "recipes" / recipe),
                                     calibration=ids, tokenizer=source.tokenizer)
                   for name, recipe in PATTERN_RECIPES.items()}
+    for name, model in compressed.items():
+        formats = Counter(m.packed.name for m in model.modules() if isinstance(m, sp.SparseLinear))
+        print(f"{name}: block Linears stored as " + ", ".join(f"{n} x {c}" for n, c in formats.most_common()))
     models = {"torch fp32 (dense)": dense, "torch dynamic int8 (dense)": dynamic_int8(dense), **compressed}
     workdir = Path(tempfile.mkdtemp(prefix="sp-e2e-"))
     sessions = {}
