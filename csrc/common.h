@@ -88,12 +88,12 @@ struct KernelTable {
 };
 
 constexpr int64_t kGemmRows = 32;  // output rows per GEMM tile
-
-// How a prepared GEMM tile stores its weights (byte 0 of the tile's header).
-enum PanelTile : int8_t { kDenseTile = 0, kFixedQuads = 1, kSlidingQuads = 2 };
 // Layers of fewer weights are "small": their GEMM panels are cheap to keep (prepared at load by
 // default), and packing them on every call would cost more than their GEMM.
 constexpr int64_t kSmallLayerWeights = int64_t(4) << 20;
+
+// How a prepared GEMM tile stores its weights (byte 0 of the tile's header).
+enum PanelTile : int8_t { kDenseTile = 0, kFixedQuads = 1, kSlidingQuads = 2 };
 
 static inline float bf16_to_f32(uint16_t h) {
   uint32_t u = uint32_t(h) << 16;
