@@ -111,12 +111,12 @@ def _owners(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
 
 
 class _OutsideReads(TorchFunctionMode):
-    """Counts, per SparseLinear output, the torch operations that read it while `allowed` (the one
-    module it may go to) is not running. Metadata reads (shape, dim: no tensor result) do not count."""
+    """Records, for every torch operation that reads a SparseLinear's output, the modules running at
+    that moment (reads[id(linear)]). Metadata reads (shape, dim: no tensor result) are not recorded."""
 
-    def __init__(self, produced: dict[int, nn.Module], running: list[int], consumers: dict[int, list[nn.Module]]):
+    def __init__(self, produced: dict[int, nn.Module], running: list[int]):
         super().__init__()
-        self.produced, self.running, self.consumers = produced, running, consumers
+        self.produced, self.running = produced, running
         self.reads: dict[int, list[frozenset[int]]] = defaultdict(list)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -157,7 +157,7 @@ def _watch(model: nn.Module, probe: dict[str, torch.Tensor] | tuple) -> tuple[di
     handles = [m.register_forward_pre_hook(before_any, with_kwargs=True) for m in model.modules()]
     handles += [m.register_forward_hook(after_linear) for m in model.modules() if isinstance(m, SparseLinear)]
     handles += [m.register_forward_hook(after_any) for m in model.modules()]
-    watch = _OutsideReads(produced, running, consumers)
+    watch = _OutsideReads(produced, running)
     try:
         with watch:
             reference = _run(model, probe)
