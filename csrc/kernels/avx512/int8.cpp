@@ -24,7 +24,7 @@ static inline __m512i load_stream(const int8_t* base, int64_t p, int64_t len) {
   return _mm512_maskz_loadu_epi8(rem <= 0 ? 0 : _bzhi_u64(~0ull, unsigned(rem)), base + p);
 }
 
-// Mask bits of columns [c, c + 64) of one row (c is a multiple of 64).
+// Mask bits of columns [c, c + 64) of one row (c is a multiple of 8).
 static inline uint64_t mask_bits(const uint8_t* m, int64_t c, int64_t in) {
   uint64_t v = 0;
   if (c + 64 <= in) {
@@ -629,14 +629,6 @@ static inline int64_t next_stored(const uint8_t* m, int64_t c, int64_t in) {
   return c8 + int64_t(_tzcnt_u64(bits));
 }
 
-// Mask bits of columns [c, c + 64) for any c that is a multiple of 8.
-static inline uint64_t mask_bits8(const uint8_t* m, int64_t c, int64_t in) {
-  uint64_t v = 0;
-  const int64_t bytes = generic::imin(8, (in - c + 7) / 8);
-  std::memcpy(&v, m + c / 8, size_t(bytes));
-  return in - c < 64 ? _bzhi_u64(v, unsigned(in - c)) : v;
-}
-
 constexpr int64_t kSlideAlign = 32;  // sliding windows start at multiples of this many columns
 
 // Sliding quads of the rows [n0, n0 + nr): returns their count and sets *nruns. With out given,
@@ -671,7 +663,7 @@ static int64_t slide_quads(const LinearArgs& a, int64_t n0, int nr, int64_t kpad
     for (int i = 0; i < nr; ++i) {
       // done, or ahead of this window: a padding lane here (else cur <= next < s + 64)
       if (next[i] >= s + 64 || next[i] >= a.in) continue;
-      uint64_t bits = mask_bits8(row[i], s, a.in);
+      uint64_t bits = mask_bits(row[i], s, a.in);
       if (cur[i] > s) bits &= ~0ull << (cur[i] - s);
       uint32_t pos = 0;
       int k = 0;
