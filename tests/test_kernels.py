@@ -463,9 +463,18 @@ def test_concurrent_callers_get_their_own_results(parallel_backend):
     assert not failures
 
 
-def test_measure_ms_positive():
-    packed = BitmaskWeight.pack(random_sparse(16, 32, 0.5, 9), dtype="int8")
-    assert kernels.measure_ms(packed, None, batch=4) > 0
+def test_auto_candidates_are_timed_side_by_side_and_released():
+    """`format: auto` times every native candidate (positive medians) and keeps no handle of them."""
+    from sparsepress.packing import measured_ms
+
+    w = random_sparse(16, 32, 0.5, 9)
+    packs = [BitmaskWeight.pack(w, dtype="int8"), DenseWeight.pack(w, dtype="int8")]
+    timings = measured_ms(packs, None)
+    if not native.native_available():
+        assert timings == {}
+        return
+    assert set(timings) == {"bitmask", "dense"} and all(ms > 0 for ms in timings.values())
+    assert not any(hasattr(p, kernels._PLAN_ATTR) for p in packs)
 
 
 @pytest.mark.native

@@ -17,8 +17,6 @@ Example:
 from __future__ import annotations
 
 import os
-import statistics
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -367,32 +365,10 @@ def threads_for(macs: int) -> int:
     return 1 if macs < SINGLE_THREAD_MACS[native.parallel_backend()] else torch.get_num_threads()
 
 
-
-def measure_ms(packed: PackedWeight, bias: torch.Tensor | None, batch: int = 1, repeats: int = 7) -> float:
-    """Median milliseconds of one `packed_linear` call at `batch` rows (for `format: auto`).
-
-    Example:
-        >>> from sparsepress.formats import DenseWeight
-        >>> measure_ms(DenseWeight.pack(torch.ones(8, 8)), None, batch=1) > 0
-        True
-    """
-    x = torch.randn(batch, packed.shape[1])
-    with torch.inference_mode():
-        for _ in range(2):
-            packed_linear(x, packed, bias)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            packed_linear(x, packed, bias)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
-
-
 __all__ = [
     "ACTIVATIONS",
     "activation_code",
     "dense_int8_available",
-    "measure_ms",
     "native_supports",
     "packed_linear",
     "quantize_activations",
