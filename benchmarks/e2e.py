@@ -145,18 +145,17 @@ def minilm_tables(args: argparse.Namespace) -> None:
     for batch, seq_len in ((1, 16), (32, 64)):
         batch_inputs = inputs_for(batch, seq_len)
         batch_inputs.pop("token_type_ids")
-        rounds = args.repeats
         runs = {name: forward_runner(model, batch_inputs) for name, model in models.items()}
         per_round = 5 if batch == 1 else 1
         # torch models timed round-robin: a slow phase of the machine hits every one alike
-        rows = list(interleaved_ms(runs, rounds=rounds, per_round=per_round).items())
+        rows = list(interleaved_ms(runs, rounds=args.repeats, per_round=per_round).items())
         # each ONNX Runtime session alone: its own thread pool spins between runs and would slow
         # whatever ran next in this process
         for name, session in sessions.items():
-            rows += interleaved_ms({name: ort_runner(session, batch, seq_len)}, rounds=rounds,
+            rows += interleaved_ms({name: ort_runner(session, batch, seq_len)}, rounds=args.repeats,
                                    per_round=per_round).items()
         for sparsity, path in deepsparse_onnx.items():
-            ms = deepsparse_ms(args.deepsparse_python, path, batch, seq_len, max(3, rounds))
+            ms = deepsparse_ms(args.deepsparse_python, path, batch, seq_len, max(3, args.repeats))
             if ms is not None:
                 rows.append((f"DeepSparse 1.8.0 fp32, magnitude {int(sparsity * 100)}% (own process)", ms))
         print_table(f"all-MiniLM-L6-v2, batch {batch} x {seq_len} tokens", rows)
