@@ -59,6 +59,15 @@ using ActivateFn = void (*)(float* y, int64_t batch, int64_t stride, int64_t c0,
 using QuantizeFn = void (*)(const float* x, int64_t b0, int64_t b1, int64_t in, int64_t stride, int8_t* xq,
                             uint8_t* xu, float* sx);
 
+// How a prepared GEMM tile stores its weights (byte 0 of the tile's header).
+enum PanelTile : int8_t { kDenseTile = 0, kFixedQuads = 1, kSlidingQuads = 2 };
+
+// A prepared tile's layout: decided when the tile is sized, followed when it is packed.
+struct TileLayout {
+  PanelTile kind;
+  int32_t runs;  // quad runs (quad layouts)
+};
+
 struct KernelTable {
   const char* name;
   RowKernel masked_i8;
@@ -80,20 +89,17 @@ struct KernelTable {
   // several row passes; the AVX-512 K-blocked row dots keep up to 16 tokens)
   int gemm_min_batch_big_masked;
   // Prepared GEMM panels (null: this tree packs per call only), one 32-row tile at a time (tiles are
-  // independent, so threads can share a layer): tile_panel_bytes says how many bytes (a multiple
-  // of 64) the tile at row n0 takes, pack_tile_panel writes them to out (64-byte aligned). Both fail
-  // (-1 / false) only when their scratch cannot be allocated.
-  int64_t (*tile_panel_bytes)(const LinearArgs&, bool masked, int64_t n0);
-  bool (*pack_tile_panel)(const LinearArgs&, bool masked, int64_t n0, int8_t* out);
+  // independent, so threads can share a layer): tile_panel_bytes picks the layout of the tile at row
+  // n0 and says how many bytes (a multiple of 64) it takes, pack_tile_panel writes that layout to out
+  // (64-byte aligned). Both fail (-1 / false) only when their scratch cannot be allocated.
+  int64_t (*tile_panel_bytes)(const LinearArgs&, bool masked, int64_t n0, TileLayout* layout);
+  bool (*pack_tile_panel)(const LinearArgs&, bool masked, int64_t n0, TileLayout layout, int8_t* out);
 };
 
 constexpr int64_t kGemmRows = 32;  // output rows per GEMM tile
 // Layers of fewer weights are "small": their GEMM panels are cheap to keep (prepared at load by
 // default), and packing them on every call would cost more than their GEMM.
 constexpr int64_t kSmallLayerWeights = int64_t(4) << 20;
-
-// How a prepared GEMM tile stores its weights (byte 0 of the tile's header).
-enum PanelTile : int8_t { kDenseTile = 0, kFixedQuads = 1, kSlidingQuads = 2 };
 
 static inline float bf16_to_f32(uint16_t h) {
   uint32_t u = uint32_t(h) << 16;

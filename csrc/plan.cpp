@@ -128,10 +128,11 @@ PreparedPanels prepare_panels(Kind kind, const LinearArgs& a, int64_t max_weight
   // tiles are independent: sized, then packed, by every thread in contiguous tile ranges
   const int tasks = int(std::min<int64_t>(tiles, threads > 1 ? threads * 4 : 1));
   std::atomic<bool> ok{true};
+  std::vector<TileLayout> layouts(static_cast<size_t>(tiles));
   ThreadPool& pool = ThreadPool::instance();
   pool.run(tasks, threads, [&](int t) {
     for (int64_t i = tiles * t / tasks; i < tiles * (t + 1) / tasks; ++i) {
-      p.offsets[i + 1] = table.tile_panel_bytes(a, masked, i * kGemmRows);
+      p.offsets[i + 1] = table.tile_panel_bytes(a, masked, i * kGemmRows, &layouts[size_t(i)]);
       if (p.offsets[i + 1] < 0) ok.store(false, std::memory_order_relaxed);
     }
   });
@@ -142,7 +143,8 @@ PreparedPanels prepare_panels(Kind kind, const LinearArgs& a, int64_t max_weight
   if (!p.data) return PreparedPanels();
   pool.run(tasks, threads, [&](int t) {
     for (int64_t i = tiles * t / tasks; i < tiles * (t + 1) / tasks; ++i)
-      if (!table.pack_tile_panel(a, masked, i * kGemmRows, p.data + p.offsets[i])) ok.store(false, std::memory_order_relaxed);
+      if (!table.pack_tile_panel(a, masked, i * kGemmRows, layouts[size_t(i)], p.data + p.offsets[i]))
+        ok.store(false, std::memory_order_relaxed);
   });
   if (!ok.load()) return PreparedPanels();
   p.table = &table;

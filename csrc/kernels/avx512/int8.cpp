@@ -755,45 +755,41 @@ static inline void tile_tokens(const LinearArgs& a, const int8_t* data, const Qu
 
 // A prepared tile: a 64-byte header (byte 0: its PanelTile; bytes 4..7: the number of runs), for quads
 // their runs (round64(8 * runs) bytes), then the panel.
-struct TilePlan {
-  PanelTile kind;
-  int64_t runs;    // quad runs
-  int64_t header;  // bytes before the panel
-  int64_t bytes;   // the panel's bytes
-};
-
 static inline int64_t round64(int64_t n) { return (n + 63) / 64 * 64; }
 
-// The layout of the tile at n0 with the fewest steps (q[w] gets the fixed-window quads when masked).
-static TilePlan plan_tile(const LinearArgs& a, bool masked, int64_t n0, int nr, int64_t kpad, uint8_t* q) {
+// Bytes before a prepared tile's panel.
+static inline int64_t tile_header(TileLayout layout) {
+  return layout.kind == kDenseTile ? 64 : 64 + round64(8 * int64_t(layout.runs));
+}
+
+// The layout of the tile at n0 with the fewest steps; *bytes gets its panel's size.
+static TileLayout plan_tile(const LinearArgs& a, bool masked, int64_t n0, int nr, int64_t kpad, uint8_t* q,
+                            int64_t* bytes) {
   const int64_t windows = kpad / 64, nj = nr > 16 ? 2 : 1;
-  TilePlan t{kDenseTile, 0, 64, kpad / 4 * nj * 64};
-  if (!masked) return t;
+  *bytes = kpad / 4 * nj * 64;
+  if (!masked) return {kDenseTile, 0};
   const int64_t fixed = tile_quads(a, n0, nr, windows, q);
   int64_t slide_runs = 0;
   const int64_t slides = slide_quads(a, n0, nr, kpad, nullptr, nullptr, &slide_runs);
   const bool sliding = slides < fixed;
   const int64_t quads = sliding ? slides : fixed;
-  if (!quads_win(quads, windows)) return t;
+  if (!quads_win(quads, windows)) return {kDenseTile, 0};
   int64_t runs = slide_runs;
   if (!sliding) {
     runs = 0;
     for (int64_t w = 0; w < windows; ++w) runs += q[w] != 0;
   }
-  return {sliding ? kSlidingQuads : kFixedQuads, runs, 64 + round64(8 * runs), quads * nj * 128};
+  *bytes = quads * nj * 128;
+  return {sliding ? kSlidingQuads : kFixedQuads, int32_t(runs)};
 }
 
 // Tokens [m0, m1) of a prepared tile.
 static inline void prepared_tokens(const LinearArgs& a, const int8_t* tile, int64_t windows, int64_t m0, int64_t m1,
                                    int64_t n0, int nr) {
-  if (tile[0] == kDenseTile) {
-    tile_tokens(a, tile + 64, nullptr, 0, windows, m0, m1, n0, nr);
-    return;
-  }
-  int32_t nruns;
-  std::memcpy(&nruns, tile + 4, 4);
-  const QuadRun* runs = reinterpret_cast<const QuadRun*>(tile + 64);
-  tile_tokens(a, tile + 64 + round64(8 * int64_t(nruns)), runs, nruns, windows, m0, m1, n0, nr);
+  TileLayout layout{PanelTile(tile[0]), 0};
+  std::memcpy(&layout.runs, tile + 4, 4);
+  const QuadRun* runs = layout.kind == kDenseTile ? nullptr : reinterpret_cast<const QuadRun*>(tile + 64);
+  tile_tokens(a, tile + tile_header(layout), runs, layout.runs, windows, m0, m1, n0, nr);
 }
 
 template <bool kMasked>
@@ -842,15 +838,16 @@ static void gemm(const LinearArgs& a, int64_t r0, int64_t r1) {
 
 }  // namespace
 
-int64_t tile_panel_bytes(const LinearArgs& a, bool masked, int64_t n0) {
+int64_t tile_panel_bytes(const LinearArgs& a, bool masked, int64_t n0, TileLayout* layout) {
   const int64_t kpad = (a.in + 63) / 64 * 64;
   uint8_t* q = reinterpret_cast<uint8_t*>(tl_counts.get(size_t(kpad / 64)));
   if (!q) return -1;
-  const TilePlan plan = plan_tile(a, masked, n0, int(generic::imin(kGemmRows, a.out - n0)), kpad, q);
-  return plan.header + plan.bytes;
+  int64_t bytes = 0;
+  *layout = plan_tile(a, masked, n0, int(generic::imin(kGemmRows, a.out - n0)), kpad, q, &bytes);
+  return tile_header(*layout) + bytes;
 }
 
-bool pack_tile_panel(const LinearArgs& a, bool masked, int64_t n0, int8_t* tile) {
+bool pack_tile_panel(const LinearArgs& a, bool masked, int64_t n0, TileLayout layout, int8_t* tile) {
   const int64_t kpad = (a.in + 63) / 64 * 64, windows = kpad / 64;
   int8_t* rowbuf = tl_panel.get(size_t(kpad * 16));
   uint8_t* q = reinterpret_cast<uint8_t*>(tl_counts.get(size_t(windows)));
@@ -859,16 +856,15 @@ bool pack_tile_panel(const LinearArgs& a, bool masked, int64_t n0, int8_t* tile)
   const int nr = int(generic::imin(kGemmRows, a.out - n0));
   const int nj = nr > 16 ? 2 : 1;
   std::memset(tile, 0, 64);
-  const TilePlan plan = plan_tile(a, masked, n0, nr, kpad, q);  // the one tile_panel_bytes made
-  tile[0] = plan.kind;
-  const int32_t nruns = int32_t(plan.runs);
-  std::memcpy(tile + 4, &nruns, 4);
+  tile[0] = layout.kind;
+  std::memcpy(tile + 4, &layout.runs, 4);
   QuadRun* runs = reinterpret_cast<QuadRun*>(tile + 64);
-  int8_t* data = tile + plan.header;
-  int64_t written = 0;
-  if (plan.kind == kSlidingQuads) {
+  int8_t* data = tile + tile_header(layout);
+  int64_t written = 0;  // runs: layout.runs, as sizing counted them
+  if (layout.kind == kSlidingQuads) {
     slide_quads(a, n0, nr, kpad, runs, data, &written);
-  } else if (plan.kind == kFixedQuads) {
+  } else if (layout.kind == kFixedQuads) {
+    tile_quads(a, n0, nr, windows, q);
     window_runs(q, windows, runs);
     pack_quads(a, n0, nr, nj, windows, q, data, stage);
   } else if (masked) {
