@@ -46,7 +46,7 @@ BAD_RECIPES = [
     ("unknown-key", "stages:\n  - prune:\n      method: wanda\n      sparsty: 0.5\n",
      ["stages[0].prune.sparsty", "known keys", "sparsity", "line 4"]),
     ("unknown-top-key", "stages:\n  - prune: {method: wanda, sparsity: 0.5}\nfoo: 1\n",
-     ["'foo'", "known keys: stages, budget, format, seed", "line 3"]),
+     ["'foo'", "known keys: stages, budget, format, solver, seed", "line 3"]),
     ("unknown-stage", "stages:\n  - shrink: {amount: 2}\n",
      ["stages[0]", "'shrink'", "prune | quantize", "line 2"]),
     ("sparsity-one", "stages:\n  - prune:\n      method: wanda\n      sparsity: 1.0\n",

@@ -116,6 +116,7 @@ class FinishedBlocks:
     hidden: list[torch.Tensor] | None
     rng_state: torch.Tensor | None
     folder: Path | None = None
+    dense_hidden: list[torch.Tensor] | None = None  # the dense model's, when the solve follows it
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -199,8 +200,9 @@ class Checkpoint:
                 self.folder / f"hidden-{stem}.safetensors")
 
     def save_block(self, index: int, layers: dict[str, SparseLinear], records: dict[str, dict[str, Any]],
-                   hidden: list[torch.Tensor] | None) -> None:
-        """Commit block `index`: its packed layers, their record entries, and the hidden states after it."""
+                   hidden: list[torch.Tensor] | None, dense_hidden: list[torch.Tensor] | None = None) -> None:
+        """Commit block `index`: its packed layers, their record entries, and the hidden states after it
+        (the compressed model's, and the dense model's when the solve aims at it)."""
         meta_path, tensors_path, hidden_path = self._block_paths(index)
         tensors: dict[str, torch.Tensor] = {}
         entries: dict[str, Any] = {}
@@ -213,12 +215,15 @@ class Checkpoint:
         extra: dict[str, torch.Tensor] = {"rng_state": torch.get_rng_state()}
         if hidden is not None:
             extra.update({f"hidden.{j}": h for j, h in enumerate(hidden)})
+        if dense_hidden is not None:
+            extra.update({f"dense.{j}": h for j, h in enumerate(dense_hidden)})
         body = {
             "index": index,
             "layers": entries,
             "tensors_sha256": _atomic_save_tensors(tensors_path, tensors),
             "hidden_sha256": _atomic_save_tensors(hidden_path, extra),
             "hidden_count": len(hidden) if hidden is not None else None,
+            "dense_count": len(dense_hidden) if dense_hidden is not None else None,
         }
         _atomic_write_bytes(meta_path, (json.dumps(body, indent=2, sort_keys=True) + "\n").encode())
         previous = self._block_paths(index - 1)[2]
@@ -237,8 +242,9 @@ class Checkpoint:
         layers: dict[str, tuple[SparseLinear, dict[str, Any]]] = {}
         for index in range(count):
             layers.update(self._read_layers(index))
-        hidden, rng_state = self._read_hidden(count - 1)
-        return FinishedBlocks(count=count, layers=layers, hidden=hidden, rng_state=rng_state, folder=self.folder)
+        hidden, dense_hidden, rng_state = self._read_hidden(count - 1)
+        return FinishedBlocks(count=count, layers=layers, hidden=hidden, rng_state=rng_state, folder=self.folder,
+                              dense_hidden=dense_hidden)
 
     def _read_meta(self, index: int) -> dict[str, Any]:
         meta_path = self._block_paths(index)[0]
@@ -275,16 +281,16 @@ class Checkpoint:
                 raise FormatError(tensors_path, f"layer '{name}' cannot be restored: {exc}; rerun without --resume") from None
         return layers
 
-    def _read_hidden(self, index: int) -> tuple[list[torch.Tensor] | None, torch.Tensor | None]:
+    def _read_hidden(self, index: int) -> tuple[list[torch.Tensor] | None, list[torch.Tensor] | None, torch.Tensor | None]:
         body = self._read_meta(index)
         path = self._block_paths(index)[2]
         tensors = self._read_tensors(path, body.get("hidden_sha256"))
-        count = body.get("hidden_count")
         try:
-            hidden = None if count is None else [tensors[f"hidden.{j}"] for j in range(int(count))]
+            hidden, dense = (None if body.get(key) is None else [tensors[f"{prefix}.{j}"] for j in range(int(body[key]))]
+                             for key, prefix in (("hidden_count", "hidden"), ("dense_count", "dense")))
         except (KeyError, TypeError, ValueError):
             raise FormatError(path, "hidden states missing; rerun without --resume") from None
-        return hidden, tensors.get("rng_state")
+        return hidden, dense, tensors.get("rng_state")
 
     def discard(self) -> None:
         """Delete the checkpoint folder (after the result is safely written)."""

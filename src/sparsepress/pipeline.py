@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import inspect
 import re
 import warnings
@@ -203,6 +204,47 @@ def _collecting(layers: dict[str, nn.Linear], stats: dict[str, LayerStats], nonf
             stats[name] = stats[owner]
 
 
+def _read_inputs(block: nn.Module, layers: dict[str, nn.Module], item: _BlockInputs) -> dict[str, torch.Tensor]:
+    """Each layer's input tensor during one forward of `block` (shared tensors stay the same object)."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def record(name: str, args: tuple[Any, ...]) -> None:  # a hook that returned a value would replace the input
+        seen.setdefault(name, args[0])
+
+    handles = [layer.register_forward_pre_hook(lambda _m, args, _n=name: record(_n, args)) for name, layer in layers.items()]
+    try:
+        _run_block(block, item)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+def _shared(seen: dict[str, torch.Tensor]) -> dict[str, list[str]]:
+    """Owner -> the other layers fed the very same tensor (their statistics are the owner's)."""
+    owners: dict[str, list[str]] = {}
+    for name, x in seen.items():
+        owner = next((o for o in owners if seen[o] is x), None)
+        if owner is None:
+            owners[name] = []
+        else:
+            owners[owner].append(name)
+    return owners
+
+
+def _finite_pair(name: str, x: torch.Tensor, dense_x: torch.Tensor, nonfinite: str,
+                 dropped: dict[str, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_finite_tokens` for paired inputs: a token is dropped from both when either side is not finite."""
+    flat, dense = x.detach().reshape(-1, x.shape[-1]), dense_x.detach().reshape(-1, dense_x.shape[-1])
+    finite = torch.isfinite(flat).all(dim=1) & torch.isfinite(dense).all(dim=1)
+    if bool(finite.all()):
+        return flat, dense
+    if nonfinite != "skip":
+        raise PoisonedWeightError(name, "calibration activations")
+    dropped[name] = dropped.get(name, 0) + int((~finite).sum())
+    return flat[finite], dense[finite]
+
+
 class _Compressor:
     """Runs one recipe over one model; holds the per-run state so functions stay explicit."""
 
@@ -221,6 +263,8 @@ class _Compressor:
         self.layers = {n: l for n, l in in_blocks if n in self.prune_targets | self.quant_targets}
         _check_weights_finite(list(self.layers.items()), nonfinite)
         self.sparsity: dict[str, float] = {}
+        # The dense model's inputs to the current block (a dense twin of each block produces the next).
+        self.dense_inputs: list[_BlockInputs] = []
 
     def _tick(self, what: str, done: int, total: int) -> None:
         if self.progress is not None:
@@ -261,25 +305,81 @@ class _Compressor:
     def compress_block(self, block_name: str, block: nn.Module, inputs: list[_BlockInputs]) -> list[_BlockInputs]:
         prefix = f"{block_name}." if block_name else ""
         members = {n: l for n, l in self.layers.items() if n.startswith(prefix) or not block_name}
-        stats = {n: LayerStats(l.in_features, name=n) for n, l in members.items()} if self.needs_stats else {}
         with torch.no_grad():
-            if stats:
-                with _collecting(members, stats, self.nonfinite, self.dropped):
-                    for item in inputs:
-                        _run_block(block, item)
-                _warn_dropped(self.dropped)
+            # The dense twin runs beside the block being compressed so each layer can be aimed at the
+            # dense model's outputs; it is one block (or, with no blocks, the model) at a time.
+            dense_block = copy.deepcopy(block) if self.follows_dense and members else None
             dense_weights = [layer.weight for layer in members.values()]
-            for name, layer in members.items():
-                layer_stats = stats.pop(name, None)
-                if layer_stats is not None and layer_stats.n_tokens == 0 and self.nonfinite == "skip":
-                    raise PoisonedWeightError(name, "calibration activations (every calibration token was dropped)")
-                self._compress_layer(name, layer, layer_stats)
+            for group in self._solve_groups(block, members, inputs):
+                stats = self._group_stats(prefix, block, dense_block, group, inputs) if self.needs_stats else {}
+                for name in group:
+                    layer_stats = stats.get(name)
+                    if layer_stats is not None and layer_stats.n_tokens == 0 and self.nonfinite == "skip":
+                        raise PoisonedWeightError(name, "calibration activations (every calibration token was dropped)")
+                    self._compress_layer(name, members[name], layer_stats)
             release_file_pages(dense_weights)
             del dense_weights
             trim_heap()
+            if dense_block is not None and block_name:
+                self.dense_inputs = [_with_hidden(item, _run_block(dense_block, item)) for item in self.dense_inputs]
+            del dense_block
             if block_name == "":
                 return inputs
             return [_with_hidden(item, _run_block(block, item)) for item in inputs]
+
+    def _solve_groups(self, block: nn.Module, members: dict[str, nn.Linear],
+                      inputs: list[_BlockInputs]) -> list[list[str]]:
+        """Layers in the order they run, those fed the very same tensor (q, k, v) in one group.
+
+        Not sequential (or no calibration): one group, every layer seeing the block's dense inputs.
+        Layers the block never calls come last (their solve then names them: no calibration tokens).
+        """
+        if not (self.needs_stats and self.recipe.solver.sequential) or not members:
+            return [list(members)] if members else []
+        order: list[tuple[str, torch.Tensor]] = []
+        handles = [
+            layer.register_forward_pre_hook(lambda _m, args, _name=name: order.append((_name, args[0])))
+            for name, layer in members.items()
+        ]
+        try:
+            _run_block(block, inputs[0])
+        finally:
+            for handle in handles:
+                handle.remove()
+        groups: list[tuple[torch.Tensor, list[str]]] = []
+        for name, x in order:
+            same = next((names for seen, names in groups if seen is x), None)
+            if same is None:
+                groups.append((x, [name]))
+            elif name not in same:
+                same.append(name)
+        ordered = [names for _, names in groups]
+        called = {name for names in ordered for name in names}
+        unseen = [name for name in members if name not in called]
+        return ordered + ([unseen] if unseen else [])
+
+    def _group_stats(self, prefix: str, block: nn.Module, dense_block: nn.Module | None, group: list[str],
+                     inputs: list[_BlockInputs]) -> dict[str, LayerStats]:
+        """Calibration statistics of `group`'s inputs as the block now runs (earlier groups compressed),
+        paired with the dense twin's inputs when the solve aims at the dense model."""
+        layers = {name: self.model.get_submodule(name) for name in group}
+        stats = {name: LayerStats(layer.in_features, name=name) for name, layer in layers.items()}
+        pairs = self.dense_inputs if dense_block is not None else None
+        if pairs is None:
+            with _collecting(layers, stats, self.nonfinite, self.dropped):
+                for item in inputs:
+                    _run_block(block, item)
+        else:
+            for item, dense_item in zip(inputs, pairs):
+                seen = _read_inputs(block, layers, item)
+                dense_seen = _read_inputs(dense_block, {n: dense_block.get_submodule(n[len(prefix):]) for n in group}, dense_item)
+                for owner, names in _shared(seen).items():
+                    x, dense_x = _finite_pair(owner, seen[owner], dense_seen[owner], self.nonfinite, self.dropped)
+                    stats[owner].add(x, dense_x)
+                    for name in names:
+                        stats[name] = stats[owner]
+        _warn_dropped(self.dropped)
+        return stats
 
     def block_layers(self, index: int) -> tuple[dict[str, nn.Module], dict[str, dict[str, Any]]]:
         """The compressed layers of block `index` and their record entries (for checkpoints)."""
@@ -299,6 +399,11 @@ class _Compressor:
         return finished.count
 
     @property
+    def follows_dense(self) -> bool:
+        """Whether the run carries the dense model's activations (calibrated solves that aim at it)."""
+        return self.needs_stats and self.recipe.solver.follows_dense_model
+
+    @property
     def needs_stats(self) -> bool:
         """Whether any asked method reads calibration statistics (magnitude and RTN are data-free)."""
         return (self.prune is not None and self.prune.method in CALIBRATED_PRUNE_METHODS) or (
@@ -309,8 +414,17 @@ class _Compressor:
         prune = self.prune if name in self.prune_targets else None
         quant = self.quant if name in self.quant_targets else None
         sparsity = self.sparsity.get(name) if prune is not None else None
-        result = compress_weight(layer.weight.detach().float(), stats, prune=prune, sparsity=sparsity, quant=quant)
+        weight = layer.weight.detach().float()
+        if stats is not None and stats.tracks_dense:
+            weight = stats.dense_target(weight, self.recipe.solver.dense_target,
+                                        (prune or quant).dampening)  # type: ignore[union-attr]
+        refit = self.recipe.solver.refit and stats is not None
+        result = compress_weight(weight, stats, prune=prune, sparsity=sparsity, quant=quant, refit=refit, name=name)
         sparse_layer, meta = choose_packing(layer, result, prune, self.recipe.format)
+        if stats is not None and stats.tracks_dense and self.recipe.solver.bias_correction and sparse_layer.bias is not None:
+            # A new tensor: the packed layer's bias may share the (possibly memory-mapped) dense one's storage.
+            sparse_layer.bias = sparse_layer.bias + stats.bias_gap(layer.weight.detach(), result.weight)
+            meta["bias_corrected"] = True
         replace_module(self.model, name, sparse_layer)
         # Let the dense weight go now: keeping every dense Linear here until the run ends would hold
         # dense and packed copies of the whole model at once.
@@ -408,6 +522,7 @@ def compress(
                 inputs = [_BlockInputs((), {**b, **_forward_kwargs(model)}) for b in batches]
             else:
                 inputs = _capture_block_inputs(model, blocks[0][1], batches)
+            runner.dense_inputs = list(inputs) if runner.follows_dense else []
             start = 0
             if checkpoint is not None:
                 checkpoint.begin(recipe, ids, {"samples": samples, "seq_len": seq_len, "batch_size": batch_size,
@@ -417,13 +532,18 @@ def compress(
                     start = runner.restore(finished, len(blocks))
                     if finished.hidden is not None:
                         inputs = [_with_hidden(item, hidden) for item, hidden in zip(inputs, finished.hidden)]
+                    if runner.follows_dense and finished.dense_hidden is not None:
+                        runner.dense_inputs = [_with_hidden(item, hidden)
+                                               for item, hidden in zip(runner.dense_inputs, finished.dense_hidden)]
             for index, (name, block) in enumerate(blocks):
                 if index < start:
                     continue
                 inputs = runner.compress_block(name, block, inputs)
                 if checkpoint is not None:
                     last = index + 1 == len(blocks)
-                    checkpoint.save_block(index, *runner.block_layers(index), None if last else [_hidden_in(i) for i in inputs])
+                    dense = None if last or not runner.follows_dense else [_hidden_in(i) for i in runner.dense_inputs]
+                    checkpoint.save_block(index, *runner.block_layers(index),
+                                          None if last else [_hidden_in(i) for i in inputs], dense)
                 runner._tick("compressing blocks", index + 1, len(blocks))
     embeddings = recipe.stage("quantize_embeddings")
     if embeddings is not None:

@@ -24,6 +24,7 @@ from ..quant.rtn import quantize_rtn
 from ..recipe import PruneStage, QuantizeStage
 from .magnitude import score_magnitude
 from .masks import MaskSpec, select_mask
+from .refit import refit_kept
 from .sparsegpt import FixedSelector, SweepSelector, build_sparsegpt_selector, obs_sweep
 from .stats import LayerStats
 from .wanda import score_wanda
@@ -94,6 +95,40 @@ class SweepPlan:
 
     def gptq_input(self, weight: torch.Tensor) -> tuple[torch.Tensor, SweepSelector]:
         return weight, self.selector
+
+
+@dataclass
+class RefitPlan:
+    """Another plan's mask, with the kept weights refitted by least squares (`refit_kept`) before GPTQ.
+
+    Example:
+        >>> import torch
+        >>> plan = RefitPlan(FixedMaskPlan(torch.tensor([[True, False]])), torch.tensor([[2.0, 1.0], [1.0, 2.0]]), 0.0)
+        >>> plan.prune(torch.tensor([[1.0, 1.0]]), None)[0].tolist()
+        [[1.5, 0.0]]
+    """
+
+    inner: PrunePlan
+    hessian: torch.Tensor
+    refit_dampening: float
+
+    @property
+    def dampening(self) -> float | None:
+        return self.inner.dampening
+
+    @property
+    def blocksize(self) -> int | None:
+        return self.inner.blocksize
+
+    def prune(self, weight: torch.Tensor, stats: LayerStats | None) -> tuple[torch.Tensor, torch.Tensor]:
+        pruned, keep = self.inner.prune(weight, stats)
+        return refit_kept(weight, self.hessian, keep, dampening=self.refit_dampening, start=pruned), keep
+
+    def gptq_input(self, weight: torch.Tensor) -> tuple[torch.Tensor, SweepSelector]:
+        # The mask is settled first (a joint sweep would choose it while quantizing), so GPTQ runs
+        # with it fixed and compensates only the rounding, from the refitted weights.
+        refitted, keep = self.prune(weight, None)
+        return refitted, FixedSelector(~keep)
 
 
 def _need_stats(stats: LayerStats | None, what: str) -> LayerStats:
@@ -170,12 +205,15 @@ def compress_weight(
     quant: QuantizeStage | None = None,
     *,
     name: str | None = None,
+    refit: bool = False,
 ) -> CompressedWeight:
     """Prune and/or quantize one Linear weight `[out, in]` (not modified) in one shot.
 
     `sparsity` overrides the stage's level (required for elastic lists; ignored by N:M, which implies it).
     sparsegpt + gptq run as one OBS sweep; another prune method + gptq prunes first and then runs GPTQ
     with the mask fixed; rtn rounds the (pruned) weight. `stats` may be None only for magnitude / rtn.
+    `refit` (needs `stats`): the kept weights are refitted by least squares for the chosen mask
+    (`RefitPlan`), and GPTQ then quantizes them with that mask fixed.
 
     Example:
         >>> import torch
@@ -199,4 +237,6 @@ def compress_weight(
     if prune is not None:
         spec = MaskSpec.from_stage(prune, sparsity)
         plan = PRUNE_PLANNERS[prune.method](weight, stats, spec, prune)
+        if refit:
+            plan = RefitPlan(plan, _need_stats(stats, "refit").hessian, prune.dampening)
     return QUANT_FINISHERS[quant.method if quant is not None else None](weight, stats, plan, quant)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import PoisonedWeightError
+from .refit import damped
 
 
 class LayerStats:
@@ -35,15 +36,33 @@ class LayerStats:
         self.n_tokens = 0
         # Allocated on the first batch: layers that share another layer's inputs never allocate one.
         self._xtx: torch.Tensor | None = None
+        self._cross: torch.Tensor | None = None
+        self._sum = torch.zeros(self.in_features, dtype=torch.float64)
+        self._dense_sum = torch.zeros(self.in_features, dtype=torch.float64)
 
-    def add(self, x: torch.Tensor) -> None:
-        """Add a batch of inputs `[..., in_features]` (every leading index is a token)."""
+    def _flat(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(
                 f"{self.name or 'layer'}: calibration input has {x.shape[-1]} features, "
                 f"expected {self.in_features}"
             )
-        flat = x.detach().reshape(-1, self.in_features).to(torch.float32)
+        return x.detach().reshape(-1, self.in_features).to(torch.float32)
+
+    def add(self, x: torch.Tensor, dense_x: torch.Tensor | None = None) -> None:
+        """Add a batch of inputs `[..., in_features]` (every leading index is a token).
+
+        `dense_x`: the same tokens' inputs in the dense model; accumulates `sum x dense_x^T` for
+        `dense_target`.
+        """
+        flat = self._flat(x)
+        if dense_x is not None:
+            dense = self._flat(dense_x)
+            if dense.shape != flat.shape:
+                raise ValueError(f"{self.name or 'layer'}: dense inputs {tuple(dense.shape)} do not pair with {tuple(flat.shape)}")
+            if self._cross is None:
+                self._cross = torch.zeros(self.in_features, self.in_features, dtype=torch.float64)
+            self._cross += flat.T @ dense
+            self._dense_sum += dense.sum(dim=0, dtype=torch.float64)
         # One float32 GEMM per batch (fast), summed across batches in float64 (accurate); NaN or Inf
         # anywhere in x shows on the product's diagonal, so no separate pass over x is needed.
         product = flat.T @ flat
@@ -52,6 +71,7 @@ class LayerStats:
         if self._xtx is None:
             self._xtx = torch.zeros(self.in_features, self.in_features, dtype=torch.float64)
         self._xtx += product
+        self._sum += flat.sum(dim=0, dtype=torch.float64)
         self.n_tokens += flat.shape[0]
 
     @property
@@ -67,6 +87,48 @@ class LayerStats:
         if self.n_tokens == 0:
             raise ValueError(f"{self.name or 'layer'}: no calibration tokens were recorded")
         return self.xtx * (2.0 / self.n_tokens)
+
+    def bias_gap(self, dense_weight: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Mean output of `dense_weight` on the dense inputs minus that of `weight` on these (float32 [out]).
+
+        A Linear's mean output is its weight times its mean input, so this needs no forward pass; added
+        to the bias it re-centres the compressed layer's outputs on the dense model's.
+
+        Example:
+            >>> import torch
+            >>> s = LayerStats(1); s.add(torch.tensor([[1.0], [3.0]]), dense_x=torch.tensor([[2.0], [4.0]]))
+            >>> s.bias_gap(torch.tensor([[1.0]]), torch.tensor([[0.5]])).tolist()
+            [2.0]
+        """
+        if self._cross is None or self.n_tokens == 0:
+            raise ValueError(f"{self.name or 'layer'}: the bias gap needs inputs paired with the dense model's")
+        dense_mean, mean = self._dense_sum / self.n_tokens, self._sum / self.n_tokens
+        return (dense_weight.double() @ dense_mean - weight.double() @ mean).float()
+
+    @property
+    def tracks_dense(self) -> bool:
+        """Whether dense-model inputs were paired with these (so `dense_target` can aim past them)."""
+        return self._cross is not None
+
+    def dense_target(self, weight: torch.Tensor, strength: float, dampening: float = 0.01) -> torch.Tensor:
+        """`weight` moved `strength` of the way to the weight that, fed these (compressed) inputs, best
+        reproduces the dense model's outputs on its own inputs: W* = W C^T (X^T X)^-1, C = sum x dense_x^T.
+
+        Pruning or quantizing toward W* with this Hessian minimises ||X W'^T - X_dense W^T||, so a layer
+        also corrects what the compressed layers before it changed; a partial step keeps it from
+        fitting the calibration set's noise.
+
+        Example:
+            >>> import torch
+            >>> s = LayerStats(2); s.add(torch.eye(2), dense_x=2 * torch.eye(2))
+            >>> s.dense_target(torch.eye(2), 1.0, dampening=0.0).tolist()
+            [[2.0, 0.0], [0.0, 2.0]]
+        """
+        if self._cross is None or strength == 0:
+            return weight
+        gram = damped(self.xtx, dampening)
+        best = torch.linalg.solve(gram, self._cross @ weight.to(torch.float64).T).T
+        return (weight.to(torch.float64) + strength * (best - weight.to(torch.float64))).to(weight.dtype)
 
     @property
     def act_norm_sq(self) -> torch.Tensor:

