@@ -28,6 +28,10 @@ from pathlib import Path
 import torch
 
 GIB = 1024**3
+SOLVERS = {
+    "default": {},
+    "plain": {"sequential": False, "dense_target": 0.0, "refit": False, "bias_correction": False},
+}
 
 
 def _rss_peak_bytes(who: int = resource.RUSAGE_SELF) -> int:
@@ -105,6 +109,7 @@ def child(args: argparse.Namespace) -> None:
     gen = torch.Generator().manual_seed(0)
     ids = [torch.randint(0, vocab, (args.seq_len,), generator=gen) for _ in range(args.samples)]
     recipe = {"stages": [{"prune": {"method": args.method, "sparsity": args.sparsity}}], "format": "bitmask"}
+    recipe["solver"] = SOLVERS[args.solver]
     if args.int8:
         recipe["stages"].append({"quantize": {"method": "gptq" if args.method == "sparsegpt" else "rtn", "bits": 8}})
     block_times: list[float] = []
@@ -141,6 +146,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--solver", default="default", choices=sorted(SOLVERS),
+                        help="default: the recipe's solver defaults; plain: one-pass SparseGPT / GPTQ (all refinements off)")
     parser.add_argument("--no-save", dest="save", action="store_false")
     parser.add_argument("--workdir", type=Path, default=None, help="where to write the model (default: a temp dir)")
     parser.add_argument("--child", dest="folder", default=None, help=argparse.SUPPRESS)
@@ -159,7 +166,7 @@ def main() -> None:
               f"{time.perf_counter() - start:.0f}s to {folder}", flush=True)
         command = [sys.executable, __file__, "--child", str(folder), "--method", args.method, "--sparsity",
                    str(args.sparsity), "--samples", str(args.samples), "--seq-len", str(args.seq_len),
-                   "--batch-size", str(args.batch_size)]
+                   "--batch-size", str(args.batch_size), "--solver", args.solver]
         command += (["--int8"] if args.int8 else []) + ([] if args.save else ["--no-save"])
         start = time.perf_counter()
         done = subprocess.run(command, env=os.environ.copy(), check=False)

@@ -55,9 +55,9 @@ def test_refit_matches_a_per_row_direct_solve(out, inp, density, seed):
     reference = _direct_refit(weight, hessian, keep, 0.01)
     assert bool((fast[~keep] == 0).all())
     work = damped(hessian, 0.01)
-    # The iterative solve reaches the exact optimum's error (what it minimises) to 1e-6 relative.
+    # The iterative solve (float32 products) reaches the exact optimum's error, what it minimises, to 1e-4.
     best = _h_error(weight, reference, work)
-    assert _h_error(weight, fast, work) <= best * (1 + 1e-6) + 1e-9 * _h_error(weight, torch.zeros_like(weight), work)
+    assert _h_error(weight, fast, work) <= best * (1 + 1e-4) + 1e-7 * _h_error(weight, torch.zeros_like(weight), work)
 
 
 def test_refit_never_loses_to_its_start_and_leaves_identity_hessians_alone():
@@ -91,7 +91,8 @@ def test_refit_with_gptq_keeps_the_mask_and_the_grid():
 def test_refit_ignores_dead_inputs():
     hessian = torch.diag(torch.tensor([2.0, 0.0, 1.0], dtype=torch.float64))
     out = refit_kept(torch.tensor([[1.0, 5.0, -1.0]]), hessian, torch.ones(1, 3, dtype=torch.bool))
-    assert out.tolist() == [[1.0, 0.0, -1.0]]
+    assert out[0, 1] == 0
+    assert torch.allclose(out, torch.tensor([[1.0, 0.0, -1.0]]), atol=1e-5)
 
 
 def test_dense_target_is_the_least_squares_fit_to_the_dense_outputs():

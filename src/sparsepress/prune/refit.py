@@ -10,17 +10,18 @@ would cost far more on wide layers.
 Example:
     >>> import torch
     >>> h = torch.tensor([[2.0, 1.0], [1.0, 2.0]], dtype=torch.float64)
-    >>> refit_kept(torch.tensor([[1.0, 1.0]]), h, torch.tensor([[True, False]]), dampening=0.0).tolist()
-    [[1.5, 0.0]]
+    >>> w = refit_kept(torch.tensor([[1.0, 1.0]]), h, torch.tensor([[True, False]]), dampening=0.0)
+    >>> [round(v, 5) for v in w[0].tolist()]
+    [1.5, 0.0]
 """
 
 from __future__ import annotations
 
 import torch
 
-# Each iteration costs one [out, in] x [in, in] product. Measured on MiniLM (SparseGPT 50% + GPTQ):
-# fidelity 0.926 after 10 iterations, 0.928 after 40; 40 reach a direct solve's error on random
-# 2048-wide layers at a fifth of its time.
+# Each iteration costs one [out, in] x [in, in] float32 product. Measured on MiniLM (SparseGPT 50% +
+# GPTQ): fidelity 0.926 after 10 iterations, 0.928 after 40; on random 2048-wide layers 20 iterations
+# reach the per-row direct solve's error to 1e-6, in 4 s where the direct solve takes 42 s.
 CG_ITERATIONS = 20
 CG_TOLERANCE = 1e-5
 
@@ -39,28 +40,31 @@ def damped(hessian: torch.Tensor, dampening: float) -> torch.Tensor:
 
 
 def _solve_cg(target: torch.Tensor, hessian: torch.Tensor, keep: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
-    # Every row at once: products are one GEMM with H, masked back onto each row's kept set; the
-    # Jacobi preconditioner is H's diagonal.
-    mask = keep.to(torch.float64)
-    inverse_diag = 1.0 / hessian.diagonal()
-    x = start * mask
-    residual = (target - x @ hessian) * mask
-    z = residual * inverse_diag
-    direction = z.clone()
-    rz = (residual * z).sum(dim=1)
-    scale = (target * mask).norm(dim=1).clamp(min=1e-30)
+    # Every row at once: products are one GEMM with H, masked back onto each row's kept set. H is
+    # scaled to a unit diagonal first (the Jacobi preconditioner, applied symmetrically), which also
+    # makes float32 products accurate enough: half the time and memory of float64 on wide layers.
+    scale = hessian.diagonal().clamp(min=1e-300).rsqrt()
+    scaled = hessian * scale.unsqueeze(1) * scale.unsqueeze(0)
+    unit = scaled.float()
+    mask = keep.float()
+    rhs = (target * scale).float() * mask
+    y = (start / scale).float() * mask
+    residual = (rhs.double() - y.double() @ scaled).float() * mask  # the start's residual, exact
+    del scaled
+    direction = residual.clone()
+    rr = (residual.double() ** 2).sum(dim=1)
+    limit = (CG_TOLERANCE * rhs.double().norm(dim=1)) ** 2
     for _ in range(CG_ITERATIONS):
-        product = (direction @ hessian) * mask
-        step = rz / (direction * product).sum(dim=1).clamp(min=1e-300)
-        x += step.unsqueeze(1) * direction
-        residual -= step.unsqueeze(1) * product
-        if bool((residual.norm(dim=1) <= CG_TOLERANCE * scale).all()):
+        if bool((rr <= limit).all()):
             break
-        z = residual * inverse_diag
-        rz_next = (residual * z).sum(dim=1)
-        direction = z + (rz_next / rz.clamp(min=1e-300)).unsqueeze(1) * direction
-        rz = rz_next
-    return x
+        product = (direction @ unit) * mask
+        step = (rr / (direction.double() * product.double()).sum(dim=1).clamp(min=1e-300)).float()
+        y += step.unsqueeze(1) * direction
+        residual -= step.unsqueeze(1) * product
+        rr_next = (residual.double() ** 2).sum(dim=1)
+        direction = residual + (rr_next / rr.clamp(min=1e-300)).float().unsqueeze(1) * direction
+        rr = rr_next
+    return y.double() * scale
 
 
 def refit_kept(weight: torch.Tensor, hessian: torch.Tensor, keep: torch.Tensor, *, dampening: float = 0.01,
@@ -75,8 +79,8 @@ def refit_kept(weight: torch.Tensor, hessian: torch.Tensor, keep: torch.Tensor, 
     Example:
         >>> import torch
         >>> w = refit_kept(torch.tensor([[1.0, -2.0]]), torch.eye(2), torch.tensor([[False, True]]))
-        >>> w.tolist()
-        [[0.0, -2.0]]
+        >>> [round(v, 5) for v in w[0].tolist()]
+        [0.0, -2.0]
     """
     keep = keep & (hessian.diagonal() != 0).unsqueeze(0)
     work = damped(hessian, dampening)
