@@ -336,24 +336,8 @@ class _Compressor:
         """
         if not (self.needs_stats and self.recipe.solver.sequential) or not members:
             return [list(members)] if members else []
-        order: list[tuple[str, torch.Tensor]] = []
-        handles = [
-            layer.register_forward_pre_hook(lambda _m, args, _name=name: order.append((_name, args[0])))
-            for name, layer in members.items()
-        ]
-        try:
-            _run_block(block, inputs[0])
-        finally:
-            for handle in handles:
-                handle.remove()
-        groups: list[tuple[torch.Tensor, list[str]]] = []
-        for name, x in order:
-            same = next((names for seen, names in groups if seen is x), None)
-            if same is None:
-                groups.append((x, [name]))
-            elif name not in same:
-                same.append(name)
-        ordered = [names for _, names in groups]
+        seen = _read_inputs(block, members, inputs[0])  # first calls, in the order they run
+        ordered = [[owner, *names] for owner, names in _shared(seen).items()]
         called = {name for names in ordered for name in names}
         unseen = [name for name in members if name not in called]
         return ordered + ([unseen] if unseen else [])
