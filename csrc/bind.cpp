@@ -14,6 +14,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "attention.h"
 #include "dispatch.h"
 #include "openmp_team.h"
 #include "plan.h"
@@ -230,6 +231,32 @@ NativeLinear make_csr(const Array& row_ptr, const Array& col_indices, const Arra
   return NativeLinear(kind, a, std::move(keep));
 }
 
+// Unchecked fast path of the attention op: addresses of float32 q, k, v, out (and mask or 0), sizes
+// [batch, heads, kv_heads, sq, sk, d] and strides in floats [q_b, q_h, q_s, k_b, k_h, k_s, v_b, v_h,
+// v_s, o_b, o_h, o_s, m_b, m_h, m_s]; the caller (sparsepress.attention) has checked them.
+void attention_raw(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t mask, uintptr_t out,
+                   const std::vector<int64_t>& sizes, const std::vector<int64_t>& strides, float scale,
+                   bool causal, int n_threads) {
+  require(sizes.size() == 6 && strides.size() == 15, "attention needs 6 sizes and 15 strides");
+  for (int64_t n : sizes) require(n >= 0, "attention sizes must not be negative");
+  require(sizes[2] > 0 && sizes[1] % sizes[2] == 0, "heads must be a multiple of kv_heads");
+  require(q && k && v && out, "q, k, v and out must be non-null");
+  sp::AttentionArgs a;
+  a.q = reinterpret_cast<const float*>(q);
+  a.k = reinterpret_cast<const float*>(k);
+  a.v = reinterpret_cast<const float*>(v);
+  a.mask = reinterpret_cast<const float*>(mask);
+  a.out = reinterpret_cast<float*>(out);
+  a.batch = sizes[0], a.heads = sizes[1], a.kv_heads = sizes[2], a.sq = sizes[3], a.sk = sizes[4], a.d = sizes[5];
+  int64_t* fields[15] = {&a.q_b, &a.q_h, &a.q_s, &a.k_b, &a.k_h, &a.k_s, &a.v_b, &a.v_h,
+                         &a.v_s, &a.o_b, &a.o_h, &a.o_s, &a.m_b, &a.m_h, &a.m_s};
+  for (int i = 0; i < 15; ++i) *fields[i] = strides[size_t(i)];
+  a.scale = scale;
+  a.causal = causal;
+  nb::gil_scoped_release unlocked;
+  sp::run_attention(a, n_threads);
+}
+
 }  // namespace
 
 NB_MODULE(_native, m) {
@@ -258,6 +285,11 @@ NB_MODULE(_native, m) {
     return nb::make_tuple(nb::ndarray<nb::numpy, int8_t, nb::ndim<2>>(q, {size_t(b), size_t(in)}, qo),
                           nb::ndarray<nb::numpy, float, nb::ndim<1>>(s, {size_t(b)}, so));
   }, nb::arg("x"));
+
+  m.def("attention_raw", &attention_raw, nb::arg("q_ptr"), nb::arg("k_ptr"), nb::arg("v_ptr"), nb::arg("mask_ptr"),
+        nb::arg("out_ptr"), nb::arg("sizes"), nb::arg("strides"), nb::arg("scale"), nb::arg("causal"),
+        nb::arg("n_threads") = 1,
+        "Unchecked fast path: out[b, i, h] = softmax(scale q k^T + mask) v for float32 strided q, k, v, out.");
 
   nb::class_<NativeLinear>(m, "NativeLinear", "A packed weight prepared for the native kernels.")
       .def("__call__", &NativeLinear::call, nb::arg("x"), nb::arg("y"), nb::arg("bias").none(),

@@ -59,6 +59,31 @@ using ActivateFn = void (*)(float* y, int64_t batch, int64_t stride, int64_t c0,
 using QuantizeFn = void (*)(const float* x, int64_t b0, int64_t b1, int64_t in, int64_t stride, int8_t* xq,
                             uint8_t* xu, float* sx);
 
+// Scaled dot-product attention of one call, fp32 (csrc/attention.cpp splits it into tasks):
+// out[b, i, h, :] = softmax_j(scale * q[b, h, i] . k[b, g, j] + mask[b, h, i, j]) v[b, g, j, :]
+// with g = h / (heads / kv_heads) (grouped-query attention). Strides in floats; the last (head)
+// dimension of q, k, v and out and the key dimension of the mask are contiguous. mask: additive,
+// null for none; broadcast dimensions have stride 0. causal: key j > query i is left out
+// (top-left aligned, as torch's is_causal). A row with every key left out (-inf) comes out zero.
+struct AttentionArgs {
+  const float* q = nullptr;
+  const float* k = nullptr;
+  const float* v = nullptr;
+  const float* mask = nullptr;
+  float* out = nullptr;
+  int64_t batch = 0, heads = 0, kv_heads = 0, sq = 0, sk = 0, d = 0;
+  int64_t q_b = 0, q_h = 0, q_s = 0;
+  int64_t k_b = 0, k_h = 0, k_s = 0;
+  int64_t v_b = 0, v_h = 0, v_s = 0;
+  int64_t o_b = 0, o_h = 0, o_s = 0;
+  int64_t m_b = 0, m_h = 0, m_s = 0;
+  float scale = 1.f;
+  bool causal = false;
+};
+
+// Attention of query rows [i0, i1) of the (batch, head) pair bh = b * heads + h.
+using AttendFn = void (*)(const AttentionArgs&, int64_t bh, int64_t i0, int64_t i1);
+
 // How a prepared GEMM tile stores its weights (byte 0 of the tile's header).
 enum PanelTile : int8_t { kDenseTile = 0, kFixedQuads = 1, kSlidingQuads = 2 };
 
@@ -83,6 +108,8 @@ struct KernelTable {
   RowKernel masked_gemm_i8;
   RowKernel dense_gemm_i8;
   bool gemm_wants_i16;
+  // the GEMMs read only xu (not xq, nor xw): run_linear has quantize skip xq for them (xq = null)
+  bool gemm_reads_xu_only;
   bool gemm_activates;  // the GEMM applies LinearArgs::activation itself (in its tile epilogue)
   int gemm_min_batch;  // use the GEMM from this many tokens on
   // the same for masked layers of >= 4M weights (their panel packing costs about as much as
@@ -94,6 +121,7 @@ struct KernelTable {
   // (64-byte aligned). Both fail (-1 / false) only when their scratch cannot be allocated.
   int64_t (*tile_panel_bytes)(const LinearArgs&, bool masked, int64_t n0, TileLayout* layout);
   bool (*pack_tile_panel)(const LinearArgs&, bool masked, int64_t n0, TileLayout layout, int8_t* out);
+  AttendFn attend;  // fp32 attention (kernels/attention.h, compiled in every tree)
 };
 
 constexpr int64_t kGemmRows = 32;  // output rows per GEMM tile

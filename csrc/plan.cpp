@@ -197,14 +197,15 @@ void run_linear(Kind kind, LinearArgs a, int n_threads) {
     const bool want_i16 = gemm && table.gemm_wants_i16;
     if (want_i16 && xw.size() < n) xw.resize(n);
     // the caller's thread_local buffers, by pointer: the pool's threads have their own
-    int8_t* q = xq.data();
+    // prepared panels: the GEMM never falls back to the row kernels (which read xq)
+    int8_t* q = gemm && table.gemm_reads_xu_only && a.panels ? nullptr : xq.data();
     uint8_t* u = xu.data();
     float* s = sx.data();
     int16_t* w = want_i16 ? xw.data() : nullptr;
     pool.run(q_tasks, threads, [&](int t) {
       const int64_t b0 = batch * t / q_tasks, b1 = batch * (t + 1) / q_tasks;
       table.quantize(x, b0, b1, in, stride, q, u, s);
-      if (w)
+      if (w)  // (q is set: a table that wants xw does not read xu only)
         for (int64_t i = b0 * stride; i < b1 * stride; ++i) w[i] = q[i];
     });
     a.xq = q;

@@ -20,5 +20,6 @@ void masked_gemm_i8(const LinearArgs& a, int64_t r0, int64_t r1);
 void dense_gemm_i8(const LinearArgs& a, int64_t r0, int64_t r1);
 int64_t tile_panel_bytes(const LinearArgs& a, bool masked, int64_t n0, TileLayout* layout);
 bool pack_tile_panel(const LinearArgs& a, bool masked, int64_t n0, TileLayout layout, int8_t* out);
+void attend(const AttentionArgs& a, int64_t bh, int64_t i0, int64_t i1);
 }  // namespace SP_ISA_NS
 }  // namespace sp

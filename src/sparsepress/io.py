@@ -30,6 +30,7 @@ from torch import nn
 from . import __version__
 from .errors import ChecksumError, FormatError, InputError, TensorLayoutError, VersionError
 from .formats import FORMATS, LayoutMismatch
+from .attention import use_native_attention
 from .fusion import fuse_activations
 from .models import convert_conv1d_, replace_module
 from .nn import QuantizedEmbedding, SparseLinear
@@ -363,6 +364,7 @@ def load(folder: str | Path) -> nn.Module:
     model.sparsepress_manifest = manifest  # type: ignore[attr-defined]
     model.sparsepress_folder = folder  # type: ignore[attr-defined]
     fuse_activations(model)
+    use_native_attention(model)
     return model
 
 

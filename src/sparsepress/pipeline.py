@@ -30,6 +30,7 @@ from torch import nn
 
 from .calibration import make_batches, to_token_ids
 from .errors import InputError, NonFiniteWarning, PoisonedWeightError, RecipeError
+from .attention import use_native_attention
 from .fusion import fuse_activations
 from .memory import release_file_pages, trim_heap
 from .models import ModelLayout, convert_conv1d_, find_layout, linear_layers, replace_module
@@ -534,4 +535,5 @@ def compress(
         runner.quantize_embeddings(embeddings)  # type: ignore[arg-type]
     model.sparsepress_record = runner.record  # type: ignore[attr-defined]
     fuse_activations(model)
+    use_native_attention(model)
     return model

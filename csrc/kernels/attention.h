@@ -1,0 +1,209 @@
+// Scaled dot-product attention in fp32, written once over the GCC vector type of activation.h so
+// every ISA tree compiles it with its own -m flags (16 lanes in AVX-512, 8 in AVX2, 4 in SSE2).
+//
+// One task is a (batch, head) pair and a range of query rows. Its keys are transposed once into
+// kt[d][j] and its values copied into rows padded to whole vectors; then query rows go in blocks
+// of kRows: scores against all keys by broadcast FMAs (one vector of keys per query element, kKeys
+// keys at a time), an exact softmax per row in place, and the outputs accumulated from the value
+// rows. Memory per thread: keys and values once plus kRows x Sk scores. A row whose every key is
+// masked (-inf) or causally hidden outputs zeros.
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#include "common.h"
+#include "kernels/activation.h"
+
+#ifndef SP_ISA_NS
+#error "define SP_ISA_NS before including kernels/attention.h"
+#endif
+
+namespace sp {
+namespace SP_ISA_NS {
+namespace attn {
+
+using act::kLanes;
+using act::Vec;
+
+constexpr int kRows = kLanes >= 16 ? 8 : 4;  // query rows per block: 2 * kRows accumulators fit the registers
+constexpr int kKeys = 2 * kLanes;              // keys per chunk
+constexpr int kDv = 2;                         // value vectors per output accumulator block
+
+static inline int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
+static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+static inline Vec loadv(const float* p) {
+  Vec v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+static inline void storev(float* p, Vec v) { std::memcpy(p, &v, sizeof v); }
+
+static inline float hmax(Vec v) {
+  float m = v[0];
+  for (int i = 1; i < kLanes; ++i) m = v[i] > m ? v[i] : m;
+  return m;
+}
+
+static inline float hsum(Vec v) {
+  float s = 0.f;
+  for (int i = 0; i < kLanes; ++i) s += v[i];
+  return s;
+}
+
+// Per-thread float buffer, grown on demand.
+struct Buffer {
+  float* p = nullptr;
+  size_t n = 0;
+  ~Buffer() { std::free(p); }
+  float* get(size_t need) {
+    if (need > n) {
+      std::free(p);
+      n = (need + 1023) & ~size_t(1023);
+      p = static_cast<float*>(std::aligned_alloc(64, n * sizeof(float)));
+      if (!p) n = 0;
+    }
+    return p;
+  }
+};
+thread_local Buffer tl_buffer;
+
+// Scores of kRows queries (qb, pre-scaled, rows d floats apart) against keys [j0, j0 + kKeys) of
+// kt (rows ld floats apart) into s[r * ld + j0 ..].
+static inline void scores(const float* qb, const float* kt, int64_t ld, int64_t d, int64_t j0, float* s) {
+  Vec acc[kRows][2];
+  for (int r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = Vec{};
+  for (int64_t e = 0; e < d; ++e) {
+    const Vec k0 = loadv(kt + e * ld + j0), k1 = loadv(kt + e * ld + j0 + kLanes);
+#pragma GCC unroll 8
+    for (int r = 0; r < kRows; ++r) {
+      const float x = qb[r * d + e];
+      acc[r][0] += x * k0;
+      acc[r][1] += x * k1;
+    }
+  }
+  for (int r = 0; r < kRows; ++r) {
+    storev(s + r * ld + j0, acc[r][0]);
+    storev(s + r * ld + j0 + kLanes, acc[r][1]);
+  }
+}
+
+// o[r][:] = sum_c p[r * ld + c] v[c][:] over the first nc keys (value rows dp floats apart).
+static inline void weigh_values(const float* p, int64_t ld, const float* v, int64_t dp, int64_t nc, float* o) {
+  for (int64_t e = 0; e < dp; e += kDv * kLanes) {
+    Vec acc[kRows][kDv];
+    for (int r = 0; r < kRows; ++r)
+      for (int t = 0; t < kDv; ++t) acc[r][t] = Vec{};
+    for (int64_t c = 0; c < nc; ++c) {
+      const Vec v0 = loadv(v + c * dp + e), v1 = loadv(v + c * dp + e + kLanes);
+#pragma GCC unroll 8
+      for (int r = 0; r < kRows; ++r) {
+        const float w = p[r * ld + c];
+        acc[r][0] += w * v0;
+        acc[r][1] += w * v1;
+      }
+    }
+    for (int r = 0; r < kRows; ++r)
+      for (int t = 0; t < kDv; ++t) storev(o + r * dp + e + t * kLanes, acc[r][t]);
+  }
+}
+
+// One row of scores: the mask added over the `seen` visible keys, then softmax numerators in place
+// (zeros from `seen` to `end`); returns their sum (0 when no key is visible).
+static inline float softmax_row(float* row, const float* mask, int64_t seen, int64_t end) {
+  const float ninf = -INFINITY;
+  int64_t j = 0;
+  Vec top = Vec{} + ninf;
+  for (; j + kLanes <= seen; j += kLanes) {
+    Vec x = loadv(row + j);
+    if (mask) x += loadv(mask + j);
+    storev(row + j, x);
+    top = x > top ? x : top;
+  }
+  float mx = hmax(top);
+  for (; j < seen; ++j) {
+    if (mask) row[j] += mask[j];
+    mx = row[j] > mx ? row[j] : mx;
+  }
+  if (mx == ninf) seen = 0;  // nothing visible: all weights zero
+  const Vec zero = {};
+  Vec sum = zero;
+  j = 0;
+  for (; j + kLanes <= seen; j += kLanes) {
+    const Vec x = loadv(row + j);
+    const Vec p = x > ninf ? act::expv<Vec>(x - mx) : zero;
+    storev(row + j, p);
+    sum += p;
+  }
+  float total = hsum(sum);
+  for (; j < seen; ++j) {
+    row[j] = row[j] > ninf ? act::expv<float>(row[j] - mx) : 0.f;
+    total += row[j];
+  }
+  for (j = seen; j < end; ++j) row[j] = 0.f;
+  return total;
+}
+
+static void attend(const AttentionArgs& a, int64_t bh, int64_t i0, int64_t i1) {
+  const int64_t b = bh / a.heads, h = bh % a.heads, g = h / (a.heads / a.kv_heads);
+  const int64_t d = a.d, dp = round_up(d, kDv * kLanes);
+  // causally, no query row of this task sees a key at or past i1
+  const int64_t kend = a.causal ? min64(a.sk, i1) : a.sk;
+  const int64_t ld = round_up(kend, kKeys);
+  float* buf = tl_buffer.get(size_t(d * ld + ld * dp + kRows * d + kRows * ld + kRows * dp));
+  if (!buf) std::abort();  // cannot happen for any shape a caller can allocate q, k, v for
+  float* kt = buf;
+  float* vp = kt + d * ld;
+  float* qb = vp + ld * dp;
+  float* s = qb + kRows * d;
+  float* o = s + kRows * ld;
+  const float* K = a.k + b * a.k_b + g * a.k_h;
+  const float* V = a.v + b * a.v_b + g * a.v_h;
+  const float* Q = a.q + b * a.q_b + h * a.q_h;
+  const float* M = a.mask ? a.mask + b * a.m_b + h * a.m_h : nullptr;
+  // every row this task reads, asked for at once: the rows are strided (heads interleave in memory), so
+  // the hardware prefetcher does not see them coming, and fetched one miss at a time they were
+  // about half of this function's time
+  for (int64_t j = 0; j < kend; ++j)
+    for (int64_t e = 0; e < d; e += 16) {
+      __builtin_prefetch(K + j * a.k_s + e);
+      __builtin_prefetch(V + j * a.v_s + e);
+    }
+  for (int64_t i = i0; i < i1; ++i)
+    for (int64_t e = 0; e < d; e += 16) __builtin_prefetch(Q + i * a.q_s + e);
+  for (int64_t j = 0; j < ld; ++j) {
+    const float* kr = K + j * a.k_s;
+    for (int64_t e = 0; e < d; ++e) kt[e * ld + j] = j < kend ? kr[e] : 0.f;
+    float* vr = vp + j * dp;
+    if (j < kend) std::memcpy(vr, V + j * a.v_s, size_t(d) * sizeof(float));
+    std::memset(vr + (j < kend ? d : 0), 0, size_t(j < kend ? dp - d : dp) * sizeof(float));
+  }
+  for (int64_t r0 = i0; r0 < i1; r0 += kRows) {
+    const int nr = int(min64(kRows, i1 - r0));
+    for (int r = 0; r < kRows; ++r) {
+      const float* qr = Q + (r0 + r) * a.q_s;
+      for (int64_t e = 0; e < d; ++e) qb[r * d + e] = r < nr ? a.scale * qr[e] : 0.f;
+    }
+    const int64_t jend = a.causal ? min64(kend, r0 + nr) : kend;  // keys any row of the block sees
+    const int64_t jpad = round_up(jend, kKeys);
+    for (int64_t j0 = 0; j0 < jend; j0 += kKeys) scores(qb, kt, ld, d, j0, s);
+    float total[kRows];
+    for (int r = 0; r < kRows; ++r) {
+      const int64_t i = r0 + r;
+      const int64_t seen = r >= nr ? 0 : a.causal ? min64(i + 1, a.sk) : a.sk;
+      total[r] = softmax_row(s + r * ld, M ? M + i * a.m_s : nullptr, seen, jpad);
+    }
+    weigh_values(s, ld, vp, dp, jend, o);
+    for (int r = 0; r < nr; ++r) {
+      const float inv = total[r] > 0.f ? 1.f / total[r] : 0.f;
+      float* out = a.out + b * a.o_b + h * a.o_h + (r0 + r) * a.o_s;
+      for (int64_t e = 0; e < d; ++e) out[e] = o[r * dp + e] * inv;
+    }
+  }
+}
+
+}  // namespace attn
+}  // namespace SP_ISA_NS
+}  // namespace sp
