@@ -70,23 +70,24 @@ struct Buffer {
 };
 thread_local Buffer tl_buffer;
 
-// Scores of kRows queries (qb, pre-scaled, rows d floats apart) against keys [j0, j0 + kKeys) of
-// kt (rows ld floats apart) into s[r * ld + j0 ..].
-static inline void scores(const float* qb, const float* kt, int64_t ld, int64_t d, int64_t j0, float* s) {
+// Scores of kRows query rows (q[r], d floats each) against keys [j0, j0 + kKeys) of kt (rows ld floats
+// apart), times scale, into s[r * ld + j0 ..].
+static inline void scores(const float* const* q, const float* kt, int64_t ld, int64_t d, int64_t j0, float scale,
+                          float* s) {
   Vec acc[kRows][2];
   for (int r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = Vec{};
   for (int64_t e = 0; e < d; ++e) {
     const Vec k0 = loadv(kt + e * ld + j0), k1 = loadv(kt + e * ld + j0 + kLanes);
 #pragma GCC unroll 8
     for (int r = 0; r < kRows; ++r) {
-      const float x = qb[r * d + e];
+      const float x = q[r][e];
       acc[r][0] += x * k0;
       acc[r][1] += x * k1;
     }
   }
   for (int r = 0; r < kRows; ++r) {
-    storev(s + r * ld + j0, acc[r][0]);
-    storev(s + r * ld + j0 + kLanes, acc[r][1]);
+    storev(s + r * ld + j0, scale * acc[r][0]);
+    storev(s + r * ld + j0 + kLanes, scale * acc[r][1]);
   }
 }
 
@@ -152,27 +153,16 @@ static void attend(const AttentionArgs& a, int64_t bh, int64_t i0, int64_t i1) {
   // causally, no query row of this task sees a key at or past i1
   const int64_t kend = a.causal ? min64(a.sk, i1) : a.sk;
   const int64_t ld = round_up(kend, kKeys);
-  float* buf = tl_buffer.get(size_t(d * ld + ld * dp + kRows * d + kRows * ld + kRows * dp));
+  float* buf = tl_buffer.get(size_t(d * ld + ld * dp + kRows * ld + kRows * dp));
   if (!buf) std::abort();  // cannot happen for any shape a caller can allocate q, k, v for
   float* kt = buf;
   float* vp = kt + d * ld;
-  float* qb = vp + ld * dp;
-  float* s = qb + kRows * d;
+  float* s = vp + ld * dp;
   float* o = s + kRows * ld;
   const float* K = a.k + b * a.k_b + g * a.k_h;
   const float* V = a.v + b * a.v_b + g * a.v_h;
   const float* Q = a.q + b * a.q_b + h * a.q_h;
   const float* M = a.mask ? a.mask + b * a.m_b + h * a.m_h : nullptr;
-  // every row this task reads, asked for at once: the rows are strided (heads interleave in memory), so
-  // the hardware prefetcher does not see them coming, and fetched one miss at a time they were
-  // about half of this function's time
-  for (int64_t j = 0; j < kend; ++j)
-    for (int64_t e = 0; e < d; e += 16) {
-      __builtin_prefetch(K + j * a.k_s + e);
-      __builtin_prefetch(V + j * a.v_s + e);
-    }
-  for (int64_t i = i0; i < i1; ++i)
-    for (int64_t e = 0; e < d; e += 16) __builtin_prefetch(Q + i * a.q_s + e);
   for (int64_t j = 0; j < ld; ++j) {
     const float* kr = K + j * a.k_s;
     for (int64_t e = 0; e < d; ++e) kt[e * ld + j] = j < kend ? kr[e] : 0.f;
@@ -182,13 +172,12 @@ static void attend(const AttentionArgs& a, int64_t bh, int64_t i0, int64_t i1) {
   }
   for (int64_t r0 = i0; r0 < i1; r0 += kRows) {
     const int nr = int(min64(kRows, i1 - r0));
-    for (int r = 0; r < kRows; ++r) {
-      const float* qr = Q + (r0 + r) * a.q_s;
-      for (int64_t e = 0; e < d; ++e) qb[r * d + e] = r < nr ? a.scale * qr[e] : 0.f;
-    }
+    // rows past the block's end repeat its last row (their scores are discarded)
+    const float* qrows[kRows];
+    for (int r = 0; r < kRows; ++r) qrows[r] = Q + (r0 + (r < nr ? r : nr - 1)) * a.q_s;
     const int64_t jend = a.causal ? min64(kend, r0 + nr) : kend;  // keys any row of the block sees
     const int64_t jpad = round_up(jend, kKeys);
-    for (int64_t j0 = 0; j0 < jend; j0 += kKeys) scores(qb, kt, ld, d, j0, s);
+    for (int64_t j0 = 0; j0 < jend; j0 += kKeys) scores(qrows, kt, ld, d, j0, a.scale, s);
     float total[kRows];
     for (int r = 0; r < kRows; ++r) {
       const int64_t i = r0 + r;
