@@ -14,8 +14,31 @@ def _ids(n=8):
     return token_ids(n, length=16)
 
 
-
-
+# The least-squares refit is left out: on a tiny model its conjugate gradients stop (at their tolerance) in
+# directions the calibration hardly sees, so float noise moves weights there without changing the fit.
+@pytest.mark.parametrize("method,solver", [
+    ("wanda", {"refit": False}),
+    ("sparsegpt", {"refit": False}),  # sequential, dense target, bias correction
+    ("sparsegpt", {"sequential": False, "dense_target": 0.0, "refit": False, "bias_correction": False}),
+])
+def test_padding_is_left_out_of_the_statistics(method, solver):
+    """Texts of mixed lengths batched together (padded) compress as when each runs alone."""
+    ids = [t[: 8 + 2 * i] for i, t in enumerate(token_ids(12, length=32))]  # 8 .. 30 tokens
+    # prune only: int8 rounding would turn float noise into whole steps (and, jointly, into mask flips)
+    recipe = {"stages": [{"prune": {"method": method, "sparsity": 0.5}}], "solver": solver}
+    alone = sp.compress(tiny_bert(), recipe, calibration=ids, batch_size=1)
+    padded = sp.compress(tiny_bert(), recipe, calibration=ids, batch_size=6)
+    flips = []
+    for (name, a), (_, b) in zip(alone.named_modules(), padded.named_modules()):
+        if isinstance(a, sp.SparseLinear):
+            wa, wb = a.weight, b.weight
+            differ = (wa != 0) != (wb != 0)
+            flips.append(float(differ.float().mean()))
+            same_rows = ~differ.any(dim=1)  # a flip moves the compensation of its whole row
+            torch.testing.assert_close(wa[same_rows], wb[same_rows], atol=1e-4, rtol=0, msg=name)
+    # float noise flips a near-tie now and then (<= 2 of 1024 measured); padding in the statistics
+    # flipped 0.8-1.7% of every layer's mask on average
+    assert max(flips) <= 0.005 and sum(flips) / len(flips) <= 0.0005, flips
 
 
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])

@@ -68,6 +68,24 @@ class _StopForward(Exception):
 class _BlockInputs:
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
+    tokens: torch.Tensor | None = None  # which of the batch's flattened tokens are real (not padding); None: all
+
+
+def _real_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """The flattened attention mask of a padded batch (None when every token is real).
+
+    Padding is left out of every calibration statistic: a pad token's activations say nothing about
+    the data, and texts of mixed lengths would otherwise weigh the Hessians towards them.
+    """
+    mask = batch.get("attention_mask")
+    if mask is None or bool(mask.all()):
+        return None
+    return mask.reshape(-1).bool()
+
+
+def _drop_padding(flat: torch.Tensor, tokens: torch.Tensor | None) -> torch.Tensor:
+    """The rows of a layer's flattened inputs that belong to real tokens (all, when the counts differ)."""
+    return flat if tokens is None or tokens.numel() != flat.shape[0] else flat[tokens]
 
 
 def _matches(name: str, patterns: Sequence[str]) -> bool:
@@ -107,9 +125,10 @@ def _zero_nonfinite_(name: str, what: str, tensor: torch.Tensor) -> None:
     warnings.warn(f"{name}: zeroed {count} NaN or Inf entries of its {what}", NonFiniteWarning, stacklevel=3)
 
 
-def _finite_tokens(name: str, x: torch.Tensor, nonfinite: str, dropped: dict[str, int]) -> torch.Tensor:
-    """The rows (tokens) of x that are finite; NaN / Inf rows raise, or are dropped and counted (skip)."""
-    flat = x.detach().reshape(-1, x.shape[-1])
+def _finite_tokens(name: str, x: torch.Tensor, nonfinite: str, dropped: dict[str, int],
+                   tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """The rows (real tokens) of x that are finite; NaN / Inf rows raise, or are dropped and counted (skip)."""
+    flat = _drop_padding(x.detach().reshape(-1, x.shape[-1]), tokens)
     finite = torch.isfinite(flat).all(dim=1)
     if bool(finite.all()):
         return flat
@@ -135,7 +154,7 @@ def _capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: lis
     captured: list[_BlockInputs] = []
 
     def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        captured.append(_BlockInputs(args, kwargs))
+        captured.append(_BlockInputs(args, kwargs, _real_tokens(batches[len(captured)])))
         raise _StopForward
 
     handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
@@ -171,14 +190,15 @@ def _hidden_in(inputs: _BlockInputs) -> torch.Tensor:
 
 def _with_hidden(inputs: _BlockInputs, hidden: torch.Tensor) -> _BlockInputs:
     if inputs.args:
-        return _BlockInputs((hidden, *inputs.args[1:]), inputs.kwargs)
-    return _BlockInputs((), {**inputs.kwargs, "hidden_states": hidden})
+        return _BlockInputs((hidden, *inputs.args[1:]), inputs.kwargs, inputs.tokens)
+    return _BlockInputs((), {**inputs.kwargs, "hidden_states": hidden}, inputs.tokens)
 
 
 @contextmanager
 def _collecting(layers: dict[str, nn.Linear], stats: dict[str, LayerStats], nonfinite: str = "error",
-                dropped: dict[str, int] | None = None) -> Iterator[None]:
-    """Feed each layer's inputs to its stats while the block runs.
+                dropped: dict[str, int] | None = None,
+                tokens: Callable[[], torch.Tensor | None] = lambda: None) -> Iterator[None]:
+    """Feed each layer's inputs to its stats while the block runs (`tokens()`: the running batch's real tokens).
 
     Layers that receive the very same input tensor (q, k, v projections) share one LayerStats, so
     the Hessian is accumulated once; sharing is decided on the first batch by object identity.
@@ -193,7 +213,7 @@ def _collecting(layers: dict[str, nn.Linear], stats: dict[str, LayerStats], nonf
                 owners[_name] = next((owner for seen, owner in first_inputs if seen is x), _name)
                 first_inputs.append((x, _name))
             if owners[_name] == _name:
-                stats[_name].add(_finite_tokens(_name, x, nonfinite, dropped if dropped is not None else {}))
+                stats[_name].add(_finite_tokens(_name, x, nonfinite, dropped if dropped is not None else {}, tokens()))
         handles.append(layer.register_forward_pre_hook(hook))
     try:
         yield
@@ -234,9 +254,10 @@ def _shared(seen: dict[str, torch.Tensor]) -> dict[str, list[str]]:
 
 
 def _finite_pair(name: str, x: torch.Tensor, dense_x: torch.Tensor, nonfinite: str,
-                 dropped: dict[str, int]) -> tuple[torch.Tensor, torch.Tensor]:
+                 dropped: dict[str, int], tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`_finite_tokens` for paired inputs: a token is dropped from both when either side is not finite."""
-    flat, dense = x.detach().reshape(-1, x.shape[-1]), dense_x.detach().reshape(-1, dense_x.shape[-1])
+    flat = _drop_padding(x.detach().reshape(-1, x.shape[-1]), tokens)
+    dense = _drop_padding(dense_x.detach().reshape(-1, dense_x.shape[-1]), tokens)
     finite = torch.isfinite(flat).all(dim=1) & torch.isfinite(dense).all(dim=1)
     if bool(finite.all()):
         return flat, dense
@@ -282,14 +303,16 @@ class _Compressor:
             return
         norms = {name: torch.zeros(self.layers[name].in_features, dtype=torch.float64) for name in targets}
         handles = []
+        running: list[torch.Tensor | None] = [None]  # the real tokens of the batch being run
         for name in targets:
             def hook(_m: nn.Module, args: tuple[Any, ...], _name: str = name) -> None:
-                x = _finite_tokens(_name, args[0], self.nonfinite, self.dropped).double()
+                x = _finite_tokens(_name, args[0], self.nonfinite, self.dropped, running[0]).double()
                 norms[_name] += (x * x).sum(dim=0)
             handles.append(self.layers[name].register_forward_pre_hook(hook))
         try:
             extra = _forward_kwargs(self.model)
             for index, batch in enumerate(batches):
+                running[0] = _real_tokens(batch)
                 self.model(**batch, **extra)
                 self._tick("allocating", index + 1, len(batches))
         finally:
@@ -351,15 +374,18 @@ class _Compressor:
         stats = {name: LayerStats(layer.in_features, name=name) for name, layer in layers.items()}
         pairs = self.dense_inputs if dense_block is not None else None
         if pairs is None:
-            with _collecting(layers, stats, self.nonfinite, self.dropped):
+            running: list[torch.Tensor | None] = [None]
+            with _collecting(layers, stats, self.nonfinite, self.dropped, lambda: running[0]):
                 for item in inputs:
+                    running[0] = item.tokens
                     _run_block(block, item)
         else:
             for item, dense_item in zip(inputs, pairs):
                 seen = _read_inputs(block, layers, item)
                 dense_seen = _read_inputs(dense_block, {n: dense_block.get_submodule(n[len(prefix):]) for n in group}, dense_item)
                 for owner, names in _shared(seen).items():
-                    x, dense_x = _finite_pair(owner, seen[owner], dense_seen[owner], self.nonfinite, self.dropped)
+                    x, dense_x = _finite_pair(owner, seen[owner], dense_seen[owner], self.nonfinite, self.dropped,
+                                              item.tokens)
                     stats[owner].add(x, dense_x)
                     for name in names:
                         stats[name] = stats[owner]
@@ -504,7 +530,7 @@ def compress(
             runner.allocate(batches)
             blocks = runner.layout.blocks
             if blocks[0][0] == "":
-                inputs = [_BlockInputs((), {**b, **_forward_kwargs(model)}) for b in batches]
+                inputs = [_BlockInputs((), {**b, **_forward_kwargs(model)}, _real_tokens(b)) for b in batches]
             else:
                 inputs = _capture_block_inputs(model, blocks[0][1], batches)
             runner.dense_inputs = list(inputs) if runner.follows_dense else []
