@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 
 from .errors import InputError
-from .sources import read_text, token_samples
+from .sources import calibration_samples, read_text
 
 
 def to_token_ids(
@@ -24,11 +24,15 @@ def to_token_ids(
     seq_len: int,
     seed: int = 0,
 ) -> list[torch.Tensor]:
-    """Token-id samples from a list of strings, a list of id tensors, or (None) the bundled text."""
+    """Token-id samples from a list of strings, a list of id tensors, or (None) the bundled text.
+
+    From the bundled text: `samples` windows of `seq_len` tokens and up to 2 x `samples` sentences
+    (`sources.calibration_samples`); from a list: its first `samples` items.
+    """
     if calibration is None:
         if tokenizer is None:
             raise InputError("<calibration>", "no calibration data and no tokenizer to make it from the bundled text")
-        return token_samples(tokenizer, read_text(None), samples, seq_len, seed, source="bundled calibration text")
+        return calibration_samples(tokenizer, read_text(None), samples, seq_len, seed, source="bundled calibration text")
     items = list(calibration)
     if not items:
         raise InputError("<calibration>", "calibration data is empty")

@@ -72,7 +72,7 @@ def run_compression(model_name: str, recipe_path: Path | None, out: Path, calibr
     from .pipeline import NONFINITE_POLICIES
     from .pipeline import compress
     from .recipe import Recipe
-    from .sources import load_source, read_text, token_samples
+    from .sources import calibration_samples, load_source, read_text
 
     if nonfinite not in NONFINITE_POLICIES:
         raise InputError("--on-nonfinite", f"got {nonfinite!r}; allowed: {' | '.join(NONFINITE_POLICIES)}")
@@ -84,14 +84,15 @@ def run_compression(model_name: str, recipe_path: Path | None, out: Path, calibr
     if source.tokenizer is None:
         raise InputError(source.path, "no tokenizer files found; calibration needs one")
     text = read_text(calibration)
-    ids = token_samples(source.tokenizer, text, samples, seq_len, recipe.seed, source=str(calibration or "bundled calibration text"))
+    ids = calibration_samples(source.tokenizer, text, samples, seq_len, recipe.seed,
+                              source=str(calibration or "bundled calibration text"))
     checkpoint = Checkpoint.for_output(out, source.path, resume=resume)
     progress, update = _progress()
     try:
         with progress, warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", NonFiniteWarning)
             try:
-                model = compress(source.model, recipe, calibration=ids, tokenizer=source.tokenizer, samples=samples,
+                model = compress(source.model, recipe, calibration=ids, tokenizer=source.tokenizer, samples=len(ids),
                                  seq_len=seq_len, progress=update, nonfinite=nonfinite, checkpoint=checkpoint)
             finally:
                 for item in caught:
@@ -119,7 +120,8 @@ def compress_command(
     recipe: Path = typer.Option(..., "--recipe", "-r", help="YAML recipe"),
     out: Path = typer.Option(..., "--out", "-o", help="output folder"),
     calibration: Optional[Path] = typer.Option(None, "--calibration", help="calibration text file (default: bundled WikiText-2 sample)"),
-    samples: int = typer.Option(128, "--samples", min=1, help="calibration samples"),
+    samples: int = typer.Option(128, "--samples", min=1,
+                                help="calibration windows of --seq-len tokens (plus twice as many single sentences)"),
     seq_len: int = typer.Option(128, "--seq-len", min=8, help="tokens per calibration sample"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty --out"),
     resume: bool = typer.Option(False, "--resume", help="continue an interrupted run from its per-block checkpoint (.OUT.checkpoint/)"),
