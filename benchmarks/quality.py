@@ -179,7 +179,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    header = [f"calibration: {args.samples} x {args.seq_len} tokens of WikiText-2 valid; held-out: {args.eval_samples} "
+    header = [f"calibration: {args.samples} windows of {args.seq_len} tokens + {2 * args.samples} sentences of WikiText-2 valid; held-out: {args.eval_samples} "
               f"windows, {args.pairs} sentence pairs of WikiText-2 test; torch {torch.__version__}", ""]
     print(header[0], flush=True)
     lines = header
