@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from sparsepress import native
+
 
 def _minilm_path() -> Path | None:
     try:
@@ -50,3 +52,14 @@ def tiny_recipe_file(tmp_path_factory) -> Path:
         "  - quantize_embeddings: {bits: 8}\n"
     )
     return path
+
+
+@pytest.fixture(params=native.supported_isas() or ["none"])
+def isa(request):
+    """Each ISA level this CPU has, forced for the test and restored after (skips without the extension)."""
+    if request.param == "none":
+        pytest.skip("sparsepress._native not built")
+    before = native.active_isa()
+    native.set_isa(request.param)
+    yield request.param
+    native.set_isa(before)

@@ -14,18 +14,7 @@ from hypothesis import strategies as st
 from sparsepress import attention as attn
 from sparsepress import native
 
-ISAS = native.supported_isas()
 needs_native = pytest.mark.skipif(not native.native_available(), reason="sparsepress._native not built")
-
-
-@pytest.fixture(params=ISAS or ["none"])
-def isa(request):
-    if request.param == "none":
-        pytest.skip("sparsepress._native not built")
-    before = native.active_isa()
-    native.set_isa(request.param)
-    yield request.param
-    native.set_isa(before)
 
 
 def make_mask(kind: str, batch: int, heads: int, sq: int, sk: int, gen: torch.Generator) -> torch.Tensor | None:

@@ -12,18 +12,7 @@ from hypothesis import strategies as st
 from sparsepress import kernels, native
 from sparsepress.formats import BBSWeight, BitmaskWeight, CSRWeight, DenseWeight, NMWeight
 
-ISAS = native.supported_isas()
 needs_native = pytest.mark.skipif(not native.native_available(), reason="sparsepress._native not built")
-
-
-@pytest.fixture(params=ISAS or ["none"])
-def isa(request):
-    if request.param == "none":
-        pytest.skip("sparsepress._native not built")
-    before = native.active_isa()
-    native.set_isa(request.param)
-    yield request.param
-    native.set_isa(before)
 
 
 def random_sparse(out_features: int, in_features: int, density: float, seed: int) -> torch.Tensor:

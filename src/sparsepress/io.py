@@ -28,9 +28,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import __version__
+from .attention import use_native_attention
 from .errors import ChecksumError, FormatError, InputError, TensorLayoutError, VersionError
 from .formats import FORMATS, LayoutMismatch
-from .attention import use_native_attention
 from .fusion import fuse_activations
 from .models import convert_conv1d_, replace_module
 from .nn import QuantizedEmbedding, SparseLinear

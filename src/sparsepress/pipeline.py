@@ -28,9 +28,9 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from .attention import use_native_attention
 from .calibration import make_batches, to_token_ids
 from .errors import InputError, NonFiniteWarning, PoisonedWeightError, RecipeError
-from .attention import use_native_attention
 from .fusion import fuse_activations
 from .memory import release_file_pages, trim_heap
 from .models import ModelLayout, convert_conv1d_, find_layout, linear_layers, replace_module
