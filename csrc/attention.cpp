@@ -33,7 +33,7 @@ void prefetch_pair(const AttentionArgs& a, int64_t bh, int64_t i0, int64_t i1) {
 
 void run_attention(const AttentionArgs& a, int n_threads) {
   const int64_t pairs = a.batch * a.heads;
-  if (pairs == 0 || a.sq == 0) return;
+  if (pairs == 0 || a.sq == 0 || a.d == 0) return;  // nothing to write
   const AttendFn attend = active_table().attend;
   int threads = std::max(1, n_threads);
   if (double(pairs) * double(a.sq) * double(a.sk) * double(a.d) < kSerialWork) threads = 1;
