@@ -84,6 +84,24 @@ struct AttentionArgs {
 // Attention of query rows [i0, i1) of the (batch, head) pair bh = b * heads + h.
 using AttendFn = void (*)(const AttentionArgs&, int64_t bh, int64_t i0, int64_t i1);
 
+// Where one (batch, head) pair's rows start: its query head's, its key/value head's, its mask's.
+// (static inline, as everything here: the ISA trees include this header with different -m flags.)
+struct AttentionPair {
+  int64_t b, h;
+  const float *q, *k, *v, *mask;
+};
+
+static inline AttentionPair attention_pair(const AttentionArgs& a, int64_t bh) {
+  const int64_t b = bh / a.heads, h = bh % a.heads, g = h / (a.heads / a.kv_heads);
+  return {b, h, a.q + b * a.q_b + h * a.q_h, a.k + b * a.k_b + g * a.k_h, a.v + b * a.v_b + g * a.v_h,
+          a.mask ? a.mask + b * a.m_b + h * a.m_h : nullptr};
+}
+
+// Keys that query rows before `end` can see: all of them, or causally none at or past `end`.
+static inline int64_t visible_keys(const AttentionArgs& a, int64_t end) {
+  return a.causal && end < a.sk ? end : a.sk;
+}
+
 // How a prepared GEMM tile stores its weights (byte 0 of the tile's header).
 enum PanelTile : int8_t { kDenseTile = 0, kFixedQuads = 1, kSlidingQuads = 2 };
 

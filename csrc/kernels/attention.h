@@ -14,6 +14,7 @@
 
 #include "common.h"
 #include "kernels/activation.h"
+#include "kernels/scratch.h"
 
 #ifndef SP_ISA_NS
 #error "define SP_ISA_NS before including kernels/attention.h"
@@ -53,22 +54,7 @@ static inline float hsum(Vec v) {
   return s;
 }
 
-// Per-thread float buffer, grown on demand.
-struct Buffer {
-  float* p = nullptr;
-  size_t n = 0;
-  ~Buffer() { std::free(p); }
-  float* get(size_t need) {
-    if (need > n) {
-      std::free(p);
-      n = (need + 1023) & ~size_t(1023);
-      p = static_cast<float*>(std::aligned_alloc(64, n * sizeof(float)));
-      if (!p) n = 0;
-    }
-    return p;
-  }
-};
-thread_local Buffer tl_buffer;
+static thread_local Scratch tl_buffer;  // keys transposed, values padded, scores, outputs
 
 // Scores of kRows query rows (q[r], d floats each) against keys [j0, j0 + kKeys) of kt (rows ld floats
 // apart), times scale, into s[r * ld + j0 ..].
@@ -148,21 +134,17 @@ static inline float softmax_row(float* row, const float* mask, int64_t seen, int
 }
 
 static void attend(const AttentionArgs& a, int64_t bh, int64_t i0, int64_t i1) {
-  const int64_t b = bh / a.heads, h = bh % a.heads, g = h / (a.heads / a.kv_heads);
+  const AttentionPair pair = attention_pair(a, bh);
   const int64_t d = a.d, dp = round_up(d, kDv * kLanes);
-  // causally, no query row of this task sees a key at or past i1
-  const int64_t kend = a.causal ? min64(a.sk, i1) : a.sk;
+  const int64_t kend = visible_keys(a, i1);  // keys any row of this task sees
   const int64_t ld = round_up(kend, kKeys);
-  float* buf = tl_buffer.get(size_t(d * ld + ld * dp + kRows * ld + kRows * dp));
+  float* buf = reinterpret_cast<float*>(tl_buffer.get(size_t(d * ld + ld * dp + kRows * ld + kRows * dp) * sizeof(float)));
   if (!buf) std::abort();  // cannot happen for any shape a caller can allocate q, k, v for
   float* kt = buf;
   float* vp = kt + d * ld;
   float* s = vp + ld * dp;
   float* o = s + kRows * ld;
-  const float* K = a.k + b * a.k_b + g * a.k_h;
-  const float* V = a.v + b * a.v_b + g * a.v_h;
-  const float* Q = a.q + b * a.q_b + h * a.q_h;
-  const float* M = a.mask ? a.mask + b * a.m_b + h * a.m_h : nullptr;
+  const float *K = pair.k, *V = pair.v, *Q = pair.q, *M = pair.mask;
   for (int64_t j = 0; j < ld; ++j) {
     const float* kr = K + j * a.k_s;
     for (int64_t e = 0; e < d; ++e) kt[e * ld + j] = j < kend ? kr[e] : 0.f;
@@ -175,19 +157,19 @@ static void attend(const AttentionArgs& a, int64_t bh, int64_t i0, int64_t i1) {
     // rows past the block's end repeat its last row (their scores are discarded)
     const float* qrows[kRows];
     for (int r = 0; r < kRows; ++r) qrows[r] = Q + (r0 + (r < nr ? r : nr - 1)) * a.q_s;
-    const int64_t jend = a.causal ? min64(kend, r0 + nr) : kend;  // keys any row of the block sees
+    const int64_t jend = visible_keys(a, r0 + nr);  // keys any row of the block sees
     const int64_t jpad = round_up(jend, kKeys);
     for (int64_t j0 = 0; j0 < jend; j0 += kKeys) scores(qrows, kt, ld, d, j0, a.scale, s);
     float total[kRows];
     for (int r = 0; r < kRows; ++r) {
       const int64_t i = r0 + r;
-      const int64_t seen = r >= nr ? 0 : a.causal ? min64(i + 1, a.sk) : a.sk;
+      const int64_t seen = r >= nr ? 0 : visible_keys(a, i + 1);
       total[r] = softmax_row(s + r * ld, M ? M + i * a.m_s : nullptr, seen, jpad);
     }
     weigh_values(s, ld, vp, dp, jend, o);
     for (int r = 0; r < nr; ++r) {
       const float inv = total[r] > 0.f ? 1.f / total[r] : 0.f;
-      float* out = a.out + b * a.o_b + h * a.o_h + (r0 + r) * a.o_s;
+      float* out = a.out + pair.b * a.o_b + pair.h * a.o_h + (r0 + r) * a.o_s;
       for (int64_t e = 0; e < d; ++e) out[e] = o[r * dp + e] * inv;
     }
   }

@@ -9,6 +9,7 @@
 #include "kernels/avx2/tables.h"
 #include "kernels/decl.h"
 #include "kernels/generic.h"
+#include "kernels/scratch.h"
 
 namespace sp {
 namespace avx2 {
@@ -142,21 +143,7 @@ static void rows(const LinearArgs& a, int64_t r0, int64_t r1) {
 // are expanded once into a panel buf[k2][16 rows][2 x int16] (one ymm = 8 rows x 2 k), and the
 // micro-kernel broadcasts a pair of int16 activations (a.xw) per token.
 
-struct Scratch {
-  int8_t* p = nullptr;
-  size_t n = 0;
-  ~Scratch() { std::free(p); }
-  int8_t* get(size_t need) {
-    if (need > n) {
-      std::free(p);
-      n = (need + 4095) & ~size_t(4095);
-      p = static_cast<int8_t*>(std::aligned_alloc(64, n));
-      if (!p) n = 0;
-    }
-    return p;
-  }
-};
-thread_local Scratch tl_panel;
+thread_local Scratch tl_panel;  // per-thread panel buffer
 
 constexpr int kTile = 16;  // output rows per panel
 

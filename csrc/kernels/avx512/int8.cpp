@@ -9,6 +9,7 @@
 #define SP_ISA_NS avx512
 #include "kernels/decl.h"
 #include "kernels/generic.h"
+#include "kernels/scratch.h"
 #include "kernels/activation.h"
 
 namespace sp {
@@ -359,22 +360,7 @@ static void rows(const LinearArgs& a, int64_t r0, int64_t r1) {
 // then broadcasts 4 activation bytes per token and runs vpdpbusd into MR x NJ accumulators
 // (MR tokens x NJ*16 outputs). Decompression is O(out * in) per call, not per token.
 
-// Per-thread panel buffer (no standard-library templates in the SIMD trees).
-struct Scratch {
-  int8_t* p = nullptr;
-  size_t n = 0;
-  ~Scratch() { std::free(p); }
-  int8_t* get(size_t need) {
-    if (need > n) {
-      std::free(p);
-      n = (need + 4095) & ~size_t(4095);
-      p = static_cast<int8_t*>(std::aligned_alloc(64, n));
-      if (!p) n = 0;
-    }
-    return p;
-  }
-};
-thread_local Scratch tl_panel;
+thread_local Scratch tl_panel;  // per-thread panel buffer
 thread_local Scratch tl_counts;  // quads per window while a prepared tile is planned
 
 // In-place transpose of a 16 x 16 matrix of dwords (v[row] -> v[col]).
