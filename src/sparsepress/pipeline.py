@@ -125,17 +125,24 @@ def _zero_nonfinite_(name: str, what: str, tensor: torch.Tensor) -> None:
     warnings.warn(f"{name}: zeroed {count} NaN or Inf entries of its {what}", NonFiniteWarning, stacklevel=3)
 
 
-def _finite_tokens(name: str, x: torch.Tensor, nonfinite: str, dropped: dict[str, int],
-                   tokens: torch.Tensor | None = None) -> torch.Tensor:
-    """The rows (real tokens) of x that are finite; NaN / Inf rows raise, or are dropped and counted (skip)."""
-    flat = _drop_padding(x.detach().reshape(-1, x.shape[-1]), tokens)
-    finite = torch.isfinite(flat).all(dim=1)
+def _finite_rows(name: str, xs: Sequence[torch.Tensor], nonfinite: str, dropped: dict[str, int],
+                 tokens: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """The rows (real tokens) of each x that are finite in every x; NaN / Inf rows raise, or are dropped
+    and counted (skip). Paired inputs (compressed and dense) lose a token together."""
+    flats = [_drop_padding(x.detach().reshape(-1, x.shape[-1]), tokens) for x in xs]
+    finite = torch.stack([torch.isfinite(flat).all(dim=1) for flat in flats]).all(dim=0)
     if bool(finite.all()):
-        return flat
+        return flats
     if nonfinite != "skip":
         raise PoisonedWeightError(name, "calibration activations")
     dropped[name] = dropped.get(name, 0) + int((~finite).sum())
-    return flat[finite]
+    return [flat[finite] for flat in flats]
+
+
+def _finite_tokens(name: str, x: torch.Tensor, nonfinite: str, dropped: dict[str, int],
+                   tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """`_finite_rows` of one input."""
+    return _finite_rows(name, [x], nonfinite, dropped, tokens)[0]
 
 
 def _warn_dropped(dropped: dict[str, int]) -> None:
@@ -251,20 +258,6 @@ def _shared(seen: dict[str, torch.Tensor]) -> dict[str, list[str]]:
         else:
             owners[owner].append(name)
     return owners
-
-
-def _finite_pair(name: str, x: torch.Tensor, dense_x: torch.Tensor, nonfinite: str,
-                 dropped: dict[str, int], tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """`_finite_tokens` for paired inputs: a token is dropped from both when either side is not finite."""
-    flat = _drop_padding(x.detach().reshape(-1, x.shape[-1]), tokens)
-    dense = _drop_padding(dense_x.detach().reshape(-1, dense_x.shape[-1]), tokens)
-    finite = torch.isfinite(flat).all(dim=1) & torch.isfinite(dense).all(dim=1)
-    if bool(finite.all()):
-        return flat, dense
-    if nonfinite != "skip":
-        raise PoisonedWeightError(name, "calibration activations")
-    dropped[name] = dropped.get(name, 0) + int((~finite).sum())
-    return flat[finite], dense[finite]
 
 
 class _Compressor:
@@ -384,7 +377,7 @@ class _Compressor:
                 seen = _read_inputs(block, layers, item)
                 dense_seen = _read_inputs(dense_block, {n: dense_block.get_submodule(n[len(prefix):]) for n in group}, dense_item)
                 for owner, names in _shared(seen).items():
-                    x, dense_x = _finite_pair(owner, seen[owner], dense_seen[owner], self.nonfinite, self.dropped,
+                    x, dense_x = _finite_rows(owner, [seen[owner], dense_seen[owner]], self.nonfinite, self.dropped,
                                               item.tokens)
                     stats[owner].add(x, dense_x)
                     for name in names:
