@@ -17,6 +17,7 @@
 #include "attention.h"
 #include "dispatch.h"
 #include "openmp_team.h"
+#include "output_cache.h"
 #include "plan.h"
 
 namespace nb = nanobind;
@@ -285,6 +286,21 @@ NB_MODULE(_native, m) {
     return nb::make_tuple(nb::ndarray<nb::numpy, int8_t, nb::ndim<2>>(q, {size_t(b), size_t(in)}, qo),
                           nb::ndarray<nb::numpy, float, nb::ndim<1>>(s, {size_t(b)}, so));
   }, nb::arg("x"));
+
+  m.def("output_tensor", [](const std::vector<int64_t>& shape) {
+    size_t count = 1;
+    for (int64_t d : shape) {
+      require(d >= 0, "output_tensor: negative dimension");
+      count *= size_t(d);
+    }
+    std::vector<size_t> dims(shape.begin(), shape.end());
+    void* block = sp::acquire_output(count * sizeof(float));
+    nb::capsule owner(block, [](void* p) noexcept { sp::release_output(p); });
+    return nb::ndarray<nb::pytorch, float>(block, dims.size(), dims.data(), owner);
+  }, nb::arg("shape"),
+        "An uninitialised float32 torch tensor of `shape` in recycled memory (see csrc/output_cache.h).");
+  m.def("clear_output_cache", &sp::clear_output_cache, "Frees the recycled output blocks; returns the bytes freed.");
+  m.def("cached_output_bytes", &sp::cached_output_bytes, "Bytes of freed output blocks held for reuse.");
 
   m.def("attention_raw", &attention_raw, nb::arg("q_ptr"), nb::arg("k_ptr"), nb::arg("v_ptr"), nb::arg("mask_ptr"),
         nb::arg("out_ptr"), nb::arg("sizes"), nb::arg("strides"), nb::arg("scale"), nb::arg("causal"),

@@ -113,7 +113,7 @@ def _run_native(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mas
         return torch.zeros(batch, sq, heads, d, dtype=torch.float32)
     query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
     mask = _additive_mask(mask, (batch, heads, sq, sk))
-    out = torch.empty(batch, sq, heads, d, dtype=torch.float32)
+    out = native.output_tensor(batch, sq, heads, d)
     strides = [*query.stride()[:3], *key.stride()[:3], *value.stride()[:3],
                out.stride(0), out.stride(2), out.stride(1), *(mask.stride()[:3] if mask is not None else (0, 0, 0))]
     lib.attention_raw(query.data_ptr(), key.data_ptr(), value.data_ptr(), 0 if mask is None else mask.data_ptr(),

@@ -321,7 +321,7 @@ def packed_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | No
                 raise ValueError(f"bias has {bias.numel()} elements, the weight has {plan.out_features} outputs")
             bias_ptr = bias.data_ptr()
         shape = x.shape
-        y = torch.empty((*shape[:-1], plan.out_features), dtype=torch.float32)
+        y = native.output_tensor(*shape[:-1], plan.out_features)
         rows = x.numel() // in_features if in_features else 0
         plan.handle.call_raw(x.data_ptr(), rows, y.data_ptr(), bias_ptr,
                              threads_for(rows * in_features * plan.out_features), code)
@@ -343,7 +343,7 @@ def packed_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | No
         x2d = x2d.float().contiguous()
         if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
             bias = bias.float().contiguous()
-        y = torch.empty(x2d.shape[0], out_features, dtype=torch.float32)
+        y = native.output_tensor(x2d.shape[0], out_features)
         plan.handle(x2d, y, bias, torch.get_num_threads(), code)
     return y.reshape(*lead, out_features)
 
