@@ -87,3 +87,26 @@ def test_outputs_survive_across_threads(empty_cache):
     del made[:]
     gc.collect()
     assert native.module().cached_output_bytes() >= 1024 * 384 * 4
+
+
+@needs_native
+def test_layer_outputs_in_recycled_memory_never_alias(empty_cache):
+    """Two live outputs of the same layer stay distinct; a freed one comes back for the next call."""
+    from sparsepress import kernels
+    from sparsepress.formats import BitmaskWeight
+
+    torch.manual_seed(0)
+    weight = torch.randn(512, 256) * (torch.rand(512, 256) < 0.5)
+    packed = BitmaskWeight.pack(weight, dtype="int8")
+    x1, x2 = torch.randn(300, 256), torch.randn(300, 256)  # 300 x 512 floats: a recycled block
+    y1 = kernels.packed_linear(x1, packed)
+    kept = y1.clone()
+    y2 = kernels.packed_linear(x2, packed)
+    assert y1.data_ptr() != y2.data_ptr()
+    assert torch.equal(y1, kept)
+    torch.testing.assert_close(y2, kernels.reference_linear(x2, packed, None), atol=1e-4, rtol=1e-4)
+    address = y1.data_ptr()
+    del y1
+    gc.collect()
+    y3 = kernels.packed_linear(x1, packed)
+    assert y3.data_ptr() == address and torch.equal(y3, kept)
