@@ -299,6 +299,7 @@ NB_MODULE(_native, m) {
     return nb::ndarray<nb::pytorch, float>(block, dims.size(), dims.data(), owner);
   }, nb::arg("shape"),
         "An uninitialised float32 torch tensor of `shape` in recycled memory (see csrc/output_cache.h).");
+  m.attr("cached_output_min_bytes") = sp::kCachedOutputMinBytes;
   m.def("clear_output_cache", &sp::clear_output_cache, "Frees the recycled output blocks; returns the bytes freed.");
   m.def("cached_output_bytes", &sp::cached_output_bytes, "Bytes of freed output blocks held for reuse.");
 

@@ -9,7 +9,8 @@
 
 namespace sp {
 
-// Outputs smaller than this come from the ordinary allocator (its heap reuses them fault-free).
+// Outputs smaller than this are better left to the ordinary allocator (its heap reuses them
+// fault-free); sparsepress.native.output_tensor asks for recycled blocks from this size on.
 constexpr size_t kCachedOutputMinBytes = size_t(256) << 10;
 // Freed blocks kept at most (oldest freed first out beyond it).
 constexpr size_t kOutputCacheBytes = size_t(256) << 20;

@@ -7,8 +7,9 @@
 // erf: x P(x^2) / Q(x^2) on |x| < 3.925 and +-1 beyond (erf(3.925) rounds to 1 in float32), a rational
 // fit made for this project (scripts/fit_erf.py): absolute error 4.4e-8 in exact arithmetic, <= 3.9e-7
 // evaluated in float32. It takes 15 vector operations where Abramowitz & Stegun 7.1.26 (division,
-// exp, polynomial) took ~30, and the fused GELU was ~a quarter of MiniLM's FFN-up GEMM. Against torch's own functions the outputs
-// differ by a few 1e-7, far below the int8 rounding of the linear before them.
+// exp, polynomial) took ~30, when the fused GELU was ~a quarter of MiniLM's FFN-up GEMM. Against
+// torch's own functions the outputs differ by a few 1e-7, far below the int8 rounding of the linear
+// before them.
 #include <cstdint>
 #include <cstring>
 

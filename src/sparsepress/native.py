@@ -135,7 +135,7 @@ def set_isa(name: str) -> None:
 
 # Outputs of at least this many floats come from the extension's recycled blocks (see
 # csrc/output_cache.h): a fresh multi-megabyte tensor costs a page fault per 4 KiB on its first write.
-_RECYCLED_MIN_FLOATS = 64 << 10
+_RECYCLED_MIN_FLOATS = _MODULE.cached_output_min_bytes // 4 if _MODULE is not None else 0
 
 
 def output_tensor(*shape: int) -> torch.Tensor:

@@ -34,6 +34,7 @@ from .errors import InputError, NonFiniteWarning, PoisonedWeightError, RecipeErr
 from .fusion import fuse_activations
 from .memory import release_file_pages, trim_heap
 from .models import ModelLayout, convert_conv1d_, find_layout, linear_layers, replace_module
+from .native import release_cached_outputs
 from .nn import QuantizedEmbedding
 from .packing import choose_packing
 from .prune.allocation import LayerSummary, allocate_sparsity
@@ -322,6 +323,7 @@ class _Compressor:
     def compress_block(self, block_name: str, block: nn.Module, inputs: list[_BlockInputs]) -> list[_BlockInputs]:
         prefix = f"{block_name}." if block_name else ""
         members = {n: l for n, l in self.layers.items() if n.startswith(prefix) or not block_name}
+        release_cached_outputs()  # output blocks the last block's forward left for reuse: not this peak's
         with torch.no_grad():
             # The dense twin runs beside the block being compressed so each layer can be aimed at the
             # dense model's outputs; it is one block (or, with no blocks, the model) at a time.
