@@ -11,7 +11,15 @@ from hypothesis import strategies as st
 
 from sparsepress.errors import PoisonedWeightError
 from sparsepress.prune.magnitude import score_magnitude
-from sparsepress.prune.masks import MaskSpec, count_kept, count_pruned, satisfies, select_mask
+from sparsepress.prune.masks import (
+    MaskSpec,
+    count_kept,
+    count_pruned,
+    prune_lowest,
+    prune_lowest_per_row,
+    satisfies,
+    select_mask,
+)
 from sparsepress.prune.stats import LayerStats
 from sparsepress.prune.wanda import score_wanda
 from sparsepress.recipe import PruneStage
@@ -33,6 +41,17 @@ def test_unstructured_prunes_exact_count_of_lowest_per_row(rows, cols, sparsity,
     for row in range(rows):
         if keep[row].any() and (~keep[row]).any():
             assert scores[row][keep[row]].min() > scores[row][~keep[row]].max()
+
+
+@FAST
+@given(st.integers(1, 6), st.integers(1, 40), st.integers(0, 10_000), st.data())
+def test_kth_value_pruning_equals_the_stable_sort_with_ties(rows, cols, seed, data):
+    # Few distinct values, so rows are full of ties: both must prune the lowest, ties lowest index first.
+    scores = torch.randint(0, 4, (rows, cols), generator=torch.Generator().manual_seed(seed)).float()
+    count = data.draw(st.integers(0, cols))
+    fast = prune_lowest(scores, count)
+    reference = prune_lowest_per_row(scores, torch.full((rows,), count))
+    assert torch.equal(fast, reference)
 
 
 @FAST

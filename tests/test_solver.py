@@ -154,5 +154,5 @@ def test_the_default_solver_tracks_the_dense_model_closer_than_the_plain_one():
 def test_solver_values_are_validated():
     with pytest.raises(RecipeError, match="solver.dense_target"):
         Recipe.from_yaml_text("stages:\n  - prune: {sparsity: 0.5}\nsolver: {dense_target: 1.5}\n")
-    with pytest.raises(RecipeError, match="known keys: sequential, dense_target, refit, bias_correction"):
+    with pytest.raises(RecipeError, match="known keys: sequential, dense_target, refit, bias_correction, mask_search"):
         Recipe.from_yaml_text("stages:\n  - prune: {sparsity: 0.5}\nsolver:\n  refits: true\n")

@@ -255,7 +255,9 @@ class Solver(BaseModel):
     weight on its compressed inputs; errors stop piling up block to block, and 1 over-fits the
     calibration set (MiniLM: 0.3-0.5 best). `refit`: after pruning, the kept weights of each row are
     refitted by least squares on the calibration Hessian, mask fixed (before GPTQ). `bias_correction`:
-    a layer's bias absorbs the mean difference between its compressed and dense outputs.
+    a layer's bias absorbs the mean difference between its compressed and dense outputs. `mask_search`
+    (SparseGPT): iterations of an ADMM search for a second mask over the whole layer; whichever of it
+    and the sweep's mask leaves the smaller error is kept (0: the sweep's mask only).
 
     Example:
         >>> Solver(dense_target=0.0).sequential
@@ -267,6 +269,7 @@ class Solver(BaseModel):
     dense_target: float = Field(0.3, ge=0.0, le=1.0)
     refit: bool = True
     bias_correction: bool = True
+    mask_search: int = Field(30, ge=0, le=1000)
 
     @property
     def follows_dense_model(self) -> bool:

@@ -22,6 +22,7 @@ from ..quant.gptq import quantize_gptq
 from ..quant.grid import dequantize
 from ..quant.rtn import quantize_rtn
 from ..recipe import PruneStage, QuantizeStage
+from .admm import admm_mask
 from .magnitude import score_magnitude
 from .masks import MaskSpec, select_mask
 from .refit import refit_kept
@@ -131,6 +132,70 @@ class RefitPlan:
         return refitted, FixedSelector(~keep)
 
 
+def layer_error(target: torch.Tensor, weight: torch.Tensor, hessian: torch.Tensor) -> float:
+    """`tr((W - W0) H (W - W0)^T)`: how far `weight`'s outputs land from `target`'s on the calibration inputs.
+
+    Example:
+        >>> import torch
+        >>> layer_error(torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0, 0.0]]), torch.eye(2, dtype=torch.float64))
+        4.0
+    """
+    gap = weight.to(torch.float64) - target.to(torch.float64)
+    return float(((gap @ hessian.to(torch.float64)) * gap).sum())
+
+
+@dataclass
+class MaskSearchPlan:
+    """The sweep's mask or ADMM's (`admm_mask`), whichever leaves the layer's outputs closer to the target.
+
+    Each candidate mask is finished the same way (least-squares refit when `refit`, else the OBS sweep's
+    compensation with the mask fixed) and judged by `layer_error`; SparseGPT's own mask stays a
+    candidate, so the search never does worse than the sweep on the layer's objective.
+
+    Example:
+        >>> import torch
+        >>> from sparsepress.prune.sparsegpt import FixedSelector
+        >>> h = torch.eye(4, dtype=torch.float64)
+        >>> inner = SweepPlan(FixedSelector(torch.tensor([[False, True, True, False]])), h, 0.01, 128)
+        >>> plan = MaskSearchPlan(inner, h, MaskSpec("unstructured", 0.5), iterations=10, refit=True)
+        >>> plan.prune(torch.tensor([[3.0, 2.0, -1.0, 0.5]]), None)[1].tolist()
+        [[True, True, False, False]]
+    """
+
+    inner: "SweepPlan"
+    hessian: torch.Tensor
+    spec: MaskSpec
+    iterations: int
+    refit: bool
+
+    @property
+    def dampening(self) -> float | None:
+        return self.inner.dampening
+
+    @property
+    def blocksize(self) -> int | None:
+        return self.inner.blocksize
+
+    def _finish(self, weight: torch.Tensor, keep: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
+        if self.refit:
+            return refit_kept(weight, self.hessian, keep, dampening=self.inner.dampening, start=start)
+        return obs_sweep(weight, self.hessian, dampening=self.inner.dampening, blocksize=self.inner.blocksize,
+                         selector=FixedSelector(~keep)).weight
+
+    def prune(self, weight: torch.Tensor, stats: LayerStats | None) -> tuple[torch.Tensor, torch.Tensor]:
+        swept, swept_keep = self.inner.prune(weight, stats)
+        candidates = [(self._finish(weight, swept_keep, start=swept) if self.refit else swept, swept_keep)]
+        searched = admm_mask(weight, self.hessian, self.spec, iterations=self.iterations,
+                             dampening=self.inner.dampening)
+        candidates.append((self._finish(weight, searched), searched))
+        return min(candidates, key=lambda pair: layer_error(weight, pair[0], self.hessian))
+
+    def gptq_input(self, weight: torch.Tensor) -> tuple[torch.Tensor, SweepSelector]:
+        # The mask is settled first, then GPTQ compensates only the rounding, with the mask fixed.
+        finished, keep = self.prune(weight, None)
+        return finished, FixedSelector(~keep)
+
+
 def _need_stats(stats: LayerStats | None, what: str) -> LayerStats:
     if stats is None:
         raise ValueError(f"{what} needs calibration statistics (LayerStats) of the layer's inputs")
@@ -206,6 +271,7 @@ def compress_weight(
     *,
     name: str | None = None,
     refit: bool = False,
+    mask_search: int = 0,
 ) -> CompressedWeight:
     """Prune and/or quantize one Linear weight `[out, in]` (not modified) in one shot.
 
@@ -213,7 +279,9 @@ def compress_weight(
     sparsegpt + gptq run as one OBS sweep; another prune method + gptq prunes first and then runs GPTQ
     with the mask fixed; rtn rounds the (pruned) weight. `stats` may be None only for magnitude / rtn.
     `refit` (needs `stats`): the kept weights are refitted by least squares for the chosen mask
-    (`RefitPlan`), and GPTQ then quantizes them with that mask fixed.
+    (`RefitPlan`), and GPTQ then quantizes them with that mask fixed. `mask_search` (sparsegpt only):
+    that many ADMM iterations search a second mask, and the better of it and the sweep's is kept
+    (`MaskSearchPlan`).
 
     Example:
         >>> import torch
@@ -237,6 +305,8 @@ def compress_weight(
     if prune is not None:
         spec = MaskSpec.from_stage(prune, sparsity)
         plan = PRUNE_PLANNERS[prune.method](weight, stats, spec, prune)
-        if refit:
+        if mask_search and isinstance(plan, SweepPlan):
+            plan = MaskSearchPlan(plan, plan.hessian, spec, mask_search, refit)
+        elif refit:
             plan = RefitPlan(plan, _need_stats(stats, "refit").hessian, prune.dampening)
     return QUANT_FINISHERS[quant.method if quant is not None else None](weight, stats, plan, quant)

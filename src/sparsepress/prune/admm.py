@@ -1,0 +1,91 @@
+"""Mask search by ADMM on the layer's least-squares objective (Boža 2024; ALPS, Meng et al. 2024).
+
+SparseGPT fixes each column's mask in one left-to-right pass; a weight it prunes early can never come
+back once later columns have moved. ADMM instead alternates, for the whole layer at once,
+
+    W <- argmin ||X (W - W0)||^2 + rho/2 ||W - Z + U||^2   (a ridge solve: (W0 H + rho (Z - U)) (H + rho I)^-1)
+    Z <- the pattern's mask applied to W + U               (a projection)
+    U <- U + W - Z
+
+while rho grows, so that W and Z meet on a mask that suits the whole row. The projection ranks
+entries by |W + U| * sqrt(H_jj) (their output energy, as Wanda does) rather than by magnitude alone:
+measured on MiniLM's layers that lowers the refitted error further (0.0083 against 0.0099 mean relative
+error at 50%; SparseGPT's mask: 0.0102). Patterns whose sparsity can be any fraction (unstructured,
+bbs, block) ramp it up over the first two thirds of the iterations (a cubic schedule: pruning
+everything at once fixes the mask before W has moved); N:M implies its sparsity and projects at it.
+
+H's eigendecomposition, computed once, turns every ridge solve into two matrix products.
+
+Example:
+    >>> import torch
+    >>> from sparsepress.prune.masks import MaskSpec
+    >>> x = torch.randn(256, 8, generator=torch.Generator().manual_seed(0))
+    >>> keep = admm_mask(torch.randn(4, 8, generator=torch.Generator().manual_seed(1)), x.T.double() @ x.double(),
+    ...                  MaskSpec("nm", 0.5, n=2, m=4))
+    >>> keep.reshape(4, 2, 4).sum(dim=2).tolist()
+    [[2, 2], [2, 2], [2, 2], [2, 2]]
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from .masks import MaskSpec, select_mask
+from .refit import damped
+from .sparsegpt import repair_dead_inputs
+
+# Measured on MiniLM's 36 layers (mean relative error of the refitted mask, 50% unstructured): rho from
+# 0.1 x mean(H_jj) growing 1.2x per step over 30 steps 0.00835; 0.01 / 1.3x / 40 steps 0.00818;
+# 0.03 / 1.15x / 60 steps 0.00811 (twice the time for 3%).
+RHO_START = 0.1
+RHO_GROWTH = 1.2
+RAMP_SHARE = 2 / 3
+
+
+def _sparsity_at(step: int, steps: int, spec: MaskSpec) -> float:
+    """The cubic ramp: sparsity s (1 - (1 - t)^3) with t the share of the ramp done (N:M: always s)."""
+    if spec.kind == "nm":
+        return spec.sparsity
+    ramp = max(1, round(steps * RAMP_SHARE))
+    done = min(1.0, (step + 1) / ramp)
+    return spec.sparsity * (1.0 - (1.0 - done) ** 3)
+
+
+def admm_mask(
+    weight: torch.Tensor, hessian: torch.Tensor, spec: MaskSpec, *, iterations: int = 30, dampening: float = 0.01
+) -> torch.Tensor:
+    """Keep-mask (bool [out, in], obeys `spec`) found by ADMM for `weight` under the Hessian `X^T X`.
+
+    `iterations` steps of the schedule above; `dampening` adds that share of mean(H_jj) to H (as the
+    sweep does). Inputs never active (H_jj == 0) score 0 and are pruned first.
+
+    Example:
+        >>> import torch
+        >>> admm_mask(torch.tensor([[3.0, -1.0, 0.5, 2.0]]), torch.eye(4, dtype=torch.float64),
+        ...           MaskSpec("unstructured", 0.5)).tolist()
+        [[True, False, False, True]]
+    """
+    if iterations < 1:
+        raise ValueError(f"admm_mask needs at least one iteration, got {iterations}")
+    hessian, target = repair_dead_inputs(hessian, weight)
+    work = damped(hessian, dampening)
+    mean = float(work.diagonal().mean())
+    eigenvalues, eigenvectors = torch.linalg.eigh(work)
+    # The iterations run in float32 (half float64's memory, twice its rate): the mask only needs ranks.
+    basis, eigenvalues = eigenvectors.float(), eigenvalues.float()
+    energy = work.diagonal().sqrt().float()
+    del eigenvectors
+    pull = target @ work.float()
+    del work
+    w, dual = target.clone(), torch.zeros_like(target)
+    keep = torch.ones_like(target, dtype=torch.bool)
+    for step in range(iterations):
+        rho = RHO_START * mean * RHO_GROWTH**step
+        moved = w + dual
+        keep = select_mask(moved.abs() * energy, replace(spec, sparsity=_sparsity_at(step, iterations, spec)))
+        z = moved * keep
+        dual += w - z
+        w = ((pull + rho * (z - dual)) @ basis / (eigenvalues + rho)) @ basis.T
+    return keep
