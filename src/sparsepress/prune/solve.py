@@ -162,7 +162,7 @@ class MaskSearchPlan:
         [[True, True, False, False]]
     """
 
-    inner: "SweepPlan"
+    inner: SweepPlan
     hessian: torch.Tensor
     spec: MaskSpec
     iterations: int
