@@ -30,7 +30,8 @@ import torch
 GIB = 1024**3
 SOLVERS = {
     "default": {},
-    "plain": {"sequential": False, "dense_target": 0.0, "refit": False, "bias_correction": False},
+    "plain": {"sequential": False, "dense_target": 0.0, "refit": False, "bias_correction": False,
+              "mask_search": 0},
 }
 
 
