@@ -305,7 +305,7 @@ def compress_weight(
     if prune is not None:
         spec = MaskSpec.from_stage(prune, sparsity)
         plan = PRUNE_PLANNERS[prune.method](weight, stats, spec, prune)
-        if mask_search and isinstance(plan, SweepPlan):
+        if mask_search and spec.sparsity > 0 and isinstance(plan, SweepPlan):
             plan = MaskSearchPlan(plan, plan.hessian, spec, mask_search, refit)
         elif refit:
             plan = RefitPlan(plan, _need_stats(stats, "refit").hessian, prune.dampening)
