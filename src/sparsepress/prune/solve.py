@@ -99,7 +99,28 @@ class SweepPlan:
 
 
 @dataclass
-class RefitPlan:
+class WrappedPlan:
+    """A plan built on another (`inner`), whose sweep settings (dampening, block size) it keeps.
+
+    Example:
+        >>> import torch
+        >>> WrappedPlan(SweepPlan(None, torch.eye(2), 0.05, 64)).dampening
+        0.05
+    """
+
+    inner: PrunePlan
+
+    @property
+    def dampening(self) -> float | None:
+        return self.inner.dampening
+
+    @property
+    def blocksize(self) -> int | None:
+        return self.inner.blocksize
+
+
+@dataclass
+class RefitPlan(WrappedPlan):
     """Another plan's mask, with the kept weights refitted by least squares (`refit_kept`) before GPTQ.
 
     Example:
@@ -109,17 +130,8 @@ class RefitPlan:
         [1.5, 0.0]
     """
 
-    inner: PrunePlan
     hessian: torch.Tensor
     refit_dampening: float
-
-    @property
-    def dampening(self) -> float | None:
-        return self.inner.dampening
-
-    @property
-    def blocksize(self) -> int | None:
-        return self.inner.blocksize
 
     def prune(self, weight: torch.Tensor, stats: LayerStats | None) -> tuple[torch.Tensor, torch.Tensor]:
         pruned, keep = self.inner.prune(weight, stats)
@@ -145,7 +157,7 @@ def layer_error(target: torch.Tensor, weight: torch.Tensor, hessian: torch.Tenso
 
 
 @dataclass
-class MaskSearchPlan:
+class MaskSearchPlan(WrappedPlan):
     """The sweep's mask or ADMM's (`admm_mask`), whichever leaves the layer's outputs closer to the target.
 
     Each candidate mask is finished the same way (least-squares refit when `refit`, else the OBS sweep's
@@ -167,14 +179,6 @@ class MaskSearchPlan:
     spec: MaskSpec
     iterations: int
     refit: bool
-
-    @property
-    def dampening(self) -> float | None:
-        return self.inner.dampening
-
-    @property
-    def blocksize(self) -> int | None:
-        return self.inner.blocksize
 
     def _finish(self, weight: torch.Tensor, keep: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
         if self.refit:
