@@ -425,9 +425,8 @@ class _Compressor:
             weight = stats.dense_target(weight, self.recipe.solver.dense_target,
                                         (prune or quant).dampening)  # type: ignore[union-attr]
         refit = self.recipe.solver.refit and stats is not None
-        search = self.recipe.solver.mask_search if stats is not None else 0
         result = compress_weight(weight, stats, prune=prune, sparsity=sparsity, quant=quant, refit=refit,
-                                 mask_search=search, name=name)
+                                 mask_search=self.recipe.solver.mask_search, name=name)
         sparse_layer, meta = choose_packing(layer, result, prune, self.recipe.format)
         if stats is not None and stats.tracks_dense and self.recipe.solver.bias_correction and sparse_layer.bias is not None:
             # A new tensor: the packed layer's bias may share the (possibly memory-mapped) dense one's storage.

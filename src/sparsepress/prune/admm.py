@@ -33,6 +33,7 @@ from dataclasses import replace
 import torch
 
 from .masks import MaskSpec, select_mask
+from .refit import damp_
 from .sparsegpt import repair_dead_inputs
 
 # Measured on MiniLM's 36 layers (mean relative error of the refitted mask, 50% unstructured): rho from
@@ -71,8 +72,7 @@ def admm_mask(
     # One float64 working copy of H, damped in place and freed once decomposed: for a wide layer it and
     # the eigensolver's workspace are the peak (5504 inputs: 0.24 GB each).
     work, target = repair_dead_inputs(hessian, weight)
-    undamped = float(work.diagonal().mean())
-    work.diagonal().add_(dampening * undamped if undamped > 0 else dampening)
+    damp_(work, dampening)
     mean = float(work.diagonal().mean())
     energy = work.diagonal().sqrt().float()
     pull = target @ work.float()

@@ -29,17 +29,26 @@ CG_TOLERANCE = 1e-5
 SMALL_SYSTEM = 64
 
 
+def damp_(hessian: torch.Tensor, dampening: float) -> torch.Tensor:
+    """Add `dampening * mean(diag H)` to H's diagonal in place (SparseGPT's convention); returns H.
+
+    Example:
+        >>> damp_(torch.eye(2, dtype=torch.float64) * 2, 0.5).diagonal().tolist()
+        [3.0, 3.0]
+    """
+    mean = float(hessian.diagonal().mean())
+    hessian.diagonal().add_(dampening * mean if mean > 0 else dampening)
+    return hessian
+
+
 def damped(hessian: torch.Tensor, dampening: float) -> torch.Tensor:
-    """float64 copy of H with `dampening * mean(diag H)` added to its diagonal (SparseGPT's convention).
+    """float64 copy of H, damped (`damp_`).
 
     Example:
         >>> damped(torch.eye(2) * 2, 0.5).diagonal().tolist()
         [3.0, 3.0]
     """
-    work = hessian.to(torch.float64, copy=True)
-    mean = float(work.diagonal().mean())
-    work.diagonal().add_(dampening * mean if mean > 0 else dampening)
-    return work
+    return damp_(hessian.to(torch.float64, copy=True), dampening)
 
 
 def _solve_cg(target: torch.Tensor, hessian: torch.Tensor, keep: torch.Tensor, start: torch.Tensor) -> torch.Tensor:

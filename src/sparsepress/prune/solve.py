@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
@@ -99,13 +100,16 @@ class SweepPlan:
 
 
 @dataclass
-class WrappedPlan:
-    """A plan built on another (`inner`), whose sweep settings (dampening, block size) it keeps.
+class SettledMaskPlan(ABC):
+    """A plan built on another (`inner`) that settles the mask before GPTQ: it keeps the inner plan's
+    sweep settings (dampening, block size), and GPTQ then runs with its mask fixed and compensates only
+    the rounding (a joint sweep would choose the mask while quantizing). Subclasses define `prune`.
 
     Example:
         >>> import torch
-        >>> WrappedPlan(SweepPlan(None, torch.eye(2), 0.05, 64)).dampening
-        0.05
+        >>> plan = RefitPlan(SweepPlan(None, torch.eye(2), 0.05, 64), torch.eye(2), 0.0)
+        >>> plan.dampening, plan.blocksize
+        (0.05, 64)
     """
 
     inner: PrunePlan
@@ -118,9 +122,16 @@ class WrappedPlan:
     def blocksize(self) -> int | None:
         return self.inner.blocksize
 
+    @abstractmethod
+    def prune(self, weight: torch.Tensor, stats: LayerStats | None) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def gptq_input(self, weight: torch.Tensor) -> tuple[torch.Tensor, SweepSelector]:
+        settled, keep = self.prune(weight, None)
+        return settled, FixedSelector(~keep)
+
 
 @dataclass
-class RefitPlan(WrappedPlan):
+class RefitPlan(SettledMaskPlan):
     """Another plan's mask, with the kept weights refitted by least squares (`refit_kept`) before GPTQ.
 
     Example:
@@ -137,12 +148,6 @@ class RefitPlan(WrappedPlan):
         pruned, keep = self.inner.prune(weight, stats)
         return refit_kept(weight, self.hessian, keep, dampening=self.refit_dampening, start=pruned), keep
 
-    def gptq_input(self, weight: torch.Tensor) -> tuple[torch.Tensor, SweepSelector]:
-        # The mask is settled first (a joint sweep would choose it while quantizing), so GPTQ runs
-        # with it fixed and compensates only the rounding, from the refitted weights.
-        refitted, keep = self.prune(weight, None)
-        return refitted, FixedSelector(~keep)
-
 
 def layer_error(target: torch.Tensor, weight: torch.Tensor, hessian: torch.Tensor) -> float:
     """`tr((W - W0) H (W - W0)^T)`: how far `weight`'s outputs land from `target`'s on the calibration inputs.
@@ -157,7 +162,7 @@ def layer_error(target: torch.Tensor, weight: torch.Tensor, hessian: torch.Tenso
 
 
 @dataclass
-class MaskSearchPlan(WrappedPlan):
+class MaskSearchPlan(SettledMaskPlan):
     """The sweep's mask or ADMM's (`admm_mask`), whichever leaves the layer's outputs closer to the target.
 
     Each candidate mask is finished the same way (least-squares refit when `refit`, else the OBS sweep's
@@ -169,16 +174,19 @@ class MaskSearchPlan(WrappedPlan):
         >>> from sparsepress.prune.sparsegpt import FixedSelector
         >>> h = torch.eye(4, dtype=torch.float64)
         >>> inner = SweepPlan(FixedSelector(torch.tensor([[False, True, True, False]])), h, 0.01, 128)
-        >>> plan = MaskSearchPlan(inner, h, MaskSpec("unstructured", 0.5), iterations=10, refit=True)
+        >>> plan = MaskSearchPlan(inner, MaskSpec("unstructured", 0.5), iterations=10, refit=True)
         >>> plan.prune(torch.tensor([[3.0, 2.0, -1.0, 0.5]]), None)[1].tolist()
         [[True, True, False, False]]
     """
 
     inner: SweepPlan
-    hessian: torch.Tensor
     spec: MaskSpec
     iterations: int
     refit: bool
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        return self.inner.hessian
 
     def _finish(self, weight: torch.Tensor, keep: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
         if self.refit:
@@ -193,11 +201,6 @@ class MaskSearchPlan(WrappedPlan):
                              dampening=self.inner.dampening)
         candidates.append((self._finish(weight, searched), searched))
         return min(candidates, key=lambda pair: layer_error(weight, pair[0], self.hessian))
-
-    def gptq_input(self, weight: torch.Tensor) -> tuple[torch.Tensor, SweepSelector]:
-        # The mask is settled first, then GPTQ compensates only the rounding, with the mask fixed.
-        finished, keep = self.prune(weight, None)
-        return finished, FixedSelector(~keep)
 
 
 def _need_stats(stats: LayerStats | None, what: str) -> LayerStats:
@@ -310,7 +313,7 @@ def compress_weight(
         spec = MaskSpec.from_stage(prune, sparsity)
         plan = PRUNE_PLANNERS[prune.method](weight, stats, spec, prune)
         if mask_search and spec.sparsity > 0 and isinstance(plan, SweepPlan):
-            plan = MaskSearchPlan(plan, plan.hessian, spec, mask_search, refit)
+            plan = MaskSearchPlan(plan, spec, mask_search, refit)
         elif refit:
             plan = RefitPlan(plan, _need_stats(stats, "refit").hessian, prune.dampening)
     return QUANT_FINISHERS[quant.method if quant is not None else None](weight, stats, plan, quant)
