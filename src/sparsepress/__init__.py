@@ -23,6 +23,10 @@ from .io import load, save  # noqa: E402
 from .nn import QuantizedEmbedding, SparseLinear  # noqa: E402
 from .pipeline import compress  # noqa: E402
 from .recipe import Recipe  # noqa: E402
+from .interop.hf.quantizer import register as _register_with_transformers  # noqa: E402
+from .interop.sentence_transformers import load_sentence_transformer  # noqa: E402
+
+_register_with_transformers()  # AutoModel*.from_pretrained reads sparsepress folders from here on
 
 __all__ = [
     "ChecksumError",
@@ -40,5 +44,6 @@ __all__ = [
     "__version__",
     "compress",
     "load",
+    "load_sentence_transformer",
     "save",
 ]
