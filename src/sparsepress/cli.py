@@ -1,4 +1,4 @@
-"""The `sparsepress` command line (DESIGN section 2): compress, inspect, eval, bench, demo.
+"""The `sparsepress` command line (DESIGN section 2): compress, inspect, eval, bench, demo, export, generate.
 
 Example:
     >>> from typer.testing import CliRunner
@@ -153,7 +153,8 @@ def inspect_command(folder: Path = typer.Argument(..., help="a sparsepress model
     console.print(kv_table("folder", [
         ("model class", manifest["model_class"]),
         ("format version", str(manifest["format_version"])),
-        ("tensors file", human_bytes((Path(folder) / "sparsepress.safetensors").stat().st_size)),
+        ("tensors file", human_bytes(sum((Path(folder) / name).stat().st_size
+                                         for name in manifest.get("tensors_files", ["sparsepress.safetensors"])))),
         ("folder (all files)", human_bytes(folder_bytes(folder))),
         ("sha256 verified", "yes"),
         ("layer tensors verified", "yes"),
@@ -275,6 +276,11 @@ def demo_command(
     for batch, seq_len in ((1, 16), (8, 64)):
         rows = bench_rows(out, None, batch, seq_len, repeats=10)
         console.print(latency_table(f"latency, batch {batch} x {seq_len} tokens", rows, baselines=TORCH_BASELINES))
+
+
+from .interop.commands import register as _register_interop_commands  # noqa: E402
+
+_register_interop_commands(app, _clean_errors)  # export, generate
 
 
 def _describe(recipe: Any) -> str:
