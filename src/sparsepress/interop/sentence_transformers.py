@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ def load_sentence_transformer(folder: str | Path, **kwargs: Any) -> Any:
     """
     from ..io import read_manifest
     from .compressed_tensors.read import is_compressed_tensors_folder
-    from .hf.quantizer import quantization_entry
+    from .hf.quantizer import SparsepressConfig, quantization_entry
 
     folder = Path(folder)
     if not (folder / "modules.json").is_file():
@@ -39,6 +40,11 @@ def load_sentence_transformer(folder: str | Path, **kwargs: Any) -> Any:
     source = "compressed-tensors" if is_compressed_tensors_folder(folder) else "sparsepress"
     if source == "sparsepress":
         read_manifest(folder)  # a clear error for a damaged or foreign folder before transformers sees it
-    config_kwargs = {**kwargs.pop("config_kwargs", {}), "quantization_config": quantization_entry(source)}
-    model = SentenceTransformer(str(folder), device="cpu", local_files_only=True, config_kwargs=config_kwargs, **kwargs)
+    config_kwargs, model_kwargs = dict(kwargs.pop("config_kwargs", {})), dict(kwargs.pop("model_kwargs", {}))
+    if source == "compressed-tensors":  # replaces the folder's own quantization_config
+        config_kwargs["quantization_config"] = quantization_entry(source)
+    elif "quantization_config" not in json.loads((folder / "config.json").read_text(encoding="utf-8")):
+        model_kwargs["quantization_config"] = SparsepressConfig()  # a folder saved before the stamp existed
+    model = SentenceTransformer(str(folder), device="cpu", local_files_only=True, config_kwargs=config_kwargs,
+                                model_kwargs=model_kwargs, **kwargs)
     return model.eval()

@@ -96,7 +96,9 @@ class SparsepressConfig(QuantizationConfigMixin):
 class SparsepressHfQuantizer(HfQuantizer):
     """Loads packed layers into the model transformers builds; dense tensors load the usual way."""
 
-    requires_calibration = True  # only pre-quantized folders: nothing is quantized on the fly
+    # Nothing is quantized on the fly; a config passed to from_pretrained (a folder saved before the
+    # stamp existed) is accepted and loads the same packed tensors.
+    requires_calibration = False
 
     def update_dtype(self, dtype: torch.dtype) -> torch.dtype:
         return torch.float32  # the packed kernels take float32 activations
