@@ -34,8 +34,9 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -141,7 +142,7 @@ class Checkpoint:
         self._fingerprint: dict[str, Any] | None = None
 
     @classmethod
-    def for_output(cls, out: str | Path, source: str | Path | nn.Module, *, resume: bool = False) -> "Checkpoint":
+    def for_output(cls, out: str | Path, source: str | Path | nn.Module, *, resume: bool = False) -> Checkpoint:
         """The checkpoint of a run writing `out` from `source` (a model folder or module)."""
         return cls(checkpoint_folder(out), weights=weights_digest(source), resume=resume)
 

@@ -40,7 +40,7 @@ class CompressionPass(ABC):
 
     @classmethod
     @abstractmethod
-    def plan(cls, recipe: Recipe) -> list["CompressionPass"]:
+    def plan(cls, recipe: Recipe) -> list[CompressionPass]:
         """The instances of this pass that `recipe` needs (none when it asks for nothing of it).
 
         Raise RecipeError for what the recipe asks of this pass that it cannot do.

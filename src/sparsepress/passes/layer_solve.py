@@ -35,8 +35,20 @@ from ..prune.stats import LayerStats
 from ..recipe import Recipe
 from .base import ORDER_SOLVE, CompressionPass, register_pass
 from .block_checkpoint import BlockCheckpoint
-from .blocks import (BlockInputs, advance, capture_block_inputs, collecting, finite_rows, hidden_in,
-                     layer_inputs, model_inputs, run_block, shared_inputs, warn_dropped, with_hidden)
+from .blocks import (
+    BlockInputs,
+    advance,
+    capture_block_inputs,
+    collecting,
+    finite_rows,
+    hidden_in,
+    layer_inputs,
+    model_inputs,
+    run_block,
+    shared_inputs,
+    warn_dropped,
+    with_hidden,
+)
 from .context import CompressionContext
 
 # Methods that read the calibration inputs of each layer; the others need no forward pass per block.
