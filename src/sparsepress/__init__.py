@@ -8,6 +8,7 @@ Example:
 
 __version__ = "0.1.0"
 
+from .adaptive import AdaptiveController  # noqa: E402
 from .errors import (  # noqa: E402
     ChecksumError,
     FormatError,
@@ -25,6 +26,7 @@ from .pipeline import compress  # noqa: E402
 from .recipe import Recipe  # noqa: E402
 
 __all__ = [
+    "AdaptiveController",
     "ChecksumError",
     "FormatError",
     "InputError",
