@@ -8,6 +8,7 @@ Example:
 
 __version__ = "0.1.0"
 
+from .adaptive import AdaptiveController  # noqa: E402
 from .errors import (  # noqa: E402
     ChecksumError,
     FormatError,
@@ -20,7 +21,7 @@ from .errors import (  # noqa: E402
     VersionError,
 )
 from .io import load, save  # noqa: E402
-from .nn import QuantizedEmbedding, SparseLinear  # noqa: E402
+from .nn import QuantizedEmbedding, SparseLinear, set_activation_sparsity  # noqa: E402
 from .pipeline import compress  # noqa: E402
 from .recipe import Recipe  # noqa: E402
 from .interop.hf.quantizer import register as _register_with_transformers  # noqa: E402
@@ -29,6 +30,7 @@ from .interop.sentence_transformers import load_sentence_transformer  # noqa: E4
 _register_with_transformers()  # AutoModel*.from_pretrained reads sparsepress folders from here on
 
 __all__ = [
+    "AdaptiveController",
     "ChecksumError",
     "FormatError",
     "InputError",
@@ -46,4 +48,5 @@ __all__ = [
     "load",
     "load_sentence_transformer",
     "save",
+    "set_activation_sparsity",
 ]
