@@ -152,7 +152,7 @@ class SparsepressHfQuantizer(HfQuantizer):
 
 def _install_sparsepress_(model: nn.Module, folder: Path) -> list[str]:
     """Put the folder's packed layers and embeddings into `model`; the tensor keys they consumed."""
-    from ...io import TENSORS, _embedding_parts, _packed_layer, read_manifest
+    from ...io import TENSORS, _embedding_parts, _install_activation_levels, _packed_layer, read_manifest
     from ...models import replace_module
     from ...nn import QuantizedEmbedding, SparseLinear
 
@@ -164,6 +164,7 @@ def _install_sparsepress_(model: nn.Module, folder: Path) -> list[str]:
     for name, meta in manifest["layers"].items():
         packed, bias = _packed_layer(folder, tensors, name, meta)
         replace_module(model, name, SparseLinear(packed, bias))
+    _install_activation_levels(folder, model, manifest.get("activation_sparsity"))
     for name, meta in manifest["embeddings"].items():
         codes, scales, bits, _, dim, padding_idx = _embedding_parts(folder, tensors, name, meta)
         replace_module(model, name, QuantizedEmbedding(codes, scales, bits, dim, padding_idx))
