@@ -287,6 +287,7 @@ def demo_command(
         ("whole folder", human_bytes(folder_bytes(out))),
         ("fidelity (mean cosine to dense, held-out text)", f"{result['fidelity']:.4f}"),
     ]))
+    _demo_sentence_transformer(out)
     for batch, seq_len in ((1, 16), (8, 64)):
         rows = bench_rows(out, None, batch, seq_len, repeats=10)
         console.print(latency_table(f"latency, batch {batch} x {seq_len} tokens", rows, baselines=TORCH_BASELINES))
@@ -295,6 +296,21 @@ def demo_command(
 from .interop.commands import register as _register_interop_commands  # noqa: E402
 
 _register_interop_commands(app, _clean_errors)  # export, generate
+
+
+def _demo_sentence_transformer(out: Path) -> None:
+    """The packed folder as a SentenceTransformer (when sentence-transformers is installed)."""
+    from .interop.sentence_transformers import load_sentence_transformer
+
+    try:
+        st = load_sentence_transformer(out)
+    except InputError as exc:
+        console.print(f"(sentence-transformers view skipped: {exc.problem})")
+        return
+    pairs = ("A man is playing a guitar.", "Someone plays an instrument.", "The stock market fell today.")
+    emb = st.encode(list(pairs), convert_to_tensor=True)
+    console.print(f"sp.load_sentence_transformer({out}): cosine({pairs[0]!r}, {pairs[1]!r}) = "
+                  f"{float(emb[0] @ emb[1]):.3f}, with {pairs[2]!r} = {float(emb[0] @ emb[2]):.3f}", highlight=False)
 
 
 def _describe(recipe: Any) -> str:
