@@ -280,10 +280,6 @@ def packed_weight(grid: torch.Tensor, dtype: str, scales: torch.Tensor | None, g
     raise AssertionError("the dense layout fits every grid")  # pragma: no cover
 
 
-def _float_dtype(grid: torch.Tensor) -> str:
-    return "fp32"
-
-
 def layer_module(config: CompressedTensorsConfig, name: str, module: nn.Module, parts: dict[str, torch.Tensor],
                  where: Path) -> nn.Module:
     """The module that replaces `name`: a SparseLinear on our formats (or a float nn.Linear when dense)."""
@@ -306,7 +302,7 @@ def layer_module(config: CompressedTensorsConfig, name: str, module: nn.Module, 
                 linear = nn.Linear(module.in_features, module.out_features, bias=False)
                 linear.weight = nn.Parameter(grid.contiguous(), requires_grad=False)
                 return linear
-            packed = packed_weight(grid, _float_dtype(grid), None, None, structure)
+            packed = packed_weight(grid, "fp32", None, None, structure)  # float weights: fp32 holds bf16 / fp16 exactly
         else:
             codes, scales, group_size, dtype = quantized_codes(parts, grid, args)
             packed = packed_weight(codes, dtype, scales, group_size, structure)
