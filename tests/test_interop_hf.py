@@ -255,3 +255,27 @@ def test_generate_decoder_registry_is_pluggable():
 
     timing = timed_generate(None, torch.tensor([[1, 2]]), 5, native_stub, seen.append)
     assert timing.tokens == seen == [10, 11, 12, 13, 14] and timing.decode_tokens_per_s > 0
+
+
+def test_gpt2_conv1d_from_pretrained_and_exports(tmp_path):
+    """GPT-2's Conv1D layers: packed as Linear, loaded by from_pretrained, exported back to Conv1D for hf,
+    refused (nothing written) for compressed-tensors, which has no Conv1D layout."""
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+    from tiny import token_ids
+
+    torch.manual_seed(0)
+    source = GPT2LMHeadModel(GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=64)).eval()
+    recipe = {"stages": [{"prune": {"method": "magnitude", "sparsity": 0.5}}, {"quantize": {"method": "rtn"}}], "format": "bitmask"}
+    folder = sp.save(sp.compress(source, recipe, calibration=token_ids(4)), tmp_path / "gpt2")
+    ours, theirs = sp.load(folder), AutoModelForCausalLM.from_pretrained(folder)
+    ids = _ids(100, (2, 9))
+    with torch.no_grad():
+        expected = ours(ids).logits
+        assert torch.equal(theirs(ids).logits, expected)
+        export_folder(folder, "hf", tmp_path / "hf")
+        plain = GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+        assert torch.nn.functional.cosine_similarity(plain(ids).logits.flatten(), expected.flatten(), dim=0) > 0.999
+    with pytest.raises(sp.InputError, match="Conv1D layers have no compressed-tensors layout"):
+        export_folder(folder, "compressed-tensors", tmp_path / "ct")
+    assert not (tmp_path / "ct").exists()

@@ -90,6 +90,8 @@ class _Plan:
             self.lose(f"{detail} layout written as bitmask", name)
         if kind is not None:
             self.sparse[name] = kind
+        if getattr(module, "act_thresholds", None) is not None:
+            self.lose("activation-sparsity thresholds (a sparsepress run-time feature) dropped", name)
         grid = packed.dense_grid()
         if module.bias is not None:
             self.tensors[f"{name}.bias"] = module.bias
@@ -151,6 +153,12 @@ def export_compressed_tensors(model: nn.Module, out: Path, source_folder: Path |
     from ...io import _copy_side_files
     from ..hf.quantizer import strip_quantization_
 
+    with torch.device("meta"):
+        skeleton = type(model)(model.config)
+    conv1d = [n for n, m in skeleton.named_modules() if type(m).__name__ == "Conv1D"]
+    if conv1d:
+        raise InputError(conv1d[0], "GPT-2 style Conv1D layers have no compressed-tensors layout (its targets are "
+                                    "Linear layers); export --to hf or --to onnx instead")
     linears = {name: m for name, m in model.named_modules() if isinstance(m, SparseLinear)}
     kinds = {_sparse_kind(m.packed) for m in linears.values()} - {None}
     plan = _Plan(two_four=kinds <= {"2:4"})
@@ -182,6 +190,7 @@ def export_compressed_tensors(model: nn.Module, out: Path, source_folder: Path |
     config.save_pretrained(out)
     body = json.loads((out / "config.json").read_text(encoding="utf-8"))
     body["quantization_config"] = plan.quantization_config()
+    body["architectures"] = [type(model).__name__]
     (out / "config.json").write_text(json.dumps(body, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     if source_folder is not None:
         _copy_side_files(source_folder, out)

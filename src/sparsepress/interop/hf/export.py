@@ -134,14 +134,19 @@ def export_hf(model: nn.Module, out: Path, folder: Path, manifest: dict[str, Any
     from ...evaluate import fidelity
 
     measured: dict[str, float] = {}
-    try:
+    tokenizer = None
+    if any((folder / name).is_file() for name in ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model")):
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    except Exception:  # no tokenizer in the folder: nothing to measure with
-        tokenizer = None
-    if tokenizer is not None:
-        ids = token_samples(tokenizer, read_text(None, "heldout"), samples, 128, seed=1234, source="bundled held-out text")
+    config = plain.config
+    seq_len = min(128, int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 128))
+    try:
+        ids = token_samples(tokenizer, read_text(None, "heldout"), samples, seq_len, seed=1234,
+                            source="bundled held-out text") if tokenizer is not None else None
+    except InputError:  # a tokenizer that does not cover the text: nothing to measure with
+        ids = None
+    if ids is not None:
         measured["agreement with the packed model"] = fidelity(plain, model, ids)
         source = manifest.get("source")
         if source:

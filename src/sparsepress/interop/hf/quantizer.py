@@ -152,9 +152,7 @@ class SparsepressHfQuantizer(HfQuantizer):
 
 def _install_sparsepress_(model: nn.Module, folder: Path) -> list[str]:
     """Put the folder's packed layers and embeddings into `model`; the tensor keys they consumed."""
-    from ...io import TENSORS, _embedding_parts, _install_activation_levels, _packed_layer, read_manifest
-    from ...models import replace_module
-    from ...nn import QuantizedEmbedding, SparseLinear
+    from ...io import TENSORS, _install_activation_levels, _install_embedding, _install_linear, read_manifest
 
     manifest = read_manifest(folder)
     prefixes = tuple(f"{name}." for name in (*manifest["layers"], *manifest["embeddings"]))
@@ -162,12 +160,10 @@ def _install_sparsepress_(model: nn.Module, folder: Path) -> list[str]:
         tensors = {key: handle.get_tensor(key) for key in handle.keys() if key.startswith(prefixes)}
     consumed = sorted(tensors)
     for name, meta in manifest["layers"].items():
-        packed, bias = _packed_layer(folder, tensors, name, meta)
-        replace_module(model, name, SparseLinear(packed, bias))
+        _install_linear(folder, model, tensors, name, meta)
     _install_activation_levels(folder, model, manifest.get("activation_sparsity"))
     for name, meta in manifest["embeddings"].items():
-        codes, scales, bits, _, dim, padding_idx = _embedding_parts(folder, tensors, name, meta)
-        replace_module(model, name, QuantizedEmbedding(codes, scales, bits, dim, padding_idx))
+        _install_embedding(folder, model, tensors, name, meta)
     model.sparsepress_manifest = manifest  # type: ignore[assignment]
     return consumed
 
