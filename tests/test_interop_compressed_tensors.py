@@ -179,3 +179,16 @@ def test_cli_inspect_and_eval_accept_ct_folders(ct_folders, tmp_path):
     assert "model.layers.0.self_attn.q_proj" in result.output and "nm" in result.output
     bad = CliRunner().invoke(app, ["inspect", str(ct_folders["w8-asym"])])
     assert bad.exit_code == 1 and "codes minus zero points" in bad.output
+
+
+def test_a_ct_folder_saves_as_our_folder(ct_folders, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = sp.load(ct_folders["w4a16-asym-24"])
+    ours = sp.load(sp.save(model, tmp_path / "ours"))
+    assert json.loads((tmp_path / "ours" / "config.json").read_text())["quantization_config"]["quant_method"] == "sparsepress"
+    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = model(ids).logits
+        assert torch.equal(ours(ids).logits, expected)
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "ours")(ids).logits, expected)
