@@ -42,6 +42,7 @@ def ct_folder_of(packed_folder: Path, source: Path, out: Path, sparse_format: st
 
     from sparsepress.interop.hf.export import plain_model
 
+    shutil.rmtree(out, ignore_errors=True)
     packed = sp.load(packed_folder)
     model = plain_model(packed)
     names = {n: m for n, m in packed.named_modules() if isinstance(m, sp.SparseLinear)}
@@ -87,6 +88,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--reuse", action="store_true", help="keep our folders already in --out (skip compression)")
     args = parser.parse_args()
     work = args.out or Path(tempfile.mkdtemp(prefix="interop-bench-"))
     source = load_source("minilm")
@@ -101,9 +103,11 @@ def main() -> None:
         recipe = {"stages": [{"prune": {"method": "wanda", "pattern": pattern, "sparsity": 0.5}},
                              {"quantize": {"method": "rtn", "bits": 8}}],
                   "format": "bitmask" if pattern == "unstructured" else "nm"}
-        packed = sp.compress(load_source("minilm").model, recipe, calibration=calibration)
-        packed.sparsepress_source = str(source.path)
-        ours = sp.save(packed, work / f"ours-{pattern.replace(':', '')}", source=source.path, overwrite=True)
+        ours = work / f"ours-{pattern.replace(':', '')}"
+        if not (args.reuse and (ours / "sparsepress.json").is_file()):
+            packed = sp.compress(load_source("minilm").model, recipe, calibration=calibration)
+            packed.sparsepress_source = str(source.path)
+            sp.save(packed, ours, source=source.path, overwrite=True)
         ct = ct_folder_of(ours, source.path, work / f"ct-{pattern.replace(':', '')}", sparse_format)
         export_folder(ours, "hf", work / f"hf-{pattern.replace(':', '')}", overwrite=True)
         export_folder(ours, "onnx", work / f"onnx-{pattern.replace(':', '')}", overwrite=True, dtype="int8")
