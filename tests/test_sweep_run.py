@@ -158,3 +158,19 @@ def test_a_user_metric_that_fails_on_the_dense_model_stops_the_sweep_first(tiny_
         GridError, match="settings.user_metric"
     ):  # $CALLS_ENV unset: the metric raises KeyError
         _sweep(tiny_bert_dir, grid, tmp_path / "sweep")
+
+
+def test_causal_lm_trials_record_perplexity_beside_the_dense_one(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    fixture = Path(__file__).parent / "fixtures" / "tiny-llama"
+    if not (fixture / "model.safetensors").is_file():
+        pytest.skip("tests/fixtures/tiny-llama is missing")
+    monkeypatch.setenv(CALLS_ENV, str(tmp_path / "calls.jsonl"))
+    grid = _grid(tmp_path, tiny_grid_text(["0.5"], metric=None, latency=False))
+    rows = _sweep(fixture, grid, tmp_path / "sweep")
+    store = ResultsStore.open(tmp_path / "sweep")
+    dense = store.meta("dense_perplexity")
+    store.close()
+    assert rows[0]["status"] == "done" and dense > 1.0
+    assert dense < rows[0]["perplexity"] < 3 * dense  # worse than dense, but still a language model

@@ -75,9 +75,17 @@ def trials_table(rows: list[dict[str, Any]], phase: str) -> Group:
             f"{row['fidelity']:.4f}" if row["fidelity"] is not None else "",
             f"{row['latency_ms']:.2f}" if row.get("latency_ms") else "",
             f"{row['wall_s']:.0f}" if row.get("wall_s") else "",
-            Text((row.get("error") or "")[:60], style="red"),
+            _note(row),
         )
     return Group(summary_line(rows, phase), table)
+
+
+def _note(row: dict[str, Any]) -> Text:
+    if row.get("error"):
+        return Text(row["error"][:60], style="red")
+    if row.get("latency_contended"):
+        return Text("timed under contention", style="yellow")
+    return Text("")
 
 
 def _visible(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -24,19 +24,23 @@ CONTENTION_CORES = 0.2
 
 
 def cpu_name() -> str:
-    """The CPU model name from /proc/cpuinfo (or the platform's word for it).
+    """The CPU model name from /proc/cpuinfo with its family and model numbers (or the platform's word for it).
 
     Example:
         >>> isinstance(cpu_name(), str) and len(cpu_name()) > 0
         True
     """
+    fields: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return platform.processor() or platform.machine() or "unknown CPU"
+    name = fields.get("model name") or platform.processor() or platform.machine() or "unknown CPU"
+    if "cpu family" in fields and "model" in fields:  # a VM's name can be as vague as "AMD EPYC"
+        name += f" (family {fields['cpu family']} model {fields['model']})"
+    return name
 
 
 def usable_cpus() -> int:

@@ -30,11 +30,12 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -67,6 +68,26 @@ class LatencyOutcome:
     threads: int
 
 
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run the block with torch on `count` threads, then put the caller's count back.
+
+    Example:
+        >>> before = torch.get_num_threads()
+        >>> with torch_threads(1):
+        ...     torch.get_num_threads()
+        1
+        >>> torch.get_num_threads() == before
+        True
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def run_trial(
     payload: SourcePayload,
     calibration: list[torch.Tensor],
@@ -83,9 +104,8 @@ def run_trial(
     from ..recipe import Recipe
     from ..report import folder_bytes
 
-    torch.set_num_threads(max(1, int(threads)))
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="sparsepress-trial-") as work:
+    with torch_threads(max(1, int(threads))), tempfile.TemporaryDirectory(prefix="sparsepress-trial-") as work:
         tokenizer = load_tokenizer(payload, work)
         model = rebuild_model(payload, work)
         compressed = compress(
@@ -150,8 +170,7 @@ def measure_latency(
     from .machine import Contention, cpu_name, usable_cpus
 
     threads = threads or usable_cpus()
-    torch.set_num_threads(threads)
-    with tempfile.TemporaryDirectory(prefix="sparsepress-latency-") as work:
+    with torch_threads(threads), tempfile.TemporaryDirectory(prefix="sparsepress-latency-") as work:
         packed = load(write_files(files, Path(work) / "packed"))
         dense = rebuild_model(payload, work)
         inputs = random_batch(dense, batch, seq_len)
