@@ -118,7 +118,8 @@ class RayRunner:
             else:
                 ray.init(num_cpus=cpus or usable_cpus(), object_store_memory=object_store_bytes, **options)
         except (ConnectionError, ValueError, RuntimeError) as exc:
-            raise InputError(address or "local Ray", f"cannot start or reach Ray: {exc}") from None
+            hint = " (a cluster with token authentication needs RAY_AUTH_MODE=token and its token)" if address else ""
+            raise InputError(address or "local Ray", f"cannot start or reach Ray: {exc}{hint}") from None
         self._remote: dict[Callable[..., Any], Any] = {}
         self._node = self._timing_node()
 
