@@ -61,6 +61,7 @@ def test_trials_are_recorded_and_a_failing_one_is_kept_with_its_error(tiny_bert_
             json.loads(row["recipe"])["stages"][0]["prune"]["sparsity"], abs=0.02
         )
         assert row["latency_ms"] > 0 and row["dense_latency_ms"] > 0 and row["latency_contended"] in (0, 1)
+        assert row["energy_j"] > 0 and row["dense_energy_j"] > 0 and row["energy_source"] in ("rapl", "estimate")
         model = sp.load(folder)
         assert json.loads(row["recipe"]) == model.sparsepress_manifest["recipe"]
         assert model.sparsepress_manifest["source"] == str(tiny_bert_dir)

@@ -19,6 +19,8 @@ import platform
 import time
 from pathlib import Path
 
+import psutil
+
 # Other processes using more than this many cores on average (out of the node's) flag a timing.
 CONTENTION_CORES = 0.2
 
@@ -57,37 +59,25 @@ def usable_cpus() -> int:
 
 
 def _busy_seconds() -> float:
-    import psutil
-
+    """CPU seconds all processes spent busy since boot (guest time is already inside user time)."""
     times = psutil.cpu_times()
-    idle = times.idle + getattr(times, "iowait", 0.0)
-    return sum(times) - idle
+    uncounted = ("idle", "iowait", "guest", "guest_nice")
+    return sum(getattr(times, name) for name in times._fields if name not in uncounted)
 
 
 class Contention:
-    """Context manager: CPU seconds other processes burnt while the block ran, as average cores.
-
-    Needs psutil (the `dist` extra); without it the probe reports nothing measured (`others_cores`
-    is None) and `contended` stays True, since idleness was not shown.
-    """
+    """Context manager: CPU seconds other processes burnt while the block ran, as average cores."""
 
     def __init__(self, threshold: float = CONTENTION_CORES):
         self.threshold = threshold
         self.others_cores: float | None = None
 
     def __enter__(self) -> "Contention":
-        try:
-            import psutil
-        except ImportError:
-            self._process = None
-            return self
         self._process = psutil.Process()
         self._start = (time.perf_counter(), _busy_seconds(), sum(self._process.cpu_times()[:2]))
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._process is None:
-            return
         wall0, busy0, own0 = self._start
         wall = max(time.perf_counter() - wall0, 1e-9)
         others = (_busy_seconds() - busy0) - (sum(self._process.cpu_times()[:2]) - own0)
@@ -95,5 +85,5 @@ class Contention:
 
     @property
     def contended(self) -> bool:
-        """Whether other processes kept more than `threshold` cores busy on average (or it is unknown)."""
+        """Whether other processes kept more than `threshold` cores busy on average (or it was not measured)."""
         return self.others_cores is None or self.others_cores > self.threshold

@@ -268,6 +268,7 @@ def _sweep_page(sweep: Path, folder: Path) -> Page:
         "latency ms",
         "dense ms",
         "speedup",
+        "J / inference",
         "contention",
         "error",
         "recipe",
@@ -287,6 +288,7 @@ def _sweep_page(sweep: Path, folder: Path) -> Page:
                 "",
                 _cell(dense_ms, 2),
                 "1.00x",
+                _energy_cell(_median([r["dense_energy_j"] for r in timed]), timed[0]["energy_source"] if timed else None),
                 "",
                 "",
                 "",
@@ -317,6 +319,7 @@ def _sweep_page(sweep: Path, folder: Path) -> Page:
                     _cell(r["latency_ms"], 2),
                     _cell(r["dense_latency_ms"], 2),
                     speedup,
+                    _energy_cell(r["energy_j"], r["energy_source"]),
                     contention,
                     html.escape(r["error"] or ""),
                     _recipe_cell(r["recipe"]),
@@ -347,6 +350,12 @@ def _sweep_page(sweep: Path, folder: Path) -> Page:
         for k, manifest in manifests.items():
             _budget_sections(page, manifest, f"trial #{k}", f"sensitivity-{k:03d}")
     return page
+
+
+def _energy_cell(joules: float | None, source: str | None) -> str:
+    if joules is None:
+        return ""
+    return f"{joules:.3f}" + (" (estimate)" if source == "estimate" else "")
 
 
 def _median(values: list[float]) -> float | None:

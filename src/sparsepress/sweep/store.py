@@ -13,7 +13,7 @@ Example:
     >>> [(r["trial"], r["status"]) for r in store.rows()]
     [(0, 'pending'), (1, 'failed')]
     >>> open(store.folder / "results.csv").readline().strip()
-    'trial,status,recipe,size_bytes,fidelity,latency_ms,error,label,tensors_bytes,perplexity,user_metric,dense_latency_ms,speedup,latency_contended,others_cores,latency_cpu,compress_s,wall_s,attempts,finished'
+    'trial,status,recipe,size_bytes,fidelity,latency_ms,error,label,tensors_bytes,perplexity,user_metric,dense_latency_ms,speedup,energy_j,dense_energy_j,energy_source,latency_contended,others_cores,latency_cpu,compress_s,wall_s,attempts,finished'
 """
 
 from __future__ import annotations
@@ -46,6 +46,9 @@ CSV_COLUMNS = (
     "user_metric",
     "dense_latency_ms",
     "speedup",
+    "energy_j",
+    "dense_energy_j",
+    "energy_source",
     "latency_contended",
     "others_cores",
     "latency_cpu",
@@ -56,6 +59,7 @@ CSV_COLUMNS = (
 )
 STATUSES = ("pending", "running", "done", "failed")
 SCHEMA_VERSION = 1
+_ADDED_COLUMNS = (("energy_j", "REAL"), ("dense_energy_j", "REAL"), ("energy_source", "TEXT"))
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -64,7 +68,7 @@ CREATE TABLE IF NOT EXISTS trials (
     status TEXT NOT NULL DEFAULT 'pending', size_bytes INTEGER, tensors_bytes INTEGER, fidelity REAL,
     perplexity REAL, user_metric REAL, latency_ms REAL, dense_latency_ms REAL, latency_contended INTEGER,
     others_cores REAL, latency_cpu TEXT, compress_s REAL, wall_s REAL, error TEXT, attempts INTEGER NOT NULL DEFAULT 0,
-    started TEXT, finished TEXT);
+    started TEXT, finished TEXT, energy_j REAL, dense_energy_j REAL, energy_source TEXT);
 CREATE TABLE IF NOT EXISTS sessions (id INTEGER PRIMARY KEY AUTOINCREMENT, started REAL NOT NULL, ended REAL);
 """
 
@@ -190,13 +194,16 @@ class ResultsStore:
         with self._db:
             self._db.execute(
                 "UPDATE trials SET latency_ms = ?, dense_latency_ms = ?, latency_contended = ?, others_cores = ?, "
-                "latency_cpu = ?, error = NULL WHERE trial = ?",
+                "latency_cpu = ?, energy_j = ?, dense_energy_j = ?, energy_source = ?, error = NULL WHERE trial = ?",
                 (
                     timing.latency_ms,
                     timing.dense_ms,
                     int(timing.contended),
                     timing.others_cores,
                     f"{timing.cpu}, {timing.threads} threads",
+                    timing.energy_j,
+                    timing.dense_energy_j,
+                    timing.energy_source,
                     trial,
                 ),
             )
@@ -261,4 +268,10 @@ def _connect(path: Path) -> sqlite3.Connection:
     connection.execute("PRAGMA journal_mode=WAL")
     connection.execute("PRAGMA synchronous=FULL")
     connection.executescript(_SCHEMA)
+    # Sweeps written before a column existed get it (empty) rather than failing to open.
+    present = {row[1] for row in connection.execute("PRAGMA table_info(trials)")}
+    for name, kind in _ADDED_COLUMNS:
+        if name not in present:
+            with connection:
+                connection.execute(f"ALTER TABLE trials ADD COLUMN {name} {kind}")
     return connection

@@ -7,7 +7,8 @@ user's metric when one is named. It returns the numbers and the folder's files, 
 the only writer of the sweep folder, stores them (workers of a cluster share no disk with it).
 
 `measure_latency` writes a stored folder to scratch, loads it and times it against the dense model,
-interleaved in one process, under a `Contention` probe.
+interleaved in one process, under a `Contention` probe; then joules per inference of both (RAPL where
+readable, else `sparsepress.energy`'s labelled estimate).
 
 Example:
     >>> import tempfile, torch
@@ -66,6 +67,9 @@ class LatencyOutcome:
     contended: bool
     cpu: str
     threads: int
+    energy_j: float | None = None
+    dense_energy_j: float | None = None
+    energy_source: str | None = None
 
 
 @contextlib.contextmanager
@@ -165,7 +169,8 @@ def measure_latency(
     threads: int | None = None,
 ) -> LatencyOutcome:
     """Median forward latency (ms) of a stored folder and of the dense model, interleaved on one batch."""
-    from ..evaluate import models_ms, random_batch
+    from ..energy import energy_per_inference
+    from ..evaluate import forward_runner, models_ms, random_batch
     from ..io import load
     from .machine import Contention, cpu_name, usable_cpus
 
@@ -176,6 +181,9 @@ def measure_latency(
         inputs = random_batch(dense, batch, seq_len)
         with Contention() as probe:
             times = models_ms({"packed": packed, "dense": dense}, inputs, rounds=rounds)
+        tokens = batch * seq_len
+        energy = {name: energy_per_inference(forward_runner(model, inputs), model, tokens, times[name] / 1000)
+                  for name, model in (("packed", packed), ("dense", dense))}
     return LatencyOutcome(
         latency_ms=times["packed"],
         dense_ms=times["dense"],
@@ -183,4 +191,7 @@ def measure_latency(
         contended=probe.contended,
         cpu=cpu_name(),
         threads=threads,
+        energy_j=energy["packed"].joules,
+        dense_energy_j=energy["dense"].joules,
+        energy_source=energy["packed"].source,
     )
