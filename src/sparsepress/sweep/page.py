@@ -467,9 +467,7 @@ def _folder_page(target: Path, folder: Path) -> Page:
         f"({human_bytes((target / TENSORS).stat().st_size)} of tensors)",
     )
     if manifest.get("recipe"):
-        page.sections.append(
-            f"<p>recipe:</p><code>{html.escape(json.dumps(manifest['recipe'], indent=1, sort_keys=True))}</code>"
-        )
+        page.sections.append(_recipe_cell(json.dumps(manifest["recipe"])))
     page.heading("Per layer")
     if views:
         page.figure(
