@@ -115,8 +115,8 @@ class RayRunner:
         try:
             if address:
                 ray.init(address=address, **options)
-            else:
-                ray.init(num_cpus=cpus or usable_cpus(), object_store_memory=object_store_bytes, **options)
+            else:  # "local": a fresh instance, never a cluster some earlier `ray start` left behind
+                ray.init(address="local", num_cpus=cpus or usable_cpus(), object_store_memory=object_store_bytes, **options)
         except (ConnectionError, ValueError, RuntimeError) as exc:
             hint = " (a cluster with token authentication needs RAY_AUTH_MODE=token and its token)" if address else ""
             raise InputError(address or "local Ray", f"cannot start or reach Ray: {exc}{hint}") from None
