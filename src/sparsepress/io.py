@@ -196,10 +196,11 @@ def save(
             "layers": layers,
             "embeddings": embeddings,
             "aliases": aliases,
-            "activation_sparsity": history["activation_sparsity"],
             "tensors_file": TENSORS,
             "tensors_sha256": sha256_of(staging / TENSORS),
         }
+        if history["activation_sparsity"] is not None:
+            manifest["activation_sparsity"] = history["activation_sparsity"]
         if (staging / "config.json").is_file():
             manifest["config_sha256"] = sha256_of(staging / "config.json")
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
