@@ -1,4 +1,5 @@
-"""The `sparsepress` command line (DESIGN section 2): compress, inspect, eval, bench, demo, sweep, report.
+"""The `sparsepress` command line (DESIGN section 2): compress, inspect, eval, bench, demo, sweep, report, export,
+generate.
 
 Example:
     >>> from typer.testing import CliRunner
@@ -153,7 +154,8 @@ def inspect_command(folder: Path = typer.Argument(..., help="a sparsepress model
     console.print(kv_table("folder", [
         ("model class", manifest["model_class"]),
         ("format version", str(manifest["format_version"])),
-        ("tensors file", human_bytes((Path(folder) / "sparsepress.safetensors").stat().st_size)),
+        ("tensors file", human_bytes(sum((Path(folder) / name).stat().st_size
+                                         for name in manifest.get("tensors_files", ["sparsepress.safetensors"])))),
         ("folder (all files)", human_bytes(folder_bytes(folder))),
         ("sha256 verified", "yes"),
         ("layer tensors verified", "yes"),
@@ -276,9 +278,30 @@ def demo_command(
         ("whole folder", human_bytes(folder_bytes(out))),
         ("fidelity (mean cosine to dense, held-out text)", f"{result['fidelity']:.4f}"),
     ]))
+    _demo_sentence_transformer(out)
     for batch, seq_len in ((1, 16), (8, 64)):
         rows = bench_rows(out, None, batch, seq_len, repeats=10)
         console.print(latency_table(f"latency, batch {batch} x {seq_len} tokens", rows, baselines=TORCH_BASELINES))
+
+
+from .interop.commands import register as _register_interop_commands  # noqa: E402
+
+_register_interop_commands(app, _clean_errors)  # export, generate
+
+
+def _demo_sentence_transformer(out: Path) -> None:
+    """The packed folder as a SentenceTransformer (when sentence-transformers is installed)."""
+    from .interop.sentence_transformers import load_sentence_transformer
+
+    try:
+        st = load_sentence_transformer(out)
+    except InputError as exc:
+        console.print(f"(sentence-transformers view skipped: {exc.problem})")
+        return
+    pairs = ("A man is playing a guitar.", "Someone plays an instrument.", "The stock market fell today.")
+    emb = st.encode(list(pairs), convert_to_tensor=True)
+    console.print(f"sp.load_sentence_transformer({out}): cosine({pairs[0]!r}, {pairs[1]!r}) = "
+                  f"{float(emb[0] @ emb[1]):.3f}, with {pairs[2]!r} = {float(emb[0] @ emb[2]):.3f}", highlight=False)
 
 
 from .sweep.commands import report_command, sweep_command  # noqa: E402
