@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.tiny import tiny_bert, token_ids
+from tiny import tiny_bert, token_ids
 
 import sparsepress as sp
 from sparsepress.calibration import make_batches
