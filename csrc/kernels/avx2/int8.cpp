@@ -85,6 +85,8 @@ static inline void row_tile(const LinearArgs& a, int64_t r, int64_t b0) {
   const int8_t* x = a.xq + b0 * a.x_stride;
   const int64_t xs = a.x_stride, in = a.in, len = a.values_len;
   const float* s = a.scales + r * a.n_groups;
+  // the value position stays a local (a lambda capturing it by reference kept it in memory: a
+  // store-to-load round trip on the serial chain of every 16 columns)
   int64_t p = kMasked ? a.row_offsets[r] : r * in;
   const __m256i ones = _mm256_set1_epi16(1);
   __m256i acc[U][NB];
@@ -95,17 +97,20 @@ static inline void row_tile(const LinearArgs& a, int64_t r, int64_t b0) {
       for (int i = 0; i < NB; ++i) acc[u][i] = _mm256_setzero_si256();
     const int64_t c1 = generic::imin(in, (g + 1) * a.group_size);
     int64_t c = g * a.group_size;
-    auto step = [&](int u, int64_t cc) {
-      const __m256i w = weights<kMasked>(vals, p, m, cc, in, len);
-      for (int i = 0; i < NB; ++i) {
-        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i * xs + cc));
-        const __m256i prod = _mm256_maddubs_epi16(_mm256_abs_epi8(xv), _mm256_sign_epi8(w, xv));
-        acc[u][i] = _mm256_add_epi32(acc[u][i], _mm256_madd_epi16(prod, ones));
+    for (; c < c1; c += 32 * U) {
+#pragma GCC unroll 2
+      for (int u = 0; u < U; ++u) {
+        const int64_t cc = c + 32 * u;
+        if (U > 1 && cc >= c1) break;
+        const __m256i w = weights<kMasked>(vals, p, m, cc, in, len);
+#pragma GCC unroll 8
+        for (int i = 0; i < NB; ++i) {
+          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i * xs + cc));
+          const __m256i prod = _mm256_maddubs_epi16(_mm256_abs_epi8(xv), _mm256_sign_epi8(w, xv));
+          acc[u][i] = _mm256_add_epi32(acc[u][i], _mm256_madd_epi16(prod, ones));
+        }
       }
-    };
-    for (; c + 32 * U <= c1; c += 32 * U)
-      for (int u = 0; u < U; ++u) step(u, c + 32 * u);
-    for (; c < c1; c += 32) step(0, c);
+    }
     for (int u = 1; u < U; ++u)
       for (int i = 0; i < NB; ++i) acc[0][i] = _mm256_add_epi32(acc[0][i], acc[u][i]);
     if (a.n_groups == 1) {  // exact int32 dot, one scale
@@ -121,11 +126,107 @@ static inline void row_tile(const LinearArgs& a, int64_t r, int64_t b0) {
   for (int i = 0; i < NB; ++i) a.y[(b0 + i) * a.out + r] = hsum(facc[i]) * a.sx[b0 + i] + bias;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Batch 1, masked, one scale per row. The mask bits are the cost here, not the bytes: without
+// vpexpandb each mask byte needs its own pshufb control from the table (kByteShuffles), so the step
+// is built for the fewest micro-ops per 32 columns: the four mask bytes of a step are read
+// straight from memory (movzx, no shifts), their controls and popcounts are independent of the
+// value position, the position chain is one add per step, the controls of the upper 8 columns of
+// each 16-column lane take their offset from a table of multiples, and |x| comes from a copy made
+// once per call (absx), not recomputed per row. Two steps per iteration with independent sums.
+// Needs 32 readable bytes past the row's values (checked per row by the caller).
+static inline __m256i expand32(const int8_t* v, int64_t p, const uint8_t* mb, int64_t& adv) {
+  const uint32_t b0 = mb[0], b1 = mb[1], b2 = mb[2], b3 = mb[3];
+  uint16_t lo16;
+  std::memcpy(&lo16, mb, 2);
+  const int64_t n01 = _mm_popcnt_u32(lo16);
+  // the upper byte's control shifted by the lower byte's count: + n * 0x0101010101010101
+  constexpr uint64_t kOnes = 0x0101010101010101ull;
+  const uint64_t c1 = kByteShuffles.ctrl[b1] + uint64_t(_mm_popcnt_u32(b0)) * kOnes;
+  const uint64_t c3 = kByteShuffles.ctrl[b3] + uint64_t(_mm_popcnt_u32(b2)) * kOnes;
+  const __m128i c_lo = _mm_insert_epi64(_mm_cvtsi64_si128(int64_t(kByteShuffles.ctrl[b0])), int64_t(c1), 1);
+  const __m128i c_hi = _mm_insert_epi64(_mm_cvtsi64_si128(int64_t(kByteShuffles.ctrl[b2])), int64_t(c3), 1);
+  const __m256i vals = _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(v + p + n01),
+                                           reinterpret_cast<const __m128i*>(v + p));
+  adv = n01 + _mm_popcnt_u32(b2 | (b3 << 8));
+  return _mm256_shuffle_epi8(vals, _mm256_set_m128i(c_hi, c_lo));
+}
+
+constexpr int64_t kPrefetch1 = 1024;
+
+// (not inlined: in the caller's register allocation its loop state went to the stack)
+__attribute__((noinline)) static void row1_masked(const LinearArgs& a, const uint8_t* absx, int64_t r) {
+  const int8_t* v = static_cast<const int8_t*>(a.values) + a.row_offsets[r];
+  const uint8_t* m = a.mask + r * a.mask_stride;
+  const int8_t* x = a.xq;
+  const int64_t n32 = a.in / 32;
+  const __m256i ones = _mm256_set1_epi16(1);
+  // one sum: the steps' products are independent, only the vpaddd chain (1 cycle) is serial
+  __m256i acc = _mm256_setzero_si256();
+  int64_t p = 0;
+  auto dot = [&](__m256i w, int64_t c) {
+    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + c));
+    const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(absx + c));
+    acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(xa, _mm256_sign_epi8(w, xv)), ones));
+  };
+  int64_t q = 0;
+  for (; q + 2 <= n32; q += 2) {  // a step uses at most 32 value bytes: one prefetch per two
+    _mm_prefetch(reinterpret_cast<const char*>(v + p + kPrefetch1), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(m + 4 * q + kPrefetch1), _MM_HINT_T0);
+    int64_t adv;
+    const __m256i w0 = expand32(v, p, m + 4 * q, adv);
+    p += adv;
+    dot(w0, 32 * q);
+    const __m256i w1 = expand32(v, p, m + 4 * q + 4, adv);
+    p += adv;
+    dot(w1, 32 * q + 32);
+  }
+  for (; q < n32; ++q) {
+    int64_t adv;
+    const __m256i w = expand32(v, p, m + 4 * q, adv);
+    p += adv;
+    dot(w, 32 * q);
+  }
+  if (n32 * 32 < a.in) {  // x_stride >= in rounded up to 64: padding xq = 0 meets w = 0
+    const uint32_t k = mask32(m, n32 * 32, a.in);
+    uint8_t mb[4];
+    std::memcpy(mb, &k, 4);
+    int64_t adv;
+    dot(expand32(v, p, mb, adv), 32 * n32);
+  }
+  const float bias = a.bias ? a.bias[r] : 0.f;
+  a.y[r] = float(hsum(acc)) * a.scales[r] * a.sx[0] + bias;
+}
+
+thread_local Scratch tl_absx;  // |xq| of the current batch-1 call
+
+// Token 0 of rows [r0, r1), masked: row1_masked where it may read 32 bytes past the row's values.
+static inline void rows1_masked(const LinearArgs& a, int64_t r0, int64_t r1) {
+  uint8_t* absx = reinterpret_cast<uint8_t*>(tl_absx.get(size_t(a.x_stride)));
+  if (!absx) {
+    for (int64_t r = r0; r < r1; ++r) row_tile<1, true>(a, r, 0);
+    return;
+  }
+  for (int64_t c = 0; c + 32 <= a.x_stride; c += 32)
+    _mm256_store_si256(reinterpret_cast<__m256i*>(absx + c),
+                       _mm256_abs_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.xq + c))));
+  for (int64_t r = r0; r < r1; ++r) {
+    if (a.row_offsets[r + 1] + 32 <= a.values_len) row1_masked(a, absx, r);
+    else row_tile<1, true>(a, r, 0);
+  }
+}
+
 template <bool kMasked>
 static void rows(const LinearArgs& a, int64_t r0, int64_t r1) {
   if (a.n_groups > 1 && a.group_size % 32 != 0) {
     if (kMasked) generic::masked_i8(a, r0, r1); else generic::dense_i8(a, r0, r1);
     return;
+  }
+  if constexpr (kMasked) {
+    if (a.batch == 1 && a.n_groups == 1 && a.xq) {
+      rows1_masked(a, r0, r1);
+      return;
+    }
   }
   for (int64_t r = r0; r < r1; ++r) {
     int64_t b = 0;
