@@ -154,8 +154,15 @@ static inline float bf16_to_f32(uint16_t h) {
   return f;
 }
 
+// The trees: scalar everywhere; avx2 and avx512 on x86-64; neon (ARMv8 Advanced SIMD) and neondot
+// (the same source with the ARMv8.2 dot-product instructions) on aarch64.
 namespace scalar { const KernelTable& table(); }
+#if defined(__x86_64__)
 namespace avx2 { const KernelTable& table(); }
 namespace avx512 { const KernelTable& table(); }
+#elif defined(__aarch64__)
+namespace neon { const KernelTable& table(); }
+namespace neondot { const KernelTable& table(); }
+#endif
 
 }  // namespace sp

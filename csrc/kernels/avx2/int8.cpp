@@ -38,7 +38,7 @@ static inline uint32_t mask32(const uint8_t* m, int64_t c, int64_t in) {
 static inline __m128i expand16(const int8_t* vals, int64_t& p, uint32_t bits16, int64_t len) {
   const uint32_t b0 = bits16 & 0xFF, b1 = bits16 >> 8;
   const uint64_t n0 = uint64_t(_mm_popcnt_u32(b0));
-  const __m128i ctrl = _mm_set_epi64x(int64_t(kByteShuffles.ctrl[b1] + n0 * 0x0101010101010101ull),
+  const __m128i ctrl = _mm_set_epi64x(int64_t(kByteShuffles.ctrl[b1] + n0 * kOnes),
                                       int64_t(kByteShuffles.ctrl[b0]));
   const __m128i w = _mm_shuffle_epi8(load16(vals, p, len), ctrl);
   p += int64_t(_mm_popcnt_u32(bits16));
@@ -140,8 +140,7 @@ static inline __m256i expand32(const int8_t* v, int64_t p, const uint8_t* mb, in
   uint16_t lo16;
   std::memcpy(&lo16, mb, 2);
   const int64_t n01 = _mm_popcnt_u32(lo16);
-  // the upper byte's control shifted by the lower byte's count: + n * 0x0101010101010101
-  constexpr uint64_t kOnes = 0x0101010101010101ull;
+  // the upper byte's control shifted by the lower byte's count
   const uint64_t c1 = kByteShuffles.ctrl[b1] + uint64_t(_mm_popcnt_u32(b0)) * kOnes;
   const uint64_t c3 = kByteShuffles.ctrl[b3] + uint64_t(_mm_popcnt_u32(b2)) * kOnes;
   const __m128i c_lo = _mm_insert_epi64(_mm_cvtsi64_si128(int64_t(kByteShuffles.ctrl[b0])), int64_t(c1), 1);
