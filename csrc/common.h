@@ -140,6 +140,10 @@ struct KernelTable {
   int64_t (*tile_panel_bytes)(const LinearArgs&, bool masked, int64_t n0, TileLayout* layout);
   bool (*pack_tile_panel)(const LinearArgs&, bool masked, int64_t n0, TileLayout layout, int8_t* out);
   AttendFn attend;  // fp32 attention (kernels/attention.h, compiled in every tree)
+  // big layers get prepared panels on their first call of kLazyMin tokens or more, long calls included
+  // (false: only calls of kLazyMin..kLazyMax tokens; longer ones pack per call): for trees whose
+  // per-call packing costs more than the panels save
+  bool panels_for_long_calls = false;
 };
 
 constexpr int64_t kGemmRows = 32;  // output rows per GEMM tile

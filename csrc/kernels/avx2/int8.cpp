@@ -255,36 +255,37 @@ static void rows(const LinearArgs& a, int64_t r0, int64_t r1) {
 constexpr int kGroupRows = 8, kGroups = int(kGemmRows) / kGroupRows;
 constexpr int64_t kWindow = 16, kSlideStep = 4;
 
-thread_local Scratch tl_panel;  // per-call records of one group
-
 static inline int64_t round64(int64_t n) { return (n + 63) / 64 * 64; }
+
+// 8 mask bytes of row r from byte `first` on: one load where the mask buffer allows (bytes past the
+// row's end belong to the next row: callers drop columns >= in), byte by byte at its very end.
+static inline uint64_t mask_bytes8(const LinearArgs& a, int64_t r, int64_t first) {
+  const int64_t at = r * a.mask_stride + first, total = a.out * a.mask_stride;
+  uint64_t v = 0;
+  if (at + 8 <= total) {
+    std::memcpy(&v, a.mask + at, 8);
+  } else {
+    for (int64_t k = 0; at + k < total && k < 8; ++k) v |= uint64_t(a.mask[at + k]) << (8 * k);
+  }
+  return v;
+}
 
 // Mask bits of columns [c, c + 16) of row r (c a multiple of 4), none at or past `in`; dense rows
 // keep every column.
 static inline uint32_t window_bits(const LinearArgs& a, bool masked, int64_t r, int64_t c) {
-  uint32_t v = 0xFFFF;
-  if (masked) {
-    const int64_t first = c / 8, bytes = generic::imin(3, a.mask_stride - first);
-    std::memcpy(&v, a.mask + r * a.mask_stride + first, size_t(bytes));
-    v = (v >> (c % 8)) & 0xFFFF;
-  }
+  const uint32_t v = masked ? uint32_t(mask_bytes8(a, r, c / 8) >> (c % 8)) & 0xFFFF : 0xFFFF;
   return a.in - c >= 16 ? v : v & ((1u << (a.in - c)) - 1);
 }
 
 // First kept column of row r at or after c (in when there is none).
 static inline int64_t next_kept(const LinearArgs& a, bool masked, int64_t r, int64_t c) {
   if (!masked || c >= a.in) return c < a.in ? c : a.in;
-  const uint8_t* m = a.mask + r * a.mask_stride;
   int64_t c8 = c & ~int64_t(63);
-  uint64_t bits = 0;
-  for (;;) {
-    const int64_t first = c8 / 8, bytes = generic::imin(8, a.mask_stride - first);
-    bits = 0;
-    std::memcpy(&bits, m + first, size_t(bytes));
-    if (c > c8) bits &= ~0ull << (c - c8);
-    if (bits) break;
+  uint64_t bits = mask_bytes8(a, r, c8 / 8) & (~0ull << (c - c8));
+  while (!bits) {
     c8 += 64;
     if (c8 >= a.in) return a.in;
+    bits = mask_bytes8(a, r, c8 / 8);
   }
   const int64_t found = c8 + int64_t(_tzcnt_u64(bits));
   return found < a.in ? found : a.in;
@@ -324,7 +325,13 @@ static int64_t slide_group(const LinearArgs& a, bool masked, int64_t r0, int nro
         col = int64_t(__builtin_ctz(bits));
         if (rec) rec[4 * i + k] = int8_t(col);
       }
-      if (rec) std::memcpy(rec + 32 + 4 * i, vals + p[i], size_t(k));
+      if (rec) {  // four bytes at once (a library memcpy call per lane had cost more than the scan)
+        uint32_t four = 0;
+        if (p[i] + 4 <= a.values_len) std::memcpy(&four, vals + p[i], 4);
+        else for (int t = 0; t < k; ++t) four |= uint32_t(uint8_t(vals[p[i] + t])) << (8 * t);
+        four &= k == 4 ? ~0u : (1u << (8 * k)) - 1;
+        std::memcpy(rec + 32 + 4 * i, &four, 4);
+      }
       p[i] += k;
       cur[i] = k == 4 && bits ? s + col + 1 : s + kWindow;
       next[i] = next_kept(a, masked, r0 + i, cur[i]);
@@ -400,38 +407,31 @@ static void group_tokens(const LinearArgs& a, const int8_t* recs, const int32_t*
   }
 }
 
+// Tokens of rows [r0, r1) from the prepared panels. Without them the row kernels run: packing a
+// tile's records per call costs ~15 cycles per stored value (the sliding scan), more than the row
+// kernels' own expansion until some hundreds of tokens, so AVX2 layers get their panels prepared
+// on their first many-token call instead (KernelTable::panels_for_long_calls).
 template <bool kMasked>
 static void gemm(const LinearArgs& a, int64_t r0, int64_t r1) {
+  if (!a.panels) {
+    rows<kMasked>(a, r0, r1);
+    return;
+  }
   // tokens in blocks whose activations stay in L2 while a tile's records pass by
   const int64_t mc = generic::imin(a.batch, ((int64_t(256) << 10) / a.x_stride / kQuadMR + 1) * kQuadMR);
   for (int64_t m0 = 0; m0 < a.batch; m0 += mc) {
     const int64_t m1 = generic::imin(a.batch, m0 + mc);
     for (int64_t n0 = r0; n0 < r1; n0 += kGemmRows) {
-      const int8_t* tile = a.panels ? a.panels + a.panel_off[n0 / kGemmRows] : nullptr;
-      const int8_t* data = tile ? tile + 64 : nullptr;
+      const int8_t* tile = a.panels + a.panel_off[n0 / kGemmRows];
+      const int8_t* recs = tile + 64;
       for (int g = 0; g < kGroups; ++g) {
         const int64_t g0 = n0 + g * kGroupRows;
         const int nrows = int(generic::imin(kGroupRows, r1 - g0));
         if (nrows <= 0) break;
-        int64_t n = 0;
-        const int8_t* recs = nullptr;
-        if (tile) {
-          int32_t count;
-          std::memcpy(&count, tile + 8 + 4 * g, 4);
-          n = count;
-          recs = data;
-          data += group_bytes(n);
-        } else {  // packed per call
-          n = slide_group(a, kMasked, g0, nrows, nullptr, nullptr);
-          int8_t* buf = tl_panel.get(size_t(group_bytes(n) + 64));
-          if (!buf) {
-            rows<kMasked>(a, g0, g0 + nrows);
-            continue;
-          }
-          slide_group(a, kMasked, g0, nrows, buf, reinterpret_cast<int32_t*>(buf + 64 * n));
-          recs = buf;
-        }
-        group_tokens(a, recs, reinterpret_cast<const int32_t*>(recs + 64 * n), n, m0, m1, g0, nrows);
+        int32_t n;
+        std::memcpy(&n, tile + 8 + 4 * g, 4);
+        group_tokens(a, recs, reinterpret_cast<const int32_t*>(recs + 64 * int64_t(n)), n, m0, m1, g0, nrows);
+        recs += group_bytes(n);
       }
     }
   }
