@@ -158,11 +158,12 @@ static inline float bf16_to_f32(uint16_t h) {
   return f;
 }
 
-// The trees: scalar everywhere; avx2 and avx512 on x86-64; neon (ARMv8 Advanced SIMD) and neondot
+// The trees: scalar everywhere; avx2, avx2vnni (the AVX2 sources with AVX-VNNI) and avx512 on x86-64; neon (ARMv8 Advanced SIMD) and neondot
 // (the same source with the ARMv8.2 dot-product instructions) on aarch64.
 namespace scalar { const KernelTable& table(); }
 #if defined(__x86_64__)
 namespace avx2 { const KernelTable& table(); }
+namespace avx2vnni { const KernelTable& table(); }  // built where the compiler has -mavxvnni (SP_HAVE_AVX2VNNI)
 namespace avx512 { const KernelTable& table(); }
 #elif defined(__aarch64__)
 namespace neon { const KernelTable& table(); }

@@ -28,6 +28,7 @@ uint64_t xgetbv0() {
 
 struct CpuFeatures {
   bool avx2 = false;
+  bool avx_vnni = false;
   bool avx512 = false;
 };
 
@@ -43,19 +44,30 @@ CpuFeatures probe() {
   const bool os_zmm = (xcr0 & 0xE6) == 0xE6;           // + opmask, ZMM_Hi256, Hi16_ZMM
   if (__get_cpuid_max(0, nullptr) < 7) return f;
   __cpuid_count(7, 0, a, b, c, d);
+  const unsigned max_subleaf = a;
   const bool avx2 = b & (1u << 5), bmi1 = b & (1u << 3), bmi2 = b & (1u << 8);
   const bool f512 = b & (1u << 16), dq = b & (1u << 17), bw = b & (1u << 30), vl = b & (1u << 31);
   const bool vbmi = c & (1u << 1), vbmi2 = c & (1u << 6), vnni = c & (1u << 11);
   f.avx2 = os_ymm && avx2 && fma && bmi1 && bmi2 && popcnt && f16c;
   f.avx512 = f.avx2 && os_zmm && f512 && dq && bw && vl && vbmi && vbmi2 && vnni;
+  if (max_subleaf >= 1) {
+    __cpuid_count(7, 1, a, b, c, d);
+    f.avx_vnni = f.avx2 && (a & (1u << 4));  // AVX-VNNI: vpdpbusd on ymm, VEX-encoded
+  }
   return f;
 }
 
 const Level* levels(int* n) {
   static const CpuFeatures f = probe();
+#if defined(SP_HAVE_AVX2VNNI)
+  static const Level all[] = {{"scalar", scalar::table, true}, {"avx2", avx2::table, f.avx2},
+                              {"avx2vnni", avx2vnni::table, f.avx_vnni}, {"avx512", avx512::table, f.avx512}};
+  *n = 4;
+#else
   static const Level all[] = {{"scalar", scalar::table, true}, {"avx2", avx2::table, f.avx2},
                               {"avx512", avx512::table, f.avx512}};
   *n = 3;
+#endif
   return all;
 }
 #elif defined(__aarch64__)

@@ -2,7 +2,9 @@
 
 The driver is compiled from the same sources as the extension, one object set per tree with that
 tree's flags (as CMakeLists.txt builds them), and run:
-  - natively: the x86-64 trees this CPU has (scalar, avx2, avx512), GEMMs and prepared panels included;
+  - natively: the x86-64 trees this CPU has (scalar, avx2, avx2vnni, avx512), GEMMs and prepared panels
+    included; the AVX-VNNI tree, where the CPU lacks AVX-VNNI but has AVX-512 VNNI, built with the EVEX
+    form of vpdpbusd (same operation) so that its code is checked here too;
   - for aarch64 with Debian's cross compiler (g++-aarch64-linux-gnu) under qemu-user: the scalar,
     neon and neondot trees (qemu's default CPU has the dot product), and the run-time choice on a
     CPU without it (cortex-a53: neon).
@@ -35,10 +37,37 @@ TREES = {
 }
 
 
+def _cpu_flags() -> set[str]:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def _trees(arch: str) -> dict[str, tuple[str, list[str]]]:
+    """The trees to build for `arch`: on x86-64 also the AVX-VNNI one, with its real flags where this
+    CPU has AVX-VNNI, else (on an AVX-512 VNNI CPU) with the EVEX vpdpbusd that computes the same."""
+    trees = dict(TREES[arch])
+    if arch == "x86_64":
+        flags = _cpu_flags()
+        if "avx_vnni" in flags:
+            trees["avx2vnni"] = ("avx2", AVX2 + ["-mavxvnni", "-DSP_ISA_NS=avx2vnni"])
+        elif {"avx512_vnni", "avx512vl"} <= flags:
+            trees["avx2vnni"] = ("avx2", AVX2 + ["-mavx512vnni", "-mavx512vl", "-DSP_ISA_NS=avx2vnni"])
+    return trees
+
+
 def _sources(arch: str) -> list[tuple[Path, list[str], str]]:
     """(source, flags, object name) of every translation unit of the driver for `arch`."""
-    units = [(CSRC / "dispatch.cpp", [], "dispatch.o"), (ROOT / "tests/native/kernel_check.cpp", [], "check.o")]
-    for tree, (folder, flags) in TREES[arch].items():
+    trees = _trees(arch)
+    defines = []
+    if "avx2vnni" in trees:
+        defines = ["-DSP_HAVE_AVX2VNNI=1"]
+        if "-mavxvnni" not in trees["avx2vnni"][1]:
+            defines.append("-DSP_CHECK_AVX2VNNI_EVEX=1")
+    units = [(CSRC / "dispatch.cpp", defines, "dispatch.o"),
+             (ROOT / "tests/native/kernel_check.cpp", defines, "check.o")]
+    for tree, (folder, flags) in trees.items():
         units += [(CSRC / "kernels" / folder / f"{name}.cpp", flags, f"{tree}-{name}.o") for name in KERNEL_FILES]
     return units
 
@@ -82,12 +111,15 @@ def run_driver(command: list[str]) -> str:
 
 @pytest.mark.native
 def test_host_trees_match_reference():
-    """Every x86-64 tree this CPU runs (row kernels, GEMMs, prepared panels) == the reference loops."""
+    """Every x86-64 tree this CPU runs (row kernels, GEMMs, prepared panels) == the reference loops; the
+    AVX-VNNI tree too, natively or, on an AVX-512 CPU, built with the EVEX form of its instruction."""
     compiler = shutil.which("g++")
     if platform.machine() != "x86_64" or compiler is None:
         pytest.skip("needs an x86-64 host with g++")
     output = run_driver([str(build_driver(compiler, "x86_64", []))])
     assert "tree scalar: ok" in output
+    if "avx2vnni" in _trees("x86_64"):
+        assert "tree avx2vnni" in output
 
 
 @pytest.mark.native

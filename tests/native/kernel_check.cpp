@@ -431,9 +431,7 @@ void check_attention(const KernelTable& t, const std::string& isa, int64_t sq, i
                 (causal ? " causal" : "") + (masked ? " masked" : ""));
 }
 
-void check_tree(const std::string& isa) {
-  sp::set_isa(isa);
-  const KernelTable& t = sp::active_table();
+void check_tree(const std::string& isa, const KernelTable& t) {
   const int64_t ins[] = {1, 7, 16, 33, 64, 100, 256, 300, 1000, 2048, 2111};
   const int64_t outs[] = {1, 5, 33, 70};
   const int64_t batches[] = {1, 2, 3, 5, 8, 9, 17, 33};
@@ -472,12 +470,21 @@ int main(int argc, char** argv) {
   for (const std::string& isa : isas) {
     const int before = g_failed;
     try {
-      check_tree(isa);
+      sp::set_isa(isa);
+      check_tree(isa, sp::active_table());
     } catch (const std::exception& e) {
       check(false, isa + ": " + e.what());
     }
     std::printf("tree %s: %s\n", isa.c_str(), g_failed == before ? "ok" : "FAILED");
   }
+#if defined(SP_CHECK_AVX2VNNI_EVEX)
+  // the AVX-VNNI tree built with the EVEX vpdpbusd (AVX-512 VNNI + VL): the same code, runnable here
+  if (argc == 1) {
+    const int before = g_failed;
+    check_tree("avx2vnni (evex)", sp::avx2vnni::table());
+    std::printf("tree avx2vnni (evex): %s\n", g_failed == before ? "ok" : "FAILED");
+  }
+#endif
   std::printf("%d passed, %d failed\n", g_passed, g_failed);
   return g_failed ? 1 : 0;
 }

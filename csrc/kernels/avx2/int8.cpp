@@ -6,14 +6,14 @@
 
 #include <cstdlib>
 
-#define SP_ISA_NS avx2
+#include "kernels/avx2/tree.h"
 #include "kernels/avx2/tables.h"
 #include "kernels/decl.h"
 #include "kernels/generic.h"
 #include "kernels/scratch.h"
 
 namespace sp {
-namespace avx2 {
+namespace SP_ISA_NS {
 namespace {
 
 constexpr int64_t kPrefetch = 1024;
@@ -77,6 +77,17 @@ static inline float hsum(__m256 v) {
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
 }
+
+#if SP_AVX2_VNNI
+// acc + the u8 x s8 dot products of four bytes per lane (vpdpbusd: exact in int32, no saturation)
+static inline __m256i dpbusd(__m256i acc, __m256i u, __m256i s) {
+#if defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(acc, u, s);
+#else
+  return _mm256_dpbusd_epi32(acc, u, s);
+#endif
+}
+#endif
 
 template <int NB, bool kMasked>
 static inline void row_tile(const LinearArgs& a, int64_t r, int64_t b0) {
@@ -158,16 +169,20 @@ constexpr int64_t kPrefetch1 = 1024;
 __attribute__((noinline)) static void row1_masked(const LinearArgs& a, const uint8_t* absx, int64_t r) {
   const int8_t* v = static_cast<const int8_t*>(a.values) + a.row_offsets[r];
   const uint8_t* m = a.mask + r * a.mask_stride;
-  const int8_t* x = a.xq;
+  [[maybe_unused]] const int8_t* x = a.xq;
   const int64_t n32 = a.in / 32;
-  const __m256i ones = _mm256_set1_epi16(1);
+  [[maybe_unused]] const __m256i ones = _mm256_set1_epi16(1);
   // one sum: the steps' products are independent, only the vpaddd chain (1 cycle) is serial
   __m256i acc = _mm256_setzero_si256();
   int64_t p = 0;
   auto dot = [&](__m256i w, int64_t c) {
+#if SP_AVX2_VNNI  // xu = xq + 128 against w; the surplus 128 * rowsum comes off at the end
+    acc = dpbusd(acc, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.xu + c)), w);
+#else
     const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + c));
     const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(absx + c));
     acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(xa, _mm256_sign_epi8(w, xv)), ones));
+#endif
   };
   int64_t q = 0;
   for (; q + 2 <= n32; q += 2) {  // a step uses at most 32 value bytes: one prefetch per two
@@ -195,19 +210,20 @@ __attribute__((noinline)) static void row1_masked(const LinearArgs& a, const uin
     dot(expand32(v, p, mb, adv), 32 * n32);
   }
   const float bias = a.bias ? a.bias[r] : 0.f;
-  a.y[r] = float(hsum(acc)) * a.scales[r] * a.sx[0] + bias;
+  const int32_t surplus = SP_AVX2_VNNI ? 128 * a.rowsum[r] : 0;
+  a.y[r] = float(hsum(acc) - surplus) * a.scales[r] * a.sx[0] + bias;
 }
 
 thread_local Scratch tl_absx;  // |xq| of the current batch-1 call
 
 // Token 0 of rows [r0, r1), masked: row1_masked where it may read 32 bytes past the row's values.
 static inline void rows1_masked(const LinearArgs& a, int64_t r0, int64_t r1) {
-  uint8_t* absx = reinterpret_cast<uint8_t*>(tl_absx.get(size_t(a.x_stride)));
-  if (!absx) {
+  uint8_t* absx = SP_AVX2_VNNI ? nullptr : reinterpret_cast<uint8_t*>(tl_absx.get(size_t(a.x_stride)));
+  if (!absx && !SP_AVX2_VNNI) {
     for (int64_t r = r0; r < r1; ++r) row_tile<1, true>(a, r, 0);
     return;
   }
-  for (int64_t c = 0; c + 32 <= a.x_stride; c += 32)
+  for (int64_t c = 0; absx && c + 32 <= a.x_stride; c += 32)
     _mm256_store_si256(reinterpret_cast<__m256i*>(absx + c),
                        _mm256_abs_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.xq + c))));
   for (int64_t r = r0; r < r1; ++r) {
@@ -347,15 +363,23 @@ static inline int64_t group_bytes(int64_t n) { return n * 64 + round64(4 * n); }
 template <int MR>
 static inline void micro_quads(const LinearArgs& a, const int8_t* recs, const int32_t* starts, int64_t n, int64_t m0,
                                int64_t r0, int nrows) {
-  const __m256i ones = _mm256_set1_epi16(1);
+  [[maybe_unused]] const __m256i ones = _mm256_set1_epi16(1);
   __m256i acc[MR];
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i) acc[i] = _mm256_setzero_si256();
-  const int8_t* x = a.xq + m0 * a.x_stride;
+  [[maybe_unused]] const int8_t* x = a.xq + m0 * a.x_stride;
   const int64_t xs = a.x_stride;
   for (int64_t j = 0; j < n; ++j) {
     const __m256i pos = _mm256_load_si256(reinterpret_cast<const __m256i*>(recs + 64 * j));
     const __m256i w = _mm256_load_si256(reinterpret_cast<const __m256i*>(recs + 64 * j + 32));
+#if SP_AVX2_VNNI  // gathered xu = xq + 128 against w: two operations per record and token
+    const uint8_t* xj = a.xu + m0 * xs + starts[j];
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const __m256i xw = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xj + i * xs)));
+      acc[i] = dpbusd(acc[i], _mm256_shuffle_epi8(xw, pos), w);
+    }
+#else
     const __m256i aw = _mm256_abs_epi8(w);
     const int8_t* xj = x + starts[j];
 #pragma GCC unroll 8
@@ -364,16 +388,20 @@ static inline void micro_quads(const LinearArgs& a, const int8_t* recs, const in
       const __m256i signed_x = _mm256_sign_epi8(_mm256_shuffle_epi8(xw, pos), w);
       acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(_mm256_maddubs_epi16(aw, signed_x), ones));
     }
+#endif
   }
   alignas(32) float sc[kGroupRows] = {}, bias[kGroupRows] = {};
+  alignas(32) int32_t surplus[kGroupRows] = {};  // 128 * rowsum: what xu's +128 added (VNNI tree)
   for (int k = 0; k < nrows; ++k) {
     sc[k] = a.scales[r0 + k];
     bias[k] = a.bias ? a.bias[r0 + k] : 0.f;
+    surplus[k] = SP_AVX2_VNNI ? 128 * a.rowsum[r0 + k] : 0;
   }
   const __m256 s = _mm256_load_ps(sc), b = _mm256_load_ps(bias);
+  const __m256i sur = _mm256_load_si256(reinterpret_cast<const __m256i*>(surplus));
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i) {
-    const __m256 v = _mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(acc[i]), s),
+    const __m256 v = _mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(acc[i], sur)), s),
                                                  _mm256_set1_ps(a.sx[m0 + i])), b);
     float* y = a.y + (m0 + i) * a.out + r0;
     if (nrows == kGroupRows) {
@@ -509,5 +537,5 @@ void quantize(const float* x, int64_t b0, int64_t b1, int64_t in, int64_t stride
 }
 
 
-}  // namespace avx2
+}  // namespace SP_ISA_NS
 }  // namespace sp

@@ -7,7 +7,7 @@
 #include "kernels/byte_shuffles.h"
 
 namespace sp {
-namespace avx2 {
+namespace SP_ISA_NS {
 
 struct LanePermutes {
   // vpermd indices placing the popcount(b) next stream floats at the set bits of b
@@ -22,5 +22,5 @@ struct LanePermutes {
 
 alignas(32) inline constexpr LanePermutes kLanePermutes{};
 
-}  // namespace avx2
+}  // namespace SP_ISA_NS
 }  // namespace sp
