@@ -1,20 +1,30 @@
 """Batch-1 / batch-16 latency of the native packed kernels against torch, on LLaMA-7B layer shapes.
 
 Each measurement runs a stack of distinct layers whose weights together exceed the last-level cache,
-so weights stream from DRAM as they do in a real model. Prints the CPU model and a markdown table:
-ms per layer, speedup over torch fp32 (F.linear), over torch dynamic int8 (quantize_dynamic, fbgemm),
-over torch.sparse CSR (fp32), and packed bytes per weight (plus those of prepared GEMM panels, where a
-layer has them: with the default panel policy, big layers get them from their first 12..63-token call).
+so weights stream from DRAM as they do in a real model. Prints the CPU model, its ISA levels and a
+markdown table per kernel tree: ms per layer, speedup over torch fp32 (F.linear), over torch dynamic
+int8 (quantize_dynamic, fbgemm), over torch.sparse CSR (fp32), and packed bytes per weight (plus those
+of prepared GEMM panels, where a layer has them: with the default panel policy, big layers get them
+from their first many-token call).
+
+Every SIMD tree this CPU runs is measured, each in a process of its own with SPARSEPRESS_ISA set. A
+tree below the CPU's best (AVX2 on an AVX-512 machine) is measured against fbgemm held to the same
+level (FBGEMM_ENABLE_INSTRUCTIONS=AVX2, ATEN_CPU_CAPABILITY=avx2): the ratios are indicative of an
+AVX2-only CPU, not measured on one (the cores, caches and memory are still this machine's).
 
 Usage:
-    python benchmarks/kernels.py            # full run (~3 minutes on 2 cores)
-    python benchmarks/kernels.py --quick    # fewer shapes and repeats
+    python benchmarks/kernels.py               # every tree, full run (~3 minutes per tree on 2 cores)
+    python benchmarks/kernels.py --quick       # first shape only, fewer repeats
+    python benchmarks/kernels.py --isa avx2    # one tree (in this process)
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -40,6 +50,25 @@ def cpu_model() -> str:
         if line.startswith("model name"):
             return line.split(":", 1)[1].strip()
     return "unknown CPU"
+
+
+def cpu_flags() -> set[str]:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith(("flags", "Features")):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def isa_summary() -> str:
+    """The vector extensions of this CPU that the kernel trees use, as /proc/cpuinfo names them."""
+    wanted = ["avx2", "avx512f", "avx512bw", "avx512_vnni", "avx512vbmi", "avx512_vbmi2", "avx_vnni", "asimd",
+              "asimddp"]
+    flags = cpu_flags()
+    return " ".join(f for f in wanted if f in flags) or "none of avx2 / avx512 / neon"
+
+
+# fbgemm and ATen held to a tree's level when it is below the CPU's best
+BASELINE_LEVEL = {"avx2": {"FBGEMM_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}}
 
 
 def llc_bytes() -> int:
@@ -138,14 +167,25 @@ def main() -> None:
     parser.add_argument("--no-csr", action="store_true", help="skip the (slow) torch.sparse CSR baseline")
     parser.add_argument("--panels", choices=list(kernels.PANEL_POLICIES), default=kernels.PANELS,
                         help="which layers get prepared GEMM panels (SPARSEPRESS_PANELS; default auto)")
+    parser.add_argument("--isa", choices=native.ISA_LEVELS, default=None,
+                        help="measure this tree only, in this process (default: every SIMD tree of this CPU)")
     args = parser.parse_args()
+    if args.isa is None:
+        run_every_tree(sys.argv[1:])
+        return
+    native.set_isa(args.isa)
     kernels.PANELS = args.panels
     reps = args.reps or (3 if args.quick else 7)
     shapes = SHAPES[:1] if args.quick else SHAPES
     llc = llc_bytes()
     gen = torch.Generator().manual_seed(0)
-    print(f"CPU: {cpu_model()}; torch threads: {torch.get_num_threads()}; "
-          f"native ISA: {native.active_isa()}; last-level cache {llc >> 20} MiB; GEMM panels: {args.panels}")
+    held = {k: v for k, v in os.environ.items() if k in ("FBGEMM_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY")}
+    print(f"CPU: {cpu_model()} ({isa_summary()}); torch threads: {torch.get_num_threads()}; "
+          f"sparsepress tree: {native.active_isa()} (best here: {native.supported_isas()[-1]}); "
+          f"fbgemm level: {held or 'its own best'}; last-level cache {llc >> 20} MiB; GEMM panels: {args.panels}")
+    if held:
+        print("(a tree below this CPU's best against fbgemm held to the same level: indicative timings, "
+              "not an AVX2-only CPU)")
     print()
     print("| shape (out x in) | batch | weights | ms | vs torch fp32 | vs torch dyn int8 | vs torch CSR | bytes/weight |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -178,6 +218,17 @@ def main() -> None:
                 print(f"| {shape[0]}x{shape[1]} | {batch} | torch fp32 / dyn int8 | {fp32_ms:.3f} / {int8_ms:.3f} "
                       f"| | | | 4.0 / 1.0 |", flush=True)
                 del runners
+
+
+def run_every_tree(argv: list[str]) -> None:
+    """This script once per SIMD tree of this CPU, each in its own process (fbgemm reads its level once)."""
+    best = native.supported_isas()[-1] if native.supported_isas() else "none"
+    trees = [isa for isa in native.supported_isas() if isa != "scalar"] or ["scalar"]
+    for isa in reversed(trees):
+        env = dict(os.environ, SPARSEPRESS_ISA=isa, **(BASELINE_LEVEL.get(isa, {}) if isa != best else {}))
+        print(f"## tree {isa}", flush=True)
+        subprocess.run([sys.executable, __file__, *argv, "--isa", isa], env=env, check=True)
+        print(flush=True)
 
 
 if __name__ == "__main__":

@@ -126,7 +126,7 @@ class NativeLinear {
   void attach_panels(sp::LinearArgs& a, int n_threads) {
     Lazy& l = *lazy_;
     if (!l.ready.load(std::memory_order_acquire) && l.allowed.load(std::memory_order_relaxed) &&
-        a.batch >= kLazyMin && a.batch < kLazyMax) {
+        a.batch >= kLazyMin && (a.batch < kLazyMax || sp::active_table().panels_for_long_calls)) {
       std::lock_guard<std::mutex> lock(l.mu);
       if (!l.ready.load(std::memory_order_relaxed)) {
         l.panels = sp::prepare_panels(kind_, args_, int64_t(1) << 62, n_threads);

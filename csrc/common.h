@@ -140,6 +140,10 @@ struct KernelTable {
   int64_t (*tile_panel_bytes)(const LinearArgs&, bool masked, int64_t n0, TileLayout* layout);
   bool (*pack_tile_panel)(const LinearArgs&, bool masked, int64_t n0, TileLayout layout, int8_t* out);
   AttendFn attend;  // fp32 attention (kernels/attention.h, compiled in every tree)
+  // big layers get prepared panels on their first call of kLazyMin tokens or more, long calls included
+  // (false: only calls of kLazyMin..kLazyMax tokens; longer ones pack per call): for trees whose
+  // per-call packing costs more than the panels save
+  bool panels_for_long_calls = false;
 };
 
 constexpr int64_t kGemmRows = 32;  // output rows per GEMM tile
@@ -154,8 +158,16 @@ static inline float bf16_to_f32(uint16_t h) {
   return f;
 }
 
+// The trees: scalar everywhere; avx2, avx2vnni (the AVX2 sources with AVX-VNNI) and avx512 on x86-64; neon (ARMv8 Advanced SIMD) and neondot
+// (the same source with the ARMv8.2 dot-product instructions) on aarch64.
 namespace scalar { const KernelTable& table(); }
+#if defined(__x86_64__)
 namespace avx2 { const KernelTable& table(); }
+namespace avx2vnni { const KernelTable& table(); }  // built where the compiler has -mavxvnni (SP_HAVE_AVX2VNNI)
 namespace avx512 { const KernelTable& table(); }
+#elif defined(__aarch64__)
+namespace neon { const KernelTable& table(); }
+namespace neondot { const KernelTable& table(); }
+#endif
 
 }  // namespace sp

@@ -8,10 +8,13 @@
 
 namespace sp {
 
-// Best level this CPU and OS support: "avx512", "avx2" or "scalar".
+// Best level this CPU and OS support: "avx512", "avx2vnni", "avx2" or "scalar" on x86-64; "neondot", "neon" or
+// "scalar" on aarch64.
 std::string detect_isa();
 // Levels usable here, best last.
 std::vector<std::string> supported_isas();
+// Levels this build has (usable here or not), lowest first.
+std::vector<std::string> known_isas();
 // Active table; starts at detect_isa().
 const KernelTable& active_table();
 // Switches the active level; throws std::invalid_argument for an unknown or unsupported name.

@@ -16,6 +16,15 @@
 
 namespace sp {
 
+// A spin-wait hint to the core (pause on x86-64, yield on aarch64).
+inline void cpu_relax() {
+#if defined(__x86_64__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  __asm__ __volatile__("yield");
+#endif
+}
+
 class ThreadPool {
  public:
   // Process-wide pool; deliberately leaked so interpreter shutdown never joins threads.
@@ -55,14 +64,14 @@ class ThreadPool {
     work();
     for (int spins = 0; done_.load(std::memory_order_acquire) < n_tasks; ++spins) {
       // on an oversubscribed machine the helper may be descheduled: give the core away
-      if (spins > 4096) std::this_thread::yield(); else __builtin_ia32_pause();
+      if (spins > 4096) std::this_thread::yield(); else cpu_relax();
     }
     {
       std::lock_guard<std::mutex> lk(wake_mu_);
       running_ = false;
     }
     // helpers that joined late may still hold fn_; the caller's frame owns it
-    while (busy_.load(std::memory_order_acquire) != 0) __builtin_ia32_pause();
+    while (busy_.load(std::memory_order_acquire) != 0) cpu_relax();
   }
 
   int size() const { return int(workers_.size()) + 1; }
@@ -94,7 +103,7 @@ class ThreadPool {
       // condition-variable wake-up costs more than a small GEMV.
       uint64_t g = seen;
       for (int i = 0; i < kSpinPauses && g == seen; ++i) {
-        __builtin_ia32_pause();
+        cpu_relax();
         g = generation_.load(std::memory_order_acquire);
       }
       if (g == seen) {

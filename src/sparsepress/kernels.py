@@ -196,7 +196,8 @@ def _plan_tensors(packed: PackedWeight, kind: str) -> tuple[torch.Tensor, ...]:
 #          than their GEMM (MiniLM at 16 tokens: 1536x384 from 58 to 37 us a call).
 #   auto (default): small, and each bigger sparse layer on its first call of 12..63 tokens, where packing
 #          per call costs most (LLaMA-7B shapes at 16 tokens: 1.0-2.6x over fbgemm instead of
-#          0.9-1.1x); decode (1 token) and long prefills (64+, packing amortized) never build them.
+#          0.9-1.1x); decode (1 token) never builds them, nor do long prefills (64+, packing amortized)
+#          on AVX-512; on AVX2, whose per-call packing costs more than its GEMM, long calls build them too.
 #   all:   every int8 layer, when the handle is made. none: packed per call everywhere.
 # Each policy maps to (weight limit for panels at once, whether bigger layers get them lazily);
 # SPARSEPRESS_PANELS sets it.

@@ -1,8 +1,8 @@
 """Loader of the compiled kernels `sparsepress._native`, and the switches that control it.
 
 `SPARSEPRESS_DISABLE_NATIVE=1` makes the extension count as unavailable (everything runs the
-pure-torch reference path). `SPARSEPRESS_ISA=scalar|avx2|avx512` forces an ISA level at load; it is
-an error when this CPU lacks that level.
+pure-torch reference path). `SPARSEPRESS_ISA=scalar|avx2|avx2vnni|avx512` (x86-64) or `scalar|neon|neondot`
+(aarch64) forces an ISA level at load; it is an error when this CPU lacks that level.
 
 Threads: parallel kernel calls run on torch's own OpenMP team when torch uses OpenMP (the default),
 so our work lands on the threads torch already keeps spinning between its ops instead of competing
@@ -10,7 +10,7 @@ with them for the cores. `SPARSEPRESS_THREADS=own` keeps sparsepress's own threa
 
 Example:
     >>> from sparsepress import native
-    >>> native.active_isa() in ("scalar", "avx2", "avx512", "none")
+    >>> native.active_isa() in ISA_LEVELS + ("none",)
     True
 """
 
@@ -23,6 +23,8 @@ from types import ModuleType
 import torch
 
 _BACKENDS = ("openmp", "own")
+# Every kernel tree a build can have, lowest first per architecture (csrc/dispatch.cpp).
+ISA_LEVELS = ("scalar", "avx2", "avx2vnni", "avx512", "neon", "neondot")
 
 
 def _load() -> ModuleType | None:
@@ -103,10 +105,10 @@ def native_available() -> bool:
 
 
 def active_isa() -> str:
-    """The ISA level the kernels run at: 'avx512', 'avx2', 'scalar', or 'none' without the extension.
+    """The ISA level the kernels run at (one of ISA_LEVELS), or 'none' without the extension.
 
     Example:
-        >>> active_isa() in ("scalar", "avx2", "avx512", "none")
+        >>> active_isa() in ISA_LEVELS + ("none",)
         True
     """
     return _MODULE.active_isa() if _MODULE is not None else "none"

@@ -1,11 +1,11 @@
-#define SP_ISA_NS avx2
+#include "kernels/avx2/tree.h"
 #include "kernels/decl.h"
 #include "kernels/attention.h"
 
 namespace sp {
-namespace avx2 {
+namespace SP_ISA_NS {
 
 void attend(const AttentionArgs& a, int64_t bh, int64_t i0, int64_t i1) { attn::attend(a, bh, i0, i1); }
 
-}  // namespace avx2
+}  // namespace SP_ISA_NS
 }  // namespace sp

@@ -2,13 +2,13 @@
 // place the stored values, a compare on the mask bits zeroes the dropped columns.
 #include <immintrin.h>
 
-#define SP_ISA_NS avx2
+#include "kernels/avx2/tree.h"
 #include "kernels/avx2/tables.h"
 #include "kernels/decl.h"
 #include "kernels/generic.h"
 
 namespace sp {
-namespace avx2 {
+namespace SP_ISA_NS {
 namespace {
 
 constexpr int64_t kPrefetchBytes = 1024;
@@ -101,5 +101,5 @@ void masked_f32(const LinearArgs& a, int64_t r0, int64_t r1) { rows<float>(a, r0
 void masked_bf16(const LinearArgs& a, int64_t r0, int64_t r1) { rows<uint16_t>(a, r0, r1); }
 void csr_f32(const LinearArgs& a, int64_t r0, int64_t r1) { generic::csr_f32(a, r0, r1); }
 
-}  // namespace avx2
+}  // namespace SP_ISA_NS
 }  // namespace sp

@@ -1,18 +1,19 @@
-// AVX2 tree, int8 weights. No VNNI here: vpmaddubsw takes |xq| (u8) against
-// sign(w, xq) (s8) so every pair sum stays below 2^15 (127 * 127 * 2), then vpmaddwd
-// widens to int32. Masked rows place stored values with pshufb controls from a table.
+// AVX2 tree, int8 weights. No VNNI here: vpmaddubsw takes one side's magnitude (u8) against the
+// other carrying both signs (psignb, s8), so every pair sum stays below 2^15 (127 * 127 * 2), then
+// vpmaddwd widens to int32. Masked rows place stored values with pshufb controls from a table; many
+// tokens run on quad panels (below).
 #include <immintrin.h>
 
 #include <cstdlib>
 
-#define SP_ISA_NS avx2
+#include "kernels/avx2/tree.h"
 #include "kernels/avx2/tables.h"
 #include "kernels/decl.h"
 #include "kernels/generic.h"
 #include "kernels/scratch.h"
 
 namespace sp {
-namespace avx2 {
+namespace SP_ISA_NS {
 namespace {
 
 constexpr int64_t kPrefetch = 1024;
@@ -38,7 +39,7 @@ static inline uint32_t mask32(const uint8_t* m, int64_t c, int64_t in) {
 static inline __m128i expand16(const int8_t* vals, int64_t& p, uint32_t bits16, int64_t len) {
   const uint32_t b0 = bits16 & 0xFF, b1 = bits16 >> 8;
   const uint64_t n0 = uint64_t(_mm_popcnt_u32(b0));
-  const __m128i ctrl = _mm_set_epi64x(int64_t(kByteShuffles.ctrl[b1] + n0 * 0x0101010101010101ull),
+  const __m128i ctrl = _mm_set_epi64x(int64_t(kByteShuffles.ctrl[b1] + n0 * kOnes),
                                       int64_t(kByteShuffles.ctrl[b0]));
   const __m128i w = _mm_shuffle_epi8(load16(vals, p, len), ctrl);
   p += int64_t(_mm_popcnt_u32(bits16));
@@ -77,6 +78,17 @@ static inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+#if SP_AVX2_VNNI
+// acc + the u8 x s8 dot products of four bytes per lane (vpdpbusd: exact in int32, no saturation)
+static inline __m256i dpbusd(__m256i acc, __m256i u, __m256i s) {
+#if defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(acc, u, s);
+#else
+  return _mm256_dpbusd_epi32(acc, u, s);
+#endif
+}
+#endif
+
 template <int NB, bool kMasked>
 static inline void row_tile(const LinearArgs& a, int64_t r, int64_t b0) {
   constexpr int U = NB >= 2 ? 1 : 2;
@@ -85,6 +97,8 @@ static inline void row_tile(const LinearArgs& a, int64_t r, int64_t b0) {
   const int8_t* x = a.xq + b0 * a.x_stride;
   const int64_t xs = a.x_stride, in = a.in, len = a.values_len;
   const float* s = a.scales + r * a.n_groups;
+  // the value position stays a local (a lambda capturing it by reference kept it in memory: a
+  // store-to-load round trip on the serial chain of every 16 columns)
   int64_t p = kMasked ? a.row_offsets[r] : r * in;
   const __m256i ones = _mm256_set1_epi16(1);
   __m256i acc[U][NB];
@@ -95,17 +109,20 @@ static inline void row_tile(const LinearArgs& a, int64_t r, int64_t b0) {
       for (int i = 0; i < NB; ++i) acc[u][i] = _mm256_setzero_si256();
     const int64_t c1 = generic::imin(in, (g + 1) * a.group_size);
     int64_t c = g * a.group_size;
-    auto step = [&](int u, int64_t cc) {
-      const __m256i w = weights<kMasked>(vals, p, m, cc, in, len);
-      for (int i = 0; i < NB; ++i) {
-        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i * xs + cc));
-        const __m256i prod = _mm256_maddubs_epi16(_mm256_abs_epi8(xv), _mm256_sign_epi8(w, xv));
-        acc[u][i] = _mm256_add_epi32(acc[u][i], _mm256_madd_epi16(prod, ones));
+    for (; c < c1; c += 32 * U) {
+#pragma GCC unroll 2
+      for (int u = 0; u < U; ++u) {
+        const int64_t cc = c + 32 * u;
+        if (U > 1 && cc >= c1) break;
+        const __m256i w = weights<kMasked>(vals, p, m, cc, in, len);
+#pragma GCC unroll 8
+        for (int i = 0; i < NB; ++i) {
+          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i * xs + cc));
+          const __m256i prod = _mm256_maddubs_epi16(_mm256_abs_epi8(xv), _mm256_sign_epi8(w, xv));
+          acc[u][i] = _mm256_add_epi32(acc[u][i], _mm256_madd_epi16(prod, ones));
+        }
       }
-    };
-    for (; c + 32 * U <= c1; c += 32 * U)
-      for (int u = 0; u < U; ++u) step(u, c + 32 * u);
-    for (; c < c1; c += 32) step(0, c);
+    }
     for (int u = 1; u < U; ++u)
       for (int i = 0; i < NB; ++i) acc[0][i] = _mm256_add_epi32(acc[0][i], acc[u][i]);
     if (a.n_groups == 1) {  // exact int32 dot, one scale
@@ -121,11 +138,111 @@ static inline void row_tile(const LinearArgs& a, int64_t r, int64_t b0) {
   for (int i = 0; i < NB; ++i) a.y[(b0 + i) * a.out + r] = hsum(facc[i]) * a.sx[b0 + i] + bias;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Batch 1, masked, one scale per row. The mask bits are the cost here, not the bytes: without
+// vpexpandb each mask byte needs its own pshufb control from the table (kByteShuffles), so the step
+// is built for the fewest micro-ops per 32 columns: the four mask bytes of a step are read
+// straight from memory (movzx, no shifts), their controls and popcounts are independent of the
+// value position, the position chain is one add per step, the controls of the upper 8 columns of
+// each 16-column lane take their offset from a table of multiples, and |x| comes from a copy made
+// once per call (absx), not recomputed per row. Two steps per iteration with independent sums.
+// Needs 32 readable bytes past the row's values (checked per row by the caller).
+static inline __m256i expand32(const int8_t* v, int64_t p, const uint8_t* mb, int64_t& adv) {
+  const uint32_t b0 = mb[0], b1 = mb[1], b2 = mb[2], b3 = mb[3];
+  uint16_t lo16;
+  std::memcpy(&lo16, mb, 2);
+  const int64_t n01 = _mm_popcnt_u32(lo16);
+  // the upper byte's control shifted by the lower byte's count
+  const uint64_t c1 = kByteShuffles.ctrl[b1] + uint64_t(_mm_popcnt_u32(b0)) * kOnes;
+  const uint64_t c3 = kByteShuffles.ctrl[b3] + uint64_t(_mm_popcnt_u32(b2)) * kOnes;
+  const __m128i c_lo = _mm_insert_epi64(_mm_cvtsi64_si128(int64_t(kByteShuffles.ctrl[b0])), int64_t(c1), 1);
+  const __m128i c_hi = _mm_insert_epi64(_mm_cvtsi64_si128(int64_t(kByteShuffles.ctrl[b2])), int64_t(c3), 1);
+  const __m256i vals = _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(v + p + n01),
+                                           reinterpret_cast<const __m128i*>(v + p));
+  adv = n01 + _mm_popcnt_u32(b2 | (b3 << 8));
+  return _mm256_shuffle_epi8(vals, _mm256_set_m128i(c_hi, c_lo));
+}
+
+constexpr int64_t kPrefetch1 = 1024;
+
+// (not inlined: in the caller's register allocation its loop state went to the stack)
+__attribute__((noinline)) static void row1_masked(const LinearArgs& a, const uint8_t* absx, int64_t r) {
+  const int8_t* v = static_cast<const int8_t*>(a.values) + a.row_offsets[r];
+  const uint8_t* m = a.mask + r * a.mask_stride;
+  [[maybe_unused]] const int8_t* x = a.xq;
+  const int64_t n32 = a.in / 32;
+  [[maybe_unused]] const __m256i ones = _mm256_set1_epi16(1);
+  // one sum: the steps' products are independent, only the vpaddd chain (1 cycle) is serial
+  __m256i acc = _mm256_setzero_si256();
+  int64_t p = 0;
+  auto dot = [&](__m256i w, int64_t c) {
+#if SP_AVX2_VNNI  // xu = xq + 128 against w; the surplus 128 * rowsum comes off at the end
+    acc = dpbusd(acc, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.xu + c)), w);
+#else
+    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + c));
+    const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(absx + c));
+    acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(xa, _mm256_sign_epi8(w, xv)), ones));
+#endif
+  };
+  int64_t q = 0;
+  for (; q + 2 <= n32; q += 2) {  // a step uses at most 32 value bytes: one prefetch per two
+    _mm_prefetch(reinterpret_cast<const char*>(v + p + kPrefetch1), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(m + 4 * q + kPrefetch1), _MM_HINT_T0);
+    int64_t adv;
+    const __m256i w0 = expand32(v, p, m + 4 * q, adv);
+    p += adv;
+    dot(w0, 32 * q);
+    const __m256i w1 = expand32(v, p, m + 4 * q + 4, adv);
+    p += adv;
+    dot(w1, 32 * q + 32);
+  }
+  for (; q < n32; ++q) {
+    int64_t adv;
+    const __m256i w = expand32(v, p, m + 4 * q, adv);
+    p += adv;
+    dot(w, 32 * q);
+  }
+  if (n32 * 32 < a.in) {  // x_stride >= in rounded up to 64: padding xq = 0 meets w = 0
+    const uint32_t k = mask32(m, n32 * 32, a.in);
+    uint8_t mb[4];
+    std::memcpy(mb, &k, 4);
+    int64_t adv;
+    dot(expand32(v, p, mb, adv), 32 * n32);
+  }
+  const float bias = a.bias ? a.bias[r] : 0.f;
+  const int32_t surplus = SP_AVX2_VNNI ? 128 * a.rowsum[r] : 0;
+  a.y[r] = float(hsum(acc) - surplus) * a.scales[r] * a.sx[0] + bias;
+}
+
+thread_local Scratch tl_absx;  // |xq| of the current batch-1 call
+
+// Token 0 of rows [r0, r1), masked: row1_masked where it may read 32 bytes past the row's values.
+static inline void rows1_masked(const LinearArgs& a, int64_t r0, int64_t r1) {
+  uint8_t* absx = SP_AVX2_VNNI ? nullptr : reinterpret_cast<uint8_t*>(tl_absx.get(size_t(a.x_stride)));
+  if (!absx && !SP_AVX2_VNNI) {
+    for (int64_t r = r0; r < r1; ++r) row_tile<1, true>(a, r, 0);
+    return;
+  }
+  for (int64_t c = 0; absx && c + 32 <= a.x_stride; c += 32)
+    _mm256_store_si256(reinterpret_cast<__m256i*>(absx + c),
+                       _mm256_abs_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.xq + c))));
+  for (int64_t r = r0; r < r1; ++r) {
+    if (a.row_offsets[r + 1] + 32 <= a.values_len) row1_masked(a, absx, r);
+    else row_tile<1, true>(a, r, 0);
+  }
+}
+
 template <bool kMasked>
 static void rows(const LinearArgs& a, int64_t r0, int64_t r1) {
   if (a.n_groups > 1 && a.group_size % 32 != 0) {
     if (kMasked) generic::masked_i8(a, r0, r1); else generic::dense_i8(a, r0, r1);
     return;
+  }
+  if constexpr (kMasked) {
+    if (a.batch == 1 && a.n_groups == 1 && a.xq) {
+      rows1_masked(a, r0, r1);
+      return;
+    }
   }
   for (int64_t r = r0; r < r1; ++r) {
     int64_t b = 0;
@@ -137,131 +254,212 @@ static void rows(const LinearArgs& a, int64_t r0, int64_t r1) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// GEMM for many tokens. vpmaddubsw would saturate on u8 x s8 pairs (255 * 127 * 2 > 2^15) and the
-// sign trick costs an extra op per product, so this path widens both sides to int16 and uses
-// vpmaddwd (exact, signed, no rowsum correction): per tile of 16 output rows the packed weights
-// are expanded once into a panel buf[k2][16 rows][2 x int16] (one ymm = 8 rows x 2 k), and the
-// micro-kernel broadcasts a pair of int16 activations (a.xw) per token.
+// GEMM for many tokens: quad panels, as the AVX-512 tree's sliding-window quads but shaped for 256-bit
+// registers. A record holds, for a group of 8 output rows (one dword lane each), each row's next four
+// stored values and their column positions inside a 16-column window (what pshufb reaches) starting
+// where the group's most lagging row has its next value (rounded down to 4 columns); a row dense in
+// one stretch spills into the next records instead of padding the others. Per token the micro-kernel
+// broadcasts the window's 16 activation bytes to both lanes, gathers each row's four with pshufb and
+// multiplies: vpmaddubsw takes |w| (u8, once per record for all tokens) against xq carrying w's sign
+// (psignb), so no pair saturates (2 * 127 * 127 < 2^15), and vpmaddwd sums each quad into its row's
+// int32 lane. Five operations per 32 stored weights per token; zeros cost only padding lanes. Dense
+// weights run as full masks (no padding at all).
+// A prepared tile of kGemmRows rows: a 64-byte header (byte 0: kSlidingQuads; the record count of
+// group g, int32, at byte 8 + 4g), then per group its records (64 bytes: 32 position bytes, 32
+// values) and their window starts (int32, rounded up to 64 bytes).
 
-thread_local Scratch tl_panel;  // per-thread panel buffer
+constexpr int kGroupRows = 8, kGroups = int(kGemmRows) / kGroupRows;
+constexpr int64_t kWindow = 16, kSlideStep = 4;
 
-constexpr int kTile = 16;  // output rows per panel
+static inline int64_t round64(int64_t n) { return (n + 63) / 64 * 64; }
 
-// 8 x 8 dword transpose.
-static inline void transpose8(__m256i v[8]) {
-  __m256i t[8], u[8];
-  for (int i = 0; i < 4; ++i) {
-    t[2 * i] = _mm256_unpacklo_epi32(v[2 * i], v[2 * i + 1]);
-    t[2 * i + 1] = _mm256_unpackhi_epi32(v[2 * i], v[2 * i + 1]);
+// 8 mask bytes of row r from byte `first` on: one load where the mask buffer allows (bytes past the
+// row's end belong to the next row: callers drop columns >= in), byte by byte at its very end.
+static inline uint64_t mask_bytes8(const LinearArgs& a, int64_t r, int64_t first) {
+  const int64_t at = r * a.mask_stride + first, total = a.out * a.mask_stride;
+  uint64_t v = 0;
+  if (at + 8 <= total) {
+    std::memcpy(&v, a.mask + at, 8);
+  } else {
+    for (int64_t k = 0; at + k < total && k < 8; ++k) v |= uint64_t(a.mask[at + k]) << (8 * k);
   }
-  for (int g = 0; g < 2; ++g) {
-    u[4 * g + 0] = _mm256_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
-    u[4 * g + 1] = _mm256_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
-    u[4 * g + 2] = _mm256_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
-    u[4 * g + 3] = _mm256_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
-  }
-  for (int j = 0; j < 4; ++j) {
-    v[j] = _mm256_permute2x128_si256(u[j], u[4 + j], 0x20);
-    v[4 + j] = _mm256_permute2x128_si256(u[j], u[4 + j], 0x31);
-  }
+  return v;
 }
 
-// Panel of rows [n0, n0 + nr), nr <= 16, columns [0, kpad) (kpad a multiple of 32).
-// rowbuf: [16][kpad] int8 scratch; buf: [kpad / 2][16][2] int16.
-template <bool kMasked>
-static void pack_panel(const LinearArgs& a, int64_t n0, int nr, int64_t kpad, int8_t* rowbuf, int16_t* buf) {
+// Mask bits of columns [c, c + 16) of row r (c a multiple of 4), none at or past `in`; dense rows
+// keep every column.
+static inline uint32_t window_bits(const LinearArgs& a, bool masked, int64_t r, int64_t c) {
+  const uint32_t v = masked ? uint32_t(mask_bytes8(a, r, c / 8) >> (c % 8)) & 0xFFFF : 0xFFFF;
+  return a.in - c >= 16 ? v : v & ((1u << (a.in - c)) - 1);
+}
+
+// First kept column of row r at or after c (in when there is none).
+static inline int64_t next_kept(const LinearArgs& a, bool masked, int64_t r, int64_t c) {
+  if (!masked || c >= a.in) return c < a.in ? c : a.in;
+  int64_t c8 = c & ~int64_t(63);
+  uint64_t bits = mask_bytes8(a, r, c8 / 8) & (~0ull << (c - c8));
+  while (!bits) {
+    c8 += 64;
+    if (c8 >= a.in) return a.in;
+    bits = mask_bytes8(a, r, c8 / 8);
+  }
+  const int64_t found = c8 + int64_t(_tzcnt_u64(bits));
+  return found < a.in ? found : a.in;
+}
+
+// The records of rows [r0, r0 + nrows) (nrows <= 8): returns their count; with recs given also writes
+// them and their window starts (recs must hold count * 64 bytes, as a first pass with null says).
+static int64_t slide_group(const LinearArgs& a, bool masked, int64_t r0, int nrows, int8_t* recs, int32_t* starts) {
   const int8_t* vals = static_cast<const int8_t*>(a.values);
-  const int64_t in = a.in, len = a.values_len;
-  for (int i = 0; i < kTile; ++i) {
-    int8_t* dst = rowbuf + i * kpad;
-    if (i >= nr) {
-      std::memset(dst, 0, size_t(kpad));
-      continue;
-    }
-    const int64_t r = n0 + i;
-    int64_t p = kMasked ? a.row_offsets[r] : r * in;
-    const uint8_t* m = kMasked ? a.mask + r * a.mask_stride : nullptr;
-    for (int64_t c = 0; c < kpad; c += 32)
-      _mm256_store_si256(reinterpret_cast<__m256i*>(dst + c), weights<kMasked>(vals, p, m, c, in, len));
+  // the last window start whose 16 bytes stay inside the padded activation row (x_stride >= in
+  // rounded up to 64)
+  const int64_t last = (a.in + kWindow - 1) / kWindow * kWindow - kWindow;
+  int64_t cur[kGroupRows], next[kGroupRows], p[kGroupRows];
+  for (int i = 0; i < nrows; ++i) {
+    cur[i] = 0;
+    p[i] = masked ? a.row_offsets[r0 + i] : (r0 + i) * a.in;
+    next[i] = next_kept(a, masked, r0 + i, 0);
   }
-  for (int64_t c = 0; c < kpad; c += 16) {  // 16 columns = 8 k-pairs
-    for (int h = 0; h < 2; ++h) {
-      __m256i v[8];
-      for (int i = 0; i < 8; ++i)
-        v[i] = _mm256_cvtepi8_epi16(_mm_load_si128(reinterpret_cast<const __m128i*>(rowbuf + (8 * h + i) * kpad + c)));
-      transpose8(v);  // v[t]: pair c/2 + t of rows 8h .. 8h+7
-      int16_t* dst = buf + (c / 2) * (kTile * 2) + h * 16;
-      for (int t = 0; t < 8; ++t) _mm256_store_si256(reinterpret_cast<__m256i*>(dst + t * kTile * 2), v[t]);
+  int64_t n = 0;
+  for (;; ++n) {
+    int64_t lag = a.in;
+    for (int i = 0; i < nrows; ++i) lag = next[i] < lag ? next[i] : lag;
+    if (lag >= a.in) break;
+    const int64_t s = generic::imin(lag & ~(kSlideStep - 1), last);
+    int8_t* rec = recs ? recs + n * 64 : nullptr;
+    if (rec) {
+      std::memset(rec, 0, 64);
+      starts[n] = int32_t(s);
+    }
+    for (int i = 0; i < nrows; ++i) {
+      if (next[i] >= s + kWindow) continue;  // ahead of this window (or done): a padding lane
+      uint32_t bits = window_bits(a, masked, r0 + i, s);
+      if (cur[i] > s) bits &= ~0u << (cur[i] - s);
+      int k = 0;
+      int64_t col = 0;
+      for (; k < 4 && bits; ++k, bits &= bits - 1) {
+        col = int64_t(__builtin_ctz(bits));
+        if (rec) rec[4 * i + k] = int8_t(col);
+      }
+      if (rec) {  // four bytes at once (a library memcpy call per lane had cost more than the scan)
+        uint32_t four = 0;
+        if (p[i] + 4 <= a.values_len) std::memcpy(&four, vals + p[i], 4);
+        else for (int t = 0; t < k; ++t) four |= uint32_t(uint8_t(vals[p[i] + t])) << (8 * t);
+        four &= k == 4 ? ~0u : (1u << (8 * k)) - 1;
+        std::memcpy(rec + 32 + 4 * i, &four, 4);
+      }
+      p[i] += k;
+      cur[i] = k == 4 && bits ? s + col + 1 : s + kWindow;
+      next[i] = next_kept(a, masked, r0 + i, cur[i]);
     }
   }
+  return n;
 }
 
+// Bytes of one group's records and starts.
+static inline int64_t group_bytes(int64_t n) { return n * 64 + round64(4 * n); }
+
+// y[m0 .. m0+MR, r0 .. r0+nrows) from one group's n records.
 template <int MR>
-static inline void micro(const LinearArgs& a, const int16_t* buf, int64_t k2n, int64_t m0, int64_t n0, int nr) {
-  __m256i acc[MR][2];
-  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_si256();
-  const int16_t* x = a.xw + m0 * a.x_stride;
+static inline void micro_quads(const LinearArgs& a, const int8_t* recs, const int32_t* starts, int64_t n, int64_t m0,
+                               int64_t r0, int nrows) {
+  [[maybe_unused]] const __m256i ones = _mm256_set1_epi16(1);
+  __m256i acc[MR];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) acc[i] = _mm256_setzero_si256();
+  [[maybe_unused]] const int8_t* x = a.xq + m0 * a.x_stride;
   const int64_t xs = a.x_stride;
-  for (int64_t k = 0; k < k2n; ++k) {
-    const __m256i w0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(buf + k * 32));
-    const __m256i w1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(buf + k * 32 + 16));
+  for (int64_t j = 0; j < n; ++j) {
+    const __m256i pos = _mm256_load_si256(reinterpret_cast<const __m256i*>(recs + 64 * j));
+    const __m256i w = _mm256_load_si256(reinterpret_cast<const __m256i*>(recs + 64 * j + 32));
+#if SP_AVX2_VNNI  // gathered xu = xq + 128 against w: two operations per record and token
+    const uint8_t* xj = a.xu + m0 * xs + starts[j];
+#pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
-      int32_t xv;
-      std::memcpy(&xv, x + i * xs + 2 * k, 4);
-      const __m256i xb = _mm256_set1_epi32(xv);
-      acc[i][0] = _mm256_add_epi32(acc[i][0], _mm256_madd_epi16(xb, w0));
-      acc[i][1] = _mm256_add_epi32(acc[i][1], _mm256_madd_epi16(xb, w1));
+      const __m256i xw = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xj + i * xs)));
+      acc[i] = dpbusd(acc[i], _mm256_shuffle_epi8(xw, pos), w);
     }
+#else
+    const __m256i aw = _mm256_abs_epi8(w);
+    const int8_t* xj = x + starts[j];
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const __m256i xw = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xj + i * xs)));
+      const __m256i signed_x = _mm256_sign_epi8(_mm256_shuffle_epi8(xw, pos), w);
+      acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(_mm256_maddubs_epi16(aw, signed_x), ones));
+    }
+#endif
   }
-  alignas(32) float s[16] = {}, bias[16] = {};
-  for (int n = 0; n < nr; ++n) {
-    s[n] = a.scales[n0 + n];
-    bias[n] = a.bias ? a.bias[n0 + n] : 0.f;
+  alignas(32) float sc[kGroupRows] = {}, bias[kGroupRows] = {};
+  alignas(32) int32_t surplus[kGroupRows] = {};  // 128 * rowsum: what xu's +128 added (VNNI tree)
+  for (int k = 0; k < nrows; ++k) {
+    sc[k] = a.scales[r0 + k];
+    bias[k] = a.bias ? a.bias[r0 + k] : 0.f;
+    surplus[k] = SP_AVX2_VNNI ? 128 * a.rowsum[r0 + k] : 0;
   }
+  const __m256 s = _mm256_load_ps(sc), b = _mm256_load_ps(bias);
+  const __m256i sur = _mm256_load_si256(reinterpret_cast<const __m256i*>(surplus));
+#pragma GCC unroll 8
   for (int i = 0; i < MR; ++i) {
-    alignas(32) float out[16];
-    const __m256 sx = _mm256_set1_ps(a.sx[m0 + i]);
-    for (int j = 0; j < 2; ++j) {
-      const __m256 f = _mm256_cvtepi32_ps(acc[i][j]);
-      const __m256 v = _mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(f, _mm256_load_ps(s + 8 * j)), sx),
-                                     _mm256_load_ps(bias + 8 * j));
-      _mm256_store_ps(out + 8 * j, v);
-    }
-    float* y = a.y + (m0 + i) * a.out + n0;
-    if (nr == kTile) {
-      _mm256_storeu_ps(y, _mm256_load_ps(out));
-      _mm256_storeu_ps(y + 8, _mm256_load_ps(out + 8));
+    const __m256 v = _mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(acc[i], sur)), s),
+                                                 _mm256_set1_ps(a.sx[m0 + i])), b);
+    float* y = a.y + (m0 + i) * a.out + r0;
+    if (nrows == kGroupRows) {
+      _mm256_storeu_ps(y, v);
     } else {
-      for (int n = 0; n < nr; ++n) y[n] = out[n];
+      alignas(32) float out[kGroupRows];
+      _mm256_store_ps(out, v);
+      for (int k = 0; k < nrows; ++k) y[k] = out[k];
     }
   }
 }
 
-constexpr int kMR = 4;
+constexpr int kQuadMR = 6;  // tokens per micro-kernel call: 6 sums + 7 working registers of 16
 
+// Tokens [m0, m1) of one group, in blocks of near-equal size (16 tokens: 6 + 5 + 5, not 6 + 6 + 4).
+static void group_tokens(const LinearArgs& a, const int8_t* recs, const int32_t* starts, int64_t n, int64_t m0,
+                         int64_t m1, int64_t r0, int nrows) {
+  const int64_t total = m1 - m0, blocks = (total + kQuadMR - 1) / kQuadMR;
+  int64_t m = m0;
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    const int size = int(total / blocks + (blk < total % blocks ? 1 : 0));
+    switch (size) {
+      case 6: micro_quads<6>(a, recs, starts, n, m, r0, nrows); break;
+      case 5: micro_quads<5>(a, recs, starts, n, m, r0, nrows); break;
+      case 4: micro_quads<4>(a, recs, starts, n, m, r0, nrows); break;
+      case 3: micro_quads<3>(a, recs, starts, n, m, r0, nrows); break;
+      case 2: micro_quads<2>(a, recs, starts, n, m, r0, nrows); break;
+      default: micro_quads<1>(a, recs, starts, n, m, r0, nrows); break;
+    }
+    m += size;
+  }
+}
+
+// Tokens of rows [r0, r1) from the prepared panels. Without them the row kernels run: packing a
+// tile's records per call costs ~15 cycles per stored value (the sliding scan), more than the row
+// kernels' own expansion until some hundreds of tokens, so AVX2 layers get their panels prepared
+// on their first many-token call instead (KernelTable::panels_for_long_calls).
 template <bool kMasked>
 static void gemm(const LinearArgs& a, int64_t r0, int64_t r1) {
-  const int64_t kpad = (a.in + 31) / 32 * 32;
-  int8_t* scratch = a.n_groups == 1 && a.xw ? tl_panel.get(size_t(kpad * kTile * 3)) : nullptr;
-  if (!scratch) {
+  if (!a.panels) {
     rows<kMasked>(a, r0, r1);
     return;
   }
-  int8_t* rowbuf = scratch;
-  int16_t* buf = reinterpret_cast<int16_t*>(scratch + kpad * kTile);
-  const int64_t mc = generic::imin(a.batch, ((int64_t(256) << 10) / (2 * a.x_stride) / kMR + 1) * kMR);
+  // tokens in blocks whose activations stay in L2 while a tile's records pass by
+  const int64_t mc = generic::imin(a.batch, ((int64_t(256) << 10) / a.x_stride / kQuadMR + 1) * kQuadMR);
   for (int64_t m0 = 0; m0 < a.batch; m0 += mc) {
     const int64_t m1 = generic::imin(a.batch, m0 + mc);
-    for (int64_t n0 = r0; n0 < r1; n0 += kTile) {
-      const int nr = int(generic::imin(kTile, r1 - n0));
-      pack_panel<kMasked>(a, n0, nr, kpad, rowbuf, buf);
-      int64_t m = m0;
-      for (; m + kMR <= m1; m += kMR) micro<kMR>(a, buf, kpad / 2, m, n0, nr);
-      switch (m1 - m) {
-        case 3: micro<3>(a, buf, kpad / 2, m, n0, nr); break;
-        case 2: micro<2>(a, buf, kpad / 2, m, n0, nr); break;
-        case 1: micro<1>(a, buf, kpad / 2, m, n0, nr); break;
-        default: break;
+    for (int64_t n0 = r0; n0 < r1; n0 += kGemmRows) {
+      const int8_t* tile = a.panels + a.panel_off[n0 / kGemmRows];
+      const int8_t* recs = tile + 64;
+      for (int g = 0; g < kGroups; ++g) {
+        const int64_t g0 = n0 + g * kGroupRows;
+        const int nrows = int(generic::imin(kGroupRows, r1 - g0));
+        if (nrows <= 0) break;
+        int32_t n;
+        std::memcpy(&n, tile + 8 + 4 * g, 4);
+        group_tokens(a, recs, reinterpret_cast<const int32_t*>(recs + 64 * int64_t(n)), n, m0, m1, g0, nrows);
+        recs += group_bytes(n);
       }
     }
   }
@@ -274,6 +472,32 @@ void dense_i8(const LinearArgs& a, int64_t r0, int64_t r1) { rows<false>(a, r0, 
 void csr_i8(const LinearArgs& a, int64_t r0, int64_t r1) { generic::csr_i8(a, r0, r1); }
 void masked_gemm_i8(const LinearArgs& a, int64_t r0, int64_t r1) { gemm<true>(a, r0, r1); }
 void dense_gemm_i8(const LinearArgs& a, int64_t r0, int64_t r1) { gemm<false>(a, r0, r1); }
+
+int64_t tile_panel_bytes(const LinearArgs& a, bool masked, int64_t n0, TileLayout* layout) {
+  int64_t bytes = 64;
+  for (int g = 0; g < kGroups; ++g) {
+    const int nrows = int(generic::imin(kGroupRows, a.out - n0 - g * kGroupRows));
+    if (nrows > 0) bytes += group_bytes(slide_group(a, masked, n0 + g * kGroupRows, nrows, nullptr, nullptr));
+  }
+  *layout = {kSlidingQuads, 0};
+  return bytes;
+}
+
+bool pack_tile_panel(const LinearArgs& a, bool masked, int64_t n0, TileLayout layout, int8_t* tile) {
+  std::memset(tile, 0, 64);
+  tile[0] = layout.kind;
+  int8_t* data = tile + 64;
+  for (int g = 0; g < kGroups; ++g) {
+    const int nrows = int(generic::imin(kGroupRows, a.out - n0 - g * kGroupRows));
+    if (nrows <= 0) break;
+    const int64_t g0 = n0 + g * kGroupRows, n = slide_group(a, masked, g0, nrows, nullptr, nullptr);
+    const int32_t count = int32_t(n);
+    std::memcpy(tile + 8 + 4 * g, &count, 4);
+    slide_group(a, masked, g0, nrows, data, reinterpret_cast<int32_t*>(data + 64 * n));
+    data += group_bytes(n);
+  }
+  return true;
+}
 
 void quantize(const float* x, int64_t b0, int64_t b1, int64_t in, int64_t stride, int8_t* xq, uint8_t* xu,
               float* sx) {
@@ -313,5 +537,5 @@ void quantize(const float* x, int64_t b0, int64_t b1, int64_t in, int64_t stride
 }
 
 
-}  // namespace avx2
+}  // namespace SP_ISA_NS
 }  // namespace sp

@@ -1,26 +1,13 @@
-// Lookup tables of the AVX2 tree: for each mask byte, where its kept values sit.
-// Built at compile time; included by avx2/*.cpp only (namespace sp::avx2).
+// Lookup tables of the AVX2 tree: for each mask byte, where its kept values sit (the byte shuffles
+// in kernels/byte_shuffles.h, the float lane permutes here). Built at compile time; included by
+// avx2/*.cpp only (namespace sp::avx2).
 #pragma once
 #include <cstdint>
 
-namespace sp {
-namespace avx2 {
+#include "kernels/byte_shuffles.h"
 
-struct ByteShuffles {
-  // pshufb control placing the popcount(b) next stream bytes at the set bits of b; 0x80 = zero
-  uint64_t ctrl[256];
-  constexpr ByteShuffles() : ctrl() {
-    for (int b = 0; b < 256; ++b) {
-      uint64_t v = 0;
-      int next = 0;
-      for (int j = 0; j < 8; ++j) {
-        const uint64_t byte = (b >> j) & 1 ? uint64_t(next++) : 0x80;
-        v |= byte << (8 * j);
-      }
-      ctrl[b] = v;
-    }
-  }
-};
+namespace sp {
+namespace SP_ISA_NS {
 
 struct LanePermutes {
   // vpermd indices placing the popcount(b) next stream floats at the set bits of b
@@ -33,8 +20,7 @@ struct LanePermutes {
   }
 };
 
-inline constexpr ByteShuffles kByteShuffles{};
 alignas(32) inline constexpr LanePermutes kLanePermutes{};
 
-}  // namespace avx2
+}  // namespace SP_ISA_NS
 }  // namespace sp
