@@ -17,6 +17,7 @@ from .errors import (  # noqa: E402
     RecipeError,
     SparsepressError,
     TensorLayoutError,
+    UnsupportedModelError,
     VersionError,
 )
 from .io import load, save  # noqa: E402
@@ -36,6 +37,7 @@ __all__ = [
     "SparseLinear",
     "SparsepressError",
     "TensorLayoutError",
+    "UnsupportedModelError",
     "VersionError",
     "__version__",
     "compress",
