@@ -45,6 +45,10 @@ SIDE_FILES = (
     "config_sentence_transformers.json", "generation_config.json",
 )
 SIDE_FOLDERS = ("1_Pooling", "2_Normalize")
+# Records of model-level passes that the manifest keeps under their pass name: `structured` (the
+# per-block shapes of a structurally pruned model, and whether config.json alone expresses them:
+# `plain_config`), `distill` (steps and losses of the recovery fine-tuning).
+MANIFEST_EXTRAS = ("structured", "distill")
 
 
 def sha256_of(path: Path) -> str:
@@ -107,10 +111,11 @@ def _history(model: nn.Module) -> dict[str, Any]:
     record = getattr(model, "sparsepress_record", None)
     if record is not None:
         return {"recipe": record.recipe.to_dict(), "adapter": record.adapter, "layers": record.layers,
-                "source": getattr(model, "sparsepress_source", None)}
+                "source": getattr(model, "sparsepress_source", None),
+                **{key: record.extra[key] for key in MANIFEST_EXTRAS if key in record.extra}}
     manifest = getattr(model, "sparsepress_manifest", None) or {}
     return {"recipe": manifest.get("recipe"), "adapter": manifest.get("adapter"), "layers": manifest.get("layers", {}),
-            "source": manifest.get("source")}
+            "source": manifest.get("source"), **{key: manifest[key] for key in MANIFEST_EXTRAS if key in manifest}}
 
 
 def _atomic_folder(out: Path, overwrite: bool) -> Path:
@@ -191,6 +196,7 @@ def save(
             "aliases": aliases,
             "tensors_file": TENSORS,
             "tensors_sha256": sha256_of(staging / TENSORS),
+            **{key: history[key] for key in MANIFEST_EXTRAS if key in history},
         }
         if (staging / "config.json").is_file():
             manifest["config_sha256"] = sha256_of(staging / "config.json")
@@ -295,6 +301,7 @@ def _check_fits_skeleton(folder: Path, cls: type[nn.Module], config: Any, manife
             skeleton = convert_conv1d_(cls(config))
     except Exception as exc:  # any config transformers cannot build from is a damaged folder here
         raise FormatError(folder / "config.json", f"cannot build {cls.__name__} from this config: {exc}") from None
+    _apply_structure(folder, skeleton, manifest)
     where = folder / TENSORS
     shapes = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
     for name, meta in manifest["layers"].items():
@@ -315,6 +322,20 @@ def _check_fits_skeleton(folder: Path, cls: type[nn.Module], config: Any, manife
             raise TensorLayoutError(where, f"unexpected tensor '{key}' for {cls.__name__}")
         if tuple(tensor.shape) != shapes[key]:
             raise TensorLayoutError(where, f"tensor '{key}' has shape {list(tensor.shape)}, the config gives {list(shapes[key])}")
+
+
+def _apply_structure(folder: Path, model: nn.Module, manifest: dict[str, Any]) -> None:
+    """Give a structurally pruned model's blocks the shapes its manifest records (those a plain config
+    cannot express; a no-op where config.json already built them)."""
+    structured = manifest.get("structured")
+    if structured is None:
+        return
+    from .structured import apply_block_shapes_
+
+    try:
+        apply_block_shapes_(model, structured["blocks"])
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise FormatError(folder / MANIFEST, f"structured block shapes unreadable: {exc}") from None
 
 
 def _take(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -338,6 +359,7 @@ def load(folder: str | Path) -> nn.Module:
     with no_init_weights():
         model = cls(config)
     convert_conv1d_(model)
+    _apply_structure(folder, model, manifest)
     for name, meta in manifest["layers"].items():
         _install_linear(folder, model, tensors, name, meta)
     for name, meta in manifest["embeddings"].items():

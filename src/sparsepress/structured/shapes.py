@@ -95,24 +95,28 @@ def _mismatch(model: nn.Module, config: Any, anatomies: list[BlockAnatomy], role
             if (name in ffn_names) != (roles == "ffn"):
                 continue
             try:
-                got = tuple(skeleton.get_submodule(name).weight.shape)
+                built = skeleton.get_submodule(name)
             except AttributeError:
                 return f"it has no module {name}"
+            got = tuple(built.weight.shape)
+            if type(built).__name__ == "Conv1D":  # GPT-2 keeps [in, out]; sparsepress runs it as a Linear
+                got = got[::-1]
             if got != shape:
                 return f"it builds {name} as {list(got)}, the pruned block has {list(shape)}"
     return None
 
 
-def _set_or_revert(config: Any, original: Any, values: dict[str, Any], check: Any) -> str | None:
+def _set_or_revert(config: Any, values: dict[str, Any], check: Any) -> str | None:
     """Set `values` on the config; if `check()` then reports a mismatch, put the old values back."""
+    before = {attr: (hasattr(config, attr), getattr(config, attr, None)) for attr in values}
     for attr, value in values.items():
         setattr(config, attr, value)
     reason = check()
     if reason is not None:
-        for attr in values:
-            if attr in original.__dict__ or attr in original.to_dict():
-                setattr(config, attr, getattr(original, attr))
-            else:
+        for attr, (had, old) in before.items():
+            if had:
+                setattr(config, attr, old)
+            elif attr in config.__dict__:
                 delattr(config, attr)
     return reason
 
@@ -139,7 +143,7 @@ def rewrite_config_(model: nn.Module, anatomies: list[BlockAnatomy], source_inde
     elif key is None:
         reasons.append(f"{type(config).__name__} has no FFN width key")
     else:
-        why = _set_or_revert(config, original, {key: widths.pop()},
+        why = _set_or_revert(config, {key: widths.pop()},
                              lambda: _mismatch(model, config, anatomies, "ffn"))
         if why is not None:
             reasons.append(f"FFN width: {why}")
@@ -152,9 +156,9 @@ def rewrite_config_(model: nn.Module, anatomies: list[BlockAnatomy], source_inde
             values: dict[str, Any] = {"num_attention_heads": heads, "head_dim": head_dim}
             if "num_key_value_heads" in config.to_dict():
                 values["num_key_value_heads"] = kv_heads
-            why = _set_or_revert(config, original, values, lambda: _mismatch(model, config, anatomies, "attention"))
+            why = _set_or_revert(config, values, lambda: _mismatch(model, config, anatomies, "attention"))
             if why is not None:
-                reasons.append(f"{heads} heads of {head_dim}: {type(config).__name__} {why}")
+                reasons.append(f"{heads} heads of {head_dim}: {type(config).__name__}: {why}")
     return (not reasons), ("; ".join(reasons) or None)
 
 
