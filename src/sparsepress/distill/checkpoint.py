@@ -26,16 +26,17 @@ from ..errors import FormatError
 _STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
 
 
-def _stem(step: int) -> str:
-    return f"distill-{step:06d}"
-
-
 class DistillCheckpoint:
-    """Saves and restores distillation progress in a run's `Checkpoint`."""
+    """Saves and restores distillation progress in a run's `Checkpoint` (`prefix`: one of several
+    distillations of a run, e.g. gradual rounds)."""
 
-    def __init__(self, checkpoint: Checkpoint):
+    def __init__(self, checkpoint: Checkpoint, prefix: str = ""):
         self.checkpoint = checkpoint
+        self.prefix = prefix
         self._last: int | None = None
+
+    def _stem(self, step: int) -> str:
+        return f"distill-{self.prefix}{step:06d}"
 
     def save(self, step: int, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer) -> None:
         """Commit the state after `step` steps; the previous entry is dropped once this one is committed."""
@@ -43,20 +44,20 @@ class DistillCheckpoint:
         for i, p in enumerate(params):
             state = optimizer.state.get(p, {})
             tensors.update({f"state.{i}.{key}": state[key] for key in _STATE_KEYS if key in state})
-        stem = _stem(step)
+        stem = self._stem(step)
         self.checkpoint.save_entry(stem, {f"{stem}.safetensors": tensors}, {"step": step, "params": len(params)})
         if self._last is not None and self._last != step:
-            old = _stem(self._last)
+            old = self._stem(self._last)
             self.checkpoint.remove(f"{old}.json")
             self.checkpoint.remove(f"{old}.safetensors")
         self._last = step
 
     def restore(self, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, total_steps: int) -> int:
         """Load the newest committed state into `params` and `optimizer`; returns its step (0: none)."""
-        step = next((k for k in range(total_steps, 0, -1) if self.checkpoint.has_entry(_stem(k))), 0)
+        step = next((k for k in range(total_steps, 0, -1) if self.checkpoint.has_entry(self._stem(k))), 0)
         if step == 0:
             return 0
-        stem = _stem(step)
+        stem = self._stem(step)
         body, files = self.checkpoint.load_entry(stem)
         tensors = files[f"{stem}.safetensors"]
         if body.get("params") != len(params):

@@ -81,11 +81,13 @@ def _hidden_and_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> tupl
 
 def distill_(student: nn.Module, teacher: nn.Module, samples: list[torch.Tensor], stage: DistillStage, *,
              masks: dict[str, torch.Tensor] | None = None, block_map: list[int] | None = None, seed: int = 0,
-             pad_id: int = 0, progress: Progress | None = None, checkpoint: Checkpoint | None = None) -> list[float]:
+             pad_id: int = 0, progress: Progress | None = None, checkpoint: Checkpoint | None = None,
+             checkpoint_prefix: str = "") -> list[float]:
     """Fine-tune `student` in place toward `teacher` for `stage.steps` steps (see the module docstring).
 
     `masks`: keep-masks by Linear name, held fixed; `block_map[i]`: the teacher block student block i
-    stands for (default: the same index). Returns the loss of every step this call ran.
+    stands for (default: the same index); `checkpoint_prefix` keeps several distillations of one run
+    apart in its checkpoint. Returns the loss of every step this call ran.
     """
     causal = is_causal_lm(student)
     named = trainable_parameters(student)
@@ -94,22 +96,24 @@ def distill_(student: nn.Module, teacher: nn.Module, samples: list[torch.Tensor]
              if masks and n.endswith(".weight") and n.rpartition(".")[0] in masks}
     block_map = block_map if block_map is not None else list(range(len(find_layout(student).blocks)))
     optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
-    saver = DistillCheckpoint(checkpoint) if checkpoint is not None else None
+    saver = DistillCheckpoint(checkpoint, checkpoint_prefix) if checkpoint is not None else None
     start = saver.restore(params, optimizer, stage.steps) if saver is not None else 0
     teacher.eval()
     student.eval()  # no dropout: a seed fixes the run
     history: list[float] = []
-    for p in teacher.parameters():
+    teacher_flags = [(p, p.requires_grad) for p in teacher.parameters()]
+    student_flags = [(p, p.requires_grad) for p in student.parameters()]
+    trained = {id(p) for p in params}
+    for p, _ in teacher_flags:
         p.requires_grad_(False)
-    frozen = [p for p in student.parameters() if p.requires_grad and all(p is not q for q in params)]
-    for p in frozen:  # embedding tables: no gradient to compute
-        p.requires_grad_(False)
+    for p, _ in student_flags:  # embedding tables: no gradient to compute
+        p.requires_grad_(id(p) in trained)
     try:
         _train(student, teacher, samples, stage, params, fixed, optimizer, saver, start, block_map, seed, pad_id,
                causal, progress, history)
     finally:
-        for p in frozen:
-            p.requires_grad_(True)
+        for p, flag in teacher_flags + student_flags:
+            p.requires_grad_(flag)
     return history
 
 

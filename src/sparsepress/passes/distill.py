@@ -23,6 +23,7 @@ import copy
 from ..distill import distill_
 from ..recipe import DistillStage, Recipe
 from .base import ORDER_RECOVERY, CompressionPass, register_pass
+from .layer_solve import gradual_order
 from .context import CompressionContext
 
 
@@ -48,13 +49,24 @@ class DistillPass(CompressionPass):
     handles = ("distill",)
     order = ORDER_RECOVERY
 
-    def __init__(self, stage: DistillStage):
-        self.stage = stage
+    def __init__(self, stage: DistillStage, round_: int = 1):
+        self.stage, self.round = stage, round_
+        self.order = gradual_order(round_, stage.rounds, "distill")
 
     @classmethod
     def plan(cls, recipe: Recipe) -> list[CompressionPass]:
-        stage = recipe.stage("distill")
-        return [TeacherSnapshotPass(), cls(stage)] if stage is not None else []  # type: ignore[arg-type]
+        """One instance per gradual round, after that round's prune solve; each runs its share of the
+        steps (with its own warmup and schedule)."""
+        stage = recipe.distill
+        if stage is None:
+            return []
+        share, extra = divmod(stage.steps, stage.rounds)
+        rounds = [stage.model_copy(update={"steps": share + (extra if r == stage.rounds else 0)}) if stage.rounds > 1
+                  else stage for r in range(1, stage.rounds + 1)]
+        return [TeacherSnapshotPass(), *(cls(s, r) for r, s in zip(range(1, stage.rounds + 1), rounds))]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(round={self.round}, steps={self.stage.steps}, order={self.order})"
 
     def run(self, ctx: CompressionContext) -> None:
         if ctx.teacher is None:
@@ -64,7 +76,12 @@ class DistillPass(CompressionPass):
         checkpoint = ctx.open_checkpoint() if ctx.checkpoint is not None else None
         pad_id = getattr(ctx.tokenizer, "pad_token_id", None) or 0
         history = distill_(ctx.model, ctx.teacher, ctx.token_ids, self.stage, masks=ctx.masks, block_map=block_map,
-                           seed=ctx.recipe.seed, pad_id=pad_id, progress=ctx.tick, checkpoint=checkpoint)
-        ctx.record.extra[self.name] = {"steps": self.stage.steps, "first_loss": history[0] if history else None,
-                                       "last_loss": history[-1] if history else None}
-        ctx.teacher = None  # the dense copy is not needed past recovery
+                           seed=ctx.recipe.seed + self.round - 1, pad_id=pad_id, progress=ctx.tick,
+                           checkpoint=checkpoint, checkpoint_prefix=f"r{self.round}-" if self.round > 1 else "")
+        record = ctx.record.extra.setdefault(self.name, {"steps": 0, "rounds": []})
+        record["steps"] += self.stage.steps
+        record["rounds"].append({"steps": self.stage.steps, "first_loss": history[0] if history else None,
+                                 "last_loss": history[-1] if history else None})
+        record["last_loss"] = history[-1] if history else None
+        if self.round == self.stage.rounds:
+            ctx.teacher = None  # the dense copy is not needed past recovery

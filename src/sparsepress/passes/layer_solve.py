@@ -68,6 +68,33 @@ CALIBRATED_QUANT_METHODS = ("gptq",)
 ORDER_QUANTIZE = ORDER_RECOVERY + 10
 
 
+def cubic_level(round_: int, rounds: int) -> float:
+    """Share of the target sparsity pruned by gradual round `round_` of `rounds`: 1 - (1 - r/R)^3
+    (Zhu & Gupta's cubic schedule: large steps first, small ones near the target).
+
+    Example:
+        >>> [round(cubic_level(r, 3), 3) for r in (1, 2, 3)]
+        [0.704, 0.963, 1.0]
+    """
+    return 1.0 - (1.0 - round_ / rounds) ** 3
+
+
+def gradual_order(round_: int, rounds: int, what: str) -> float:
+    """Order of round `round_`'s prune solve or distillation: rounds alternate from ORDER_SOLVE, the
+    last distillation at ORDER_RECOVERY.
+
+    Example:
+        >>> [gradual_order(r, 2, w) for r in (1, 2) for w in ("prune", "distill")]
+        [50.0, 54.0, 58.0, 60.0]
+        >>> gradual_order(1, 1, "prune"), gradual_order(1, 1, "distill")
+        (50.0, 60.0)
+    """
+    if rounds == 1:
+        return float(ORDER_SOLVE if what == "prune" else ORDER_RECOVERY)
+    step = (ORDER_RECOVERY - ORDER_SOLVE) / (rounds - 0.5)
+    return ORDER_SOLVE + (round_ - 1) * step + (0.5 * step if what == "distill" else 0.0)
+
+
 def needs_statistics(prune: PruneStage | None, quant: QuantizeStage | None) -> bool:
     """Whether any asked method reads calibration statistics (magnitude and RTN are data-free).
 
@@ -82,15 +109,17 @@ def needs_statistics(prune: PruneStage | None, quant: QuantizeStage | None) -> b
 # What one instance of the solve does: everything at once ("full"), prune only and leave the layers
 # trainable ("prune", before distillation), or quantize / pack with the masks fixed ("finish", after it).
 SOLVE_MODES = ("full", "prune", "finish")
+PROGRESS_LABELS = {"full": "compressing blocks", "prune": "pruning blocks", "finish": "finishing blocks"}
 
 
 class BlockSolver:
     """Solves one block's layers at a time; holds the per-run state so functions stay explicit."""
 
-    def __init__(self, ctx: CompressionContext, mode: str = "full"):
+    def __init__(self, ctx: CompressionContext, mode: str = "full", level: float = 1.0):
         self.ctx = ctx
         self.recipe = ctx.recipe
         self.mode = mode
+        self.level = level  # share of each layer's target sparsity this solve prunes to (gradual rounds)
         self.prune = ctx.recipe.prune if mode != "finish" else None
         self.quant = ctx.recipe.quantize if mode != "prune" else None
         selection = ctx.selection
@@ -176,6 +205,8 @@ class BlockSolver:
         quant = self.quant if name in self.quant_targets else None
         mask = self.ctx.masks.get(name) if self.mode == "finish" else None
         sparsity = self.ctx.sparsity.get(name) if prune is not None else None
+        if sparsity is not None and self.level != 1.0:
+            sparsity *= self.level
         weight = layer.weight.detach().float()
         if stats is not None and stats.tracks_dense and (prune or quant) is not None:
             weight = stats.dense_target(weight, self.recipe.solver.dense_target,
@@ -253,7 +284,7 @@ class BlockSolver:
             self.ctx.record.layers[name] = meta
         if finished.rng_state is not None:
             torch.set_rng_state(finished.rng_state)
-        self.ctx.tick("compressing blocks", finished.count, n_blocks)
+        self.ctx.tick(PROGRESS_LABELS[self.mode], finished.count, n_blocks)
         return finished.count
 
 
@@ -265,29 +296,34 @@ class LayerSolvePass(CompressionPass):
     handles = ("prune", "quantize")
     order = ORDER_SOLVE
 
-    def __init__(self, mode: str = "full"):
+    def __init__(self, mode: str = "full", round_: int = 1, rounds: int = 1):
         if mode not in SOLVE_MODES:
             raise ValueError(f"solve mode {mode!r}: {' | '.join(SOLVE_MODES)}")
         self.mode = mode
-        self.order = ORDER_QUANTIZE if mode == "finish" else ORDER_SOLVE
+        self.round, self.rounds = round_, rounds
+        self.order = ORDER_QUANTIZE if mode == "finish" else gradual_order(round_, rounds, "prune")
 
     @classmethod
     def plan(cls, recipe: Recipe) -> list[CompressionPass]:
         prune = recipe.prune
         if prune is not None and len(prune.layer_sparsity_levels) > 1:
             raise RecipeError("prune.sparsity", prune.sparsity, "one sparsity value (nested elastic levels are not available in this version)")
-        if recipe.stage("distill") is None:
+        distill = recipe.distill
+        if distill is None:
             return [cls()] if prune is not None or recipe.quantize is not None else []
+        rounds = distill.rounds
+        if rounds > 1 and (prune is None or prune.parsed_pattern.kind == "nm"):
+            raise RecipeError("distill.rounds", rounds, "1 (gradual rounds need a prune stage with pattern unstructured | bbs | block)")
         # Distillation trains between pruning and quantization: prune first (layers stay trainable),
         # then quantize and pack with the masks fixed on calibration data through the distilled model.
-        planned = [cls("prune")] if prune is not None else []
+        planned = [cls("prune", r, rounds) for r in range(1, rounds + 1)] if prune is not None else []
         return planned + ([cls("finish")] if prune is not None or recipe.quantize is not None else [])
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(mode={self.mode!r}, order={self.order})"
+        return f"{type(self).__name__}(mode={self.mode!r}, round={self.round}/{self.rounds}, order={self.order})"
 
     def run(self, ctx: CompressionContext) -> None:
-        solver = BlockSolver(ctx, self.mode)
+        solver = BlockSolver(ctx, self.mode, cubic_level(self.round, self.rounds))
         if not solver.layers:
             return
         blocks = solver.layout.blocks
@@ -298,6 +334,7 @@ class LayerSolvePass(CompressionPass):
                 inputs = capture_block_inputs(ctx.model, blocks[0][1], ctx.batches)
             solver.dense_inputs = list(inputs) if solver.follows_dense else []
             prefix = {"prune": "prune-", "finish": "finish-"}.get(self.mode, "")
+            prefix = f"round{self.round}-{prefix}" if self.round > 1 else prefix
             checkpoint = BlockCheckpoint(ctx.open_checkpoint(), prefix) if ctx.checkpoint is not None else None
             start = 0
             finished = checkpoint.load_finished() if checkpoint is not None else None
@@ -317,4 +354,4 @@ class LayerSolvePass(CompressionPass):
                     dense = None if last or not solver.follows_dense else [hidden_in(i) for i in solver.dense_inputs]
                     checkpoint.save_block(index, *solver.block_layers(index),
                                           None if last else [hidden_in(i) for i in inputs], dense)
-                ctx.tick("compressing blocks", index + 1, len(blocks))
+                ctx.tick(PROGRESS_LABELS[self.mode], index + 1, len(blocks))

@@ -138,7 +138,9 @@ def rewrite_config_(model: nn.Module, anatomies: list[BlockAnatomy], source_inde
     reasons = []
     widths = {a.ffn_width for a in anatomies}
     key = ffn_key(config)
-    if len(widths) > 1:
+    if len(widths) == 1 and _mismatch(model, config, anatomies, "ffn") is None:
+        pass  # the config already builds these widths (nothing was removed)
+    elif len(widths) > 1:
         reasons.append(f"per-block FFN widths differ ({sorted(widths)})")
     elif key is None:
         reasons.append(f"{type(config).__name__} has no FFN width key")

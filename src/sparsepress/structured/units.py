@@ -37,12 +37,13 @@ class Units:
         return len(self.columns)
 
     def kept_rows(self, name: str, keep: list[int]) -> torch.Tensor:
-        """Row indices of producer `name` that the kept units own, in order."""
-        return torch.cat([self.rows[name][u] for u in keep]) if keep else torch.zeros(0, dtype=torch.long)
+        """Row indices of producer `name` that the kept units own, ascending (a fused [q; k; v]
+        projection keeps its three segments in place)."""
+        return torch.cat([self.rows[name][u] for u in keep]).sort().values if keep else torch.zeros(0, dtype=torch.long)
 
     def kept_columns(self, keep: list[int]) -> torch.Tensor:
         """Column indices of the consumer that the kept units own, in order."""
-        return torch.cat([self.columns[u] for u in keep]) if keep else torch.zeros(0, dtype=torch.long)
+        return torch.cat([self.columns[u] for u in keep]).sort().values if keep else torch.zeros(0, dtype=torch.long)
 
 
 def channel_units(anatomy: BlockAnatomy) -> Units:
