@@ -12,7 +12,8 @@ all timed round-robin in one process against the dense model in torch fp32 (`den
 `--batch` x `--seq-len` tokens. Timings are indicative on a shared machine; ratios are in one process.
 
 Example:
-    flock /work/bench.lock python benchmarks/structured.py --models minilm --rounds 8
+    nice -n 19 python benchmarks/structured.py compress --models minilm,tiny-llama
+    flock /work/bench.lock python benchmarks/structured.py time --models minilm,tiny-llama --out bench-out/structured.md
 """
 
 from __future__ import annotations
@@ -80,9 +81,79 @@ def exported(model: nn.Module, folder: Path) -> nn.Module:
     return type(model).from_pretrained(folder, attn_implementation="sdpa").eval()
 
 
+def compress_rows(args: argparse.Namespace) -> None:
+    """Phase 1 (CPU-heavy: run under nice): compress every row fp32 and int8, save the sparsepress folder
+    and its plain export, and record sizes and quality in `rows.json` beside them."""
+    for model_name in args.models.split(","):
+        source = load_source("minilm" if model_name == "minilm" else TINY_LLAMA)
+        dense, tok = source.model, source.tokenizer
+        causal = is_causal_lm(dense)
+        samples = token_samples(tok, bundled_text("heldout"), 32, 128, seed=1)
+        dense_params = block_parameters(dense)
+        found: list[dict[str, Any]] = []
+        for label, stage in rows(model_name):
+            extra = [{"distill": {"steps": args.distill_steps}}] if args.distill_steps else []
+            row: dict[str, Any] = {"label": label + (" + distill" if extra else ""), "dense_ppl": perplexity(dense, samples) if causal else None}
+            for precision, tail in (("fp32", []), ("int8", [INT8])):
+                start = time.perf_counter()
+                model = sp.compress(copy.deepcopy(dense), {"stages": [{"prune": stage}, *extra, *tail]},
+                                    tokenizer=tok, samples=args.samples)
+                folder = args.work / model_name / f"{len(found)}-{precision}"
+                sp.save(model, folder, tokenizer=tok, overwrite=True)
+                plain = model.sparsepress_record.extra["structured"]["plain_config"]
+                if plain:  # a folder whose shapes the config cannot express has no plain export
+                    exported(model, args.work / model_name / f"{len(found)}-{precision}-hf")
+                loaded = sp.load(folder)
+                row[precision] = {"seconds": round(time.perf_counter() - start, 1), "folder": str(folder), "plain": plain,
+                                  "mb": folder_bytes(folder) / 1e6, "fidelity": fidelity(loaded, dense, samples),
+                                  "params": block_parameters(model) / dense_params,
+                                  "ppl": perplexity(loaded, samples) if causal else None}
+            print(json.dumps(row), flush=True)
+            found.append(row)
+        (args.work / model_name / "rows.json").write_text(json.dumps(found, indent=1))
+
+
+def time_rows(args: argparse.Namespace) -> list[str]:
+    """Phase 2 (timing: run under the bench lock): load the saved folders and time them round-robin
+    against the dense model; returns the markdown table."""
+    import transformers
+
+    lines = [f"batch {args.batch} x {args.seq_len} tokens; torch {torch.__version__}; {args.rounds} rounds", ""]
+    for model_name in args.models.split(","):
+        source = load_source("minilm" if model_name == "minilm" else TINY_LLAMA)
+        dense, tok = source.model, source.tokenizer
+        causal = is_causal_lm(dense)
+        ids = token_samples(tok, bundled_text("heldout"), args.batch, args.seq_len, seed=2)
+        batch = {"input_ids": torch.stack(ids), "attention_mask": torch.ones(args.batch, args.seq_len, dtype=torch.long)}
+        found = json.loads((args.work / model_name / "rows.json").read_text())
+        lines += ["", f"### {model_name} ({type(dense).__name__})", "",
+                  "| rows | params | folder MB fp32 / int8 | fidelity fp32 / int8 | " + ("ppl fp32 / int8 | " if causal else "")
+                  + "dense fp32 ms | ours fp32 | ours int8 | hf fp32 | hf dyn int8 |",
+                  "|---|---|---|---|" + ("---|" if causal else "") + "---|---|---|---|---|"]
+        for index, row in enumerate(found):
+            fp32, int8 = row["fp32"], row["int8"]
+            runs = {"dense": forward_runner(dense, batch), "fp32": forward_runner(sp.load(fp32["folder"]), batch),
+                    "int8": forward_runner(sp.load(int8["folder"]), batch)}
+            if fp32["plain"]:
+                cls = getattr(transformers, type(dense).__name__)
+                hf = cls.from_pretrained(fp32["folder"] + "-hf", attn_implementation="sdpa").eval()
+                runs.update({"hf fp32": forward_runner(hf, batch), "hf int8": forward_runner(dynamic_int8(hf), batch)})
+            timings = interleaved_ms(runs, rounds=args.rounds)
+            speed = {k: f"{v:.1f} ({timings['dense'] / v:.2f}x)" for k, v in timings.items()}
+            ppl = f"{fp32['ppl']:.2f} / {int8['ppl']:.2f} (dense {row['dense_ppl']:.2f}) | " if causal else ""
+            lines.append(f"| {row['label']}{'' if fp32['plain'] else ' (sparsepress shapes)'} | {fp32['params']:.3f} | "
+                         f"{fp32['mb']:.1f} / {int8['mb']:.1f} | {fp32['fidelity']:.4f} / {int8['fidelity']:.4f} | {ppl}"
+                         f"{timings['dense']:.1f} | {speed['fp32']} | {speed['int8']} | {speed.get('hf fp32', '– (no plain config)')} | "
+                         f"{speed.get('hf int8', '–')} |")
+            print(lines[-1], flush=True)
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("phase", choices=("compress", "time"))
     parser.add_argument("--models", default="minilm,tiny-llama")
+    parser.add_argument("--work", type=Path, default=Path("bench-out/structured"))
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=8)
@@ -91,60 +162,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     torch.manual_seed(0)
-    lines = [f"batch {args.batch} x {args.seq_len} tokens; torch {torch.__version__}; {args.rounds} rounds", ""]
-    print(lines[0], flush=True)
-    for model_name in args.models.split(","):
-        source = load_source("minilm" if model_name == "minilm" else TINY_LLAMA)
-        dense, tok = source.model, source.tokenizer
-        causal = is_causal_lm(dense)
-        heldout = bundled_text("heldout")
-        samples = token_samples(tok, heldout, 32, 128, seed=1)
-        batch_ids = token_samples(tok, heldout, args.batch, args.seq_len, seed=2)
-        batch = {"input_ids": torch.stack(batch_ids), "attention_mask": torch.ones(args.batch, args.seq_len, dtype=torch.long)}
-        dense_params = block_parameters(dense)
-        header = ["", f"### {model_name} ({type(dense).__name__})", "",
-                  "| rows | params | folder MB (fp32 / int8) | fidelity fp32 / int8 | " + ("ppl fp32 / int8 | " if causal else "")
-                  + "dense ms | fp32 ms | int8 ms | hf fp32 ms | hf int8 ms |",
-                  "|---|---|---|---|" + ("---|" if causal else "") + "---|---|---|---|---|"]
-        print("\n".join(header), flush=True)
-        lines += header
-        dense_ppl = perplexity(dense, samples) if causal else None
-        print(f"dense ppl {dense_ppl}", flush=True) if causal else None
-        for label, stage in rows(model_name):
-            extra = [{"distill": {"steps": args.distill_steps}}] if args.distill_steps else []
-            results: dict[str, Any] = {}
-            with tempfile.TemporaryDirectory() as tmp:
-                for precision, tail in (("fp32", []), ("int8", [INT8])):
-                    recipe = {"stages": [{"prune": stage}, *extra, *tail]}
-                    start = time.perf_counter()
-                    model = sp.compress(copy.deepcopy(dense), recipe, tokenizer=tok, samples=args.samples)
-                    folder = sp.save(model, Path(tmp) / precision, tokenizer=tok)
-                    loaded = sp.load(folder)
-                    results[precision] = {
-                        "seconds": time.perf_counter() - start, "model": loaded, "mb": folder_bytes(folder) / 1e6,
-                        "fidelity": fidelity(loaded, dense, samples), "params": block_parameters(model) / dense_params,
-                        "ppl": perplexity(loaded, samples) if causal else None,
-                        "plain": model.sparsepress_record.extra["structured"]["plain_config"],
-                    }
-                    # A folder whose shapes the config cannot express has no plain transformers export.
-                    results[precision]["hf"] = exported(model, Path(tmp) / f"hf-{precision}") if results[precision]["plain"] else None
-                runs = {"dense": forward_runner(dense, batch), "fp32": forward_runner(results["fp32"]["model"], batch),
-                        "int8": forward_runner(results["int8"]["model"], batch)}
-                if results["fp32"]["hf"] is not None:
-                    runs.update({"hf fp32": forward_runner(results["fp32"]["hf"], batch),
-                                 "hf int8": forward_runner(dynamic_int8(results["fp32"]["hf"]), batch)})
-                timings = interleaved_ms(runs, rounds=args.rounds)
-            fp32, int8 = results["fp32"], results["int8"]
-            ppl = f"{fp32['ppl']:.2f} / {int8['ppl']:.2f} | " if causal else ""
-            speed = {k: f"{v:.1f} ({timings['dense'] / v:.2f}x)" for k, v in timings.items()}
-            speed.setdefault("hf fp32", "– (no plain config)")
-            speed.setdefault("hf int8", "–")
-            line = (f"| {label}{' + distill' if extra else ''}{'' if fp32['plain'] else ' (sparsepress shapes)'} | "
-                    f"{fp32['params']:.3f} | {fp32['mb']:.1f} / {int8['mb']:.1f} | {fp32['fidelity']:.4f} / {int8['fidelity']:.4f} | "
-                    f"{ppl}{timings['dense']:.1f} | {speed['fp32']} | {speed['int8']} | {speed['hf fp32']} | {speed['hf int8']} |")
-            print(line, flush=True)
-            lines.append(line)
-            print(json.dumps({"row": label, "timings": timings, "seconds": [fp32["seconds"], int8["seconds"]]}), flush=True)
+    if args.phase == "compress":
+        compress_rows(args)
+        return
+    lines = time_rows(args)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text("\n".join(lines) + "\n")

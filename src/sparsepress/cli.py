@@ -1,4 +1,4 @@
-"""The `sparsepress` command line (DESIGN section 2): compress, inspect, eval, bench, demo.
+"""The `sparsepress` command line (DESIGN section 2): compress, inspect, eval, bench, demo, sweep, report.
 
 Example:
     >>> from typer.testing import CliRunner
@@ -169,23 +169,18 @@ def _reference_for(manifest: dict[str, Any], reference: str | None) -> str:
 
 def evaluate_folder(folder: Path, reference: str | None, text: Path | None, samples: int = 64, seq_len: int = 128) -> dict[str, float]:
     """Fidelity (and perplexity for causal LMs) of a folder against its dense reference."""
-    from .evaluate import fidelity, is_causal_lm, perplexity
+    from .evaluate import heldout_samples, quality
     from .io import load, read_manifest
-    from .sources import load_source, read_text, token_samples
+    from .sources import load_source, read_text
 
     manifest = read_manifest(folder)
     model = load(folder)
     source = load_source(_reference_for(manifest, reference))
     if source.tokenizer is None:
         raise InputError(source.path, "no tokenizer files found")
-    ids = token_samples(source.tokenizer, read_text(text, "heldout"), samples, seq_len, seed=1234,
-                        source=str(text or "bundled held-out text"))
-    pad = source.tokenizer.pad_token_id or 0
-    result = {"fidelity": fidelity(model, source.model, ids, pad_id=pad)}
-    if is_causal_lm(model):
-        result["perplexity"] = perplexity(model, ids, pad_id=pad)
-        result["reference perplexity"] = perplexity(source.model, ids, pad_id=pad)
-    return result
+    ids = heldout_samples(source.tokenizer, read_text(text, "heldout"), samples, seq_len,
+                          source=str(text or "bundled held-out text"))
+    return quality(model, source.model, ids, pad_id=source.tokenizer.pad_token_id or 0)
 
 
 @app.command("eval")
@@ -207,22 +202,24 @@ def eval_command(
 TORCH_BASELINES = ("torch fp32 (dense)", "torch dynamic int8 (dense)")
 
 
-def bench_rows(folder: Path, reference: str | None, batch: int, seq_len: int, repeats: int = 10) -> list[tuple[str, float]]:
-    """Latency (ms) of torch fp32, torch dynamic int8 and the sparsepress folder, measured side by side."""
-    import torch
-
-    from .evaluate import dynamic_int8, models_ms
+def bench_models(folder: Path, reference: str | None, batch: int, seq_len: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The models `bench` compares (torch fp32, torch dynamic int8, the folder) and one batch of inputs."""
+    from .evaluate import dynamic_int8, random_batch
     from .io import load, read_manifest
     from .sources import load_source
 
     manifest = read_manifest(folder)
     model = load(folder)
     dense = load_source(_reference_for(manifest, reference)).model
-    vocab = int(getattr(dense.config, "vocab_size", 1000))
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(1000 if vocab > 2000 else 0, min(vocab, 2000 if vocab > 2000 else vocab), (batch, seq_len), generator=gen)
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    models = {"torch fp32 (dense)": dense, "torch dynamic int8 (dense)": dynamic_int8(dense), "sparsepress": model}
+    inputs = random_batch(dense, batch, seq_len)
+    return {"torch fp32 (dense)": dense, "torch dynamic int8 (dense)": dynamic_int8(dense), "sparsepress": model}, inputs
+
+
+def bench_rows(folder: Path, reference: str | None, batch: int, seq_len: int, repeats: int = 10) -> list[tuple[str, float]]:
+    """Latency (ms) of torch fp32, torch dynamic int8 and the sparsepress folder, measured side by side."""
+    from .evaluate import models_ms
+
+    models, inputs = bench_models(folder, reference, batch, seq_len)
     return list(models_ms(models, inputs, rounds=repeats).items())
 
 
@@ -235,11 +232,18 @@ def bench_command(
     reference: Optional[str] = typer.Option(None, "--reference", help="dense reference model (default: the recorded source)"),
     repeats: int = typer.Option(10, "--repeats", min=1),
 ) -> None:
-    """Latency of FOLDER against the dense reference in torch fp32 and torch dynamic int8, side by side."""
-    from .report import latency_table
+    """Latency of FOLDER against the dense reference in torch fp32 and torch dynamic int8, side by side,
+    and joules per inference (RAPL where readable, else a labelled estimate)."""
+    from .energy import energy_per_inference
+    from .evaluate import forward_runner, models_ms
+    from .report import kv_table, latency_table
 
-    rows = bench_rows(folder, reference, batch, seq_len, repeats)
+    models, inputs = bench_models(folder, reference, batch, seq_len)
+    rows = list(models_ms(models, inputs, rounds=repeats).items())
     console.print(latency_table(f"latency, batch {batch} x {seq_len} tokens", rows, baselines=TORCH_BASELINES))
+    energy = [(name, energy_per_inference(forward_runner(models[name], inputs), models[name], batch * seq_len,
+                                          ms / 1000).label) for name, ms in rows]
+    console.print(kv_table("energy per inference", energy))
 
 
 @app.command("demo")
@@ -275,6 +279,12 @@ def demo_command(
     for batch, seq_len in ((1, 16), (8, 64)):
         rows = bench_rows(out, None, batch, seq_len, repeats=10)
         console.print(latency_table(f"latency, batch {batch} x {seq_len} tokens", rows, baselines=TORCH_BASELINES))
+
+
+from .sweep.commands import report_command, sweep_command  # noqa: E402
+
+app.command("sweep")(_clean_errors(sweep_command))
+app.command("report")(_clean_errors(report_command))
 
 
 def _describe(recipe: Any) -> str:

@@ -34,6 +34,7 @@ from .formats import FORMATS, LayoutMismatch
 from .fusion import fuse_activations
 from .models import convert_conv1d_, replace_module
 from .nn import QuantizedEmbedding, SparseLinear
+from .nn.activation import install_thresholds
 
 FORMAT_VERSION = 1
 MANIFEST = "sparsepress.json"
@@ -47,8 +48,9 @@ SIDE_FILES = (
 SIDE_FOLDERS = ("1_Pooling", "2_Normalize")
 # Records of model-level passes that the manifest keeps under their pass name: `structured` (the
 # per-block shapes of a structurally pruned model, and whether config.json alone expresses them:
-# `plain_config`), `distill` (steps and losses of the recovery fine-tuning).
-MANIFEST_EXTRAS = ("structured", "distill")
+# `plain_config`), `distill` (steps and losses of the recovery fine-tuning), `activation_sparsity`
+# (the calibrated activation thresholds' levels).
+MANIFEST_EXTRAS = ("structured", "distill", "activation_sparsity")
 
 
 def sha256_of(path: Path) -> str:
@@ -78,6 +80,8 @@ def _collect_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[st
                 tensors[f"{name}.{suffix}"] = tensor
             if module.bias is not None:
                 tensors[f"{name}.bias"] = module.bias
+            if module.act_thresholds is not None:
+                tensors[f"{name}.act_thresholds"] = module.act_thresholds
             meta = module.packed.meta()
             meta["bias"] = module.bias is not None
             extra = history["layers"].get(name, {})
@@ -112,10 +116,11 @@ def _history(model: nn.Module) -> dict[str, Any]:
     if record is not None:
         return {"recipe": record.recipe.to_dict(), "adapter": record.adapter, "layers": record.layers,
                 "source": getattr(model, "sparsepress_source", None),
-                **{key: record.extra[key] for key in MANIFEST_EXTRAS if key in record.extra}}
+                **{key: record.extra[key] for key in MANIFEST_EXTRAS if record.extra.get(key) is not None}}
     manifest = getattr(model, "sparsepress_manifest", None) or {}
     return {"recipe": manifest.get("recipe"), "adapter": manifest.get("adapter"), "layers": manifest.get("layers", {}),
-            "source": manifest.get("source"), **{key: manifest[key] for key in MANIFEST_EXTRAS if key in manifest}}
+            "source": manifest.get("source"),
+            **{key: manifest[key] for key in MANIFEST_EXTRAS if manifest.get(key) is not None}}
 
 
 def _atomic_folder(out: Path, overwrite: bool) -> Path:
@@ -196,6 +201,7 @@ def save(
             "aliases": aliases,
             "tensors_file": TENSORS,
             "tensors_sha256": sha256_of(staging / TENSORS),
+            # only for folders that have them (older manifests unchanged)
             **{key: history[key] for key in MANIFEST_EXTRAS if key in history},
         }
         if (staging / "config.json").is_file():
@@ -362,6 +368,7 @@ def load(folder: str | Path) -> nn.Module:
     _apply_structure(folder, model, manifest)
     for name, meta in manifest["layers"].items():
         _install_linear(folder, model, tensors, name, meta)
+    _install_activation_levels(folder, model, manifest.get("activation_sparsity"))
     for name, meta in manifest["embeddings"].items():
         _install_embedding(folder, model, tensors, name, meta)
     for alias, original in manifest["aliases"].items():
@@ -390,8 +397,10 @@ def load(folder: str | Path) -> nn.Module:
     return model
 
 
-def _packed_layer(folder: Path, tensors: dict[str, torch.Tensor], name: Any, meta: Any) -> tuple[Any, torch.Tensor | None]:
-    """Pop layer `name`'s tensors and rebuild its packed weight; TensorLayoutError naming the file on any mismatch."""
+def _packed_layer(folder: Path, tensors: dict[str, torch.Tensor], name: Any,
+                  meta: Any) -> tuple[Any, torch.Tensor | None, torch.Tensor | None]:
+    """Pop layer `name`'s tensors and rebuild its packed weight: (packed, bias, activation thresholds);
+    TensorLayoutError naming the file on any mismatch."""
     where = folder / TENSORS
     fmt = meta.get("format") if isinstance(meta, dict) else None
     if not isinstance(name, str) or not name:
@@ -400,6 +409,9 @@ def _packed_layer(folder: Path, tensors: dict[str, torch.Tensor], name: Any, met
         raise TensorLayoutError(folder / MANIFEST, f"layer '{name}': unknown format {fmt if isinstance(meta, dict) else meta!r}")
     own = _take(tensors, name + ".")
     bias = own.pop("bias", None)
+    thresholds = own.pop("act_thresholds", None)
+    if thresholds is not None and (thresholds.dtype != torch.float32 or thresholds.dim() != 1):
+        raise TensorLayoutError(where, f"layer '{name}': act_thresholds must be a float32 vector")
     try:
         packed = FORMATS[fmt].from_tensors(own, meta)
     except LayoutMismatch as exc:
@@ -408,7 +420,7 @@ def _packed_layer(folder: Path, tensors: dict[str, torch.Tensor], name: Any, met
         raise TensorLayoutError(where, f"layer '{name}': bias must be float32 [{packed.out_features}]")
     if bool(meta.get("bias")) != (bias is not None):
         raise TensorLayoutError(where, f"layer '{name}': bias presence does not match the manifest")
-    return packed, bias
+    return packed, bias, thresholds
 
 
 def _embedding_parts(folder: Path, tensors: dict[str, torch.Tensor], name: Any, meta: Any) -> tuple[torch.Tensor, torch.Tensor, int, int, int, Any]:
@@ -475,7 +487,7 @@ def _config_and_class(folder: Path, manifest: dict[str, Any]) -> tuple[type[nn.M
 
 
 def _install_linear(folder: Path, model: nn.Module, tensors: dict[str, torch.Tensor], name: str, meta: Any) -> None:
-    packed, bias = _packed_layer(folder, tensors, name, meta)
+    packed, bias, thresholds = _packed_layer(folder, tensors, name, meta)
     try:
         target = model.get_submodule(name)
     except AttributeError:
@@ -483,7 +495,23 @@ def _install_linear(folder: Path, model: nn.Module, tensors: dict[str, torch.Ten
     if not isinstance(target, nn.Linear) or (packed.out_features, packed.in_features) != (target.out_features, target.in_features):
         fits = [target.out_features, target.in_features] if isinstance(target, nn.Linear) else type(target).__name__
         raise TensorLayoutError(folder / TENSORS, f"layer '{name}': shape {list(packed.shape)} does not fit the model's {fits}")
-    replace_module(model, name, SparseLinear(packed, bias))
+    layer = SparseLinear(packed, bias)
+    replace_module(model, name, layer)
+    if thresholds is not None:
+        layer.act_thresholds = thresholds
+
+
+def _install_activation_levels(folder: Path, model: nn.Module, entry: Any) -> None:
+    """Make the layers carrying activation thresholds follow the model's stored levels, at the default one."""
+    carrying = {n: m.act_thresholds for n, m in model.named_modules()
+                if isinstance(m, SparseLinear) and m.act_thresholds is not None}
+    if entry is None and not carrying:
+        return
+    try:
+        levels, default = [float(v) for v in entry["levels"]], float(entry["default"])
+        install_thresholds(model, carrying, levels, default)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise TensorLayoutError(folder / MANIFEST, f"activation_sparsity entry does not fit the stored thresholds: {exc}") from None
 
 
 def _install_embedding(folder: Path, model: nn.Module, tensors: dict[str, torch.Tensor], name: str, meta: Any) -> None:
