@@ -89,9 +89,11 @@ BAD_RECIPES = [
     ("seed-text", "stages:\n  - prune: {method: wanda, sparsity: 0.5}\nseed: abc\n", ["'seed'", "'abc'", "integer", "line 3"]),
     ("allocation-under-nm", "stages:\n  - prune: {method: wanda, pattern: '2:4', allocation: owl}\n",
      ["stages[0].prune.allocation", "'owl'", "uniform"]),
-    ("unavailable-stage", "stages:\n  - distill: {steps: 1}\n", ["distill", "not available"]),
-    ("structured-pattern", "stages:\n  - prune: {method: wanda, sparsity: 0.5, pattern: channel}\n",
-     ["prune.pattern", "'channel'", "not available"]),
+    ("unavailable-budget", "stages:\n  - quantize: {method: rtn}\nbudget: {size_mb: 12}\n", ["budget", "not available"]),
+    ("structured-score", "stages:\n  - prune: {method: wanda, sparsity: 0.5, pattern: layer, score: taylor}\n",
+     ["stages[0].prune.score", "'taylor'", "influence | loss", "line 2"]),
+    ("distill-rounds-nm", "stages:\n  - prune: {method: wanda, pattern: '2:4'}\n  - distill: {steps: 4, rounds: 2}\n",
+     ["distill.rounds", "2", "unstructured | bbs | block"]),
 ]
 
 

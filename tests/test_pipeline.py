@@ -123,5 +123,6 @@ def test_quantize_embeddings_replaces_tables():
 
 
 def test_unavailable_stage_is_a_clear_recipe_error():
-    with pytest.raises(sp.RecipeError, match="distill"):
-        sp.compress(tiny_bert(), {"stages": [{"distill": {"steps": 1}}]}, calibration=_ids())
+    with pytest.raises(sp.RecipeError, match="budget"):
+        sp.compress(tiny_bert(), {"stages": [{"quantize": {"method": "rtn"}}], "budget": {"size_mb": 12}},
+                    calibration=_ids())

@@ -18,6 +18,7 @@ from .errors import (  # noqa: E402
     RecipeError,
     SparsepressError,
     TensorLayoutError,
+    UnsupportedModelError,
     VersionError,
 )
 from .io import load, save  # noqa: E402
@@ -42,6 +43,7 @@ __all__ = [
     "SparseLinear",
     "SparsepressError",
     "TensorLayoutError",
+    "UnsupportedModelError",
     "VersionError",
     "__version__",
     "compress",

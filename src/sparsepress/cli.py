@@ -102,8 +102,8 @@ def run_compression(model_name: str, recipe_path: Path | None, out: Path, calibr
                     else:
                         warnings.warn_explicit(item.message, item.category, item.filename, item.lineno)
     except BaseException:
-        if any(checkpoint.folder.glob("block-*.json")):
-            errors.print(f"finished blocks are kept in {checkpoint.folder}; rerun with --resume to continue",
+        if any(p.name != "fingerprint.json" for p in checkpoint.folder.glob("*.json")):
+            errors.print(f"finished work is kept in {checkpoint.folder}; rerun with --resume to continue",
                          highlight=False)
         raise
     model.sparsepress_source = source.path

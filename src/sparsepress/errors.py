@@ -105,3 +105,16 @@ class NonFiniteWarning(UserWarning):
         >>> issubclass(NonFiniteWarning, UserWarning)
         True
     """
+
+
+class UnsupportedModelError(SparsepressError, ValueError):
+    """A model's architecture (or one part of it) cannot take the asked operation; names what and why.
+
+    Example:
+        >>> str(UnsupportedModelError("gptj", "structured pattern 'head'", "not a supported family"))
+        "gptj: structured pattern 'head' is not supported: not a supported family"
+    """
+
+    def __init__(self, model: str, what: str, reason: str):
+        self.model, self.what, self.reason = model, what, reason
+        super().__init__(f"{model}: {what} is not supported: {reason}")

@@ -46,6 +46,11 @@ SIDE_FILES = (
     "config_sentence_transformers.json", "generation_config.json",
 )
 SIDE_FOLDERS = ("1_Pooling", "2_Normalize")
+# Records of model-level passes that the manifest keeps under their pass name: `structured` (the
+# per-block shapes of a structurally pruned model, and whether config.json alone expresses them:
+# `plain_config`), `distill` (steps and losses of the recovery fine-tuning), `activation_sparsity`
+# (the calibrated activation thresholds' levels).
+MANIFEST_EXTRAS = ("structured", "distill", "activation_sparsity")
 
 
 def sha256_of(path: Path) -> str:
@@ -111,10 +116,11 @@ def _history(model: nn.Module) -> dict[str, Any]:
     if record is not None:
         return {"recipe": record.recipe.to_dict(), "adapter": record.adapter, "layers": record.layers,
                 "source": getattr(model, "sparsepress_source", None),
-                "activation_sparsity": record.extra.get("activation_sparsity")}
+                **{key: record.extra[key] for key in MANIFEST_EXTRAS if record.extra.get(key) is not None}}
     manifest = getattr(model, "sparsepress_manifest", None) or {}
     return {"recipe": manifest.get("recipe"), "adapter": manifest.get("adapter"), "layers": manifest.get("layers", {}),
-            "source": manifest.get("source"), "activation_sparsity": manifest.get("activation_sparsity")}
+            "source": manifest.get("source"),
+            **{key: manifest[key] for key in MANIFEST_EXTRAS if manifest.get(key) is not None}}
 
 
 def _atomic_folder(out: Path, overwrite: bool) -> Path:
@@ -198,9 +204,9 @@ def save(
             "aliases": aliases,
             "tensors_file": TENSORS,
             "tensors_sha256": sha256_of(staging / TENSORS),
+            # only for folders that have them (older manifests unchanged)
+            **{key: history[key] for key in MANIFEST_EXTRAS if key in history},
         }
-        if history["activation_sparsity"] is not None:
-            manifest["activation_sparsity"] = history["activation_sparsity"]
         if (staging / "config.json").is_file():
             manifest["config_sha256"] = sha256_of(staging / "config.json")
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
@@ -314,6 +320,7 @@ def _check_fits_skeleton(folder: Path, cls: type[nn.Module], config: Any, manife
             skeleton = convert_conv1d_(cls(config))
     except Exception as exc:  # any config transformers cannot build from is a damaged folder here
         raise FormatError(folder / "config.json", f"cannot build {cls.__name__} from this config: {exc}") from None
+    _apply_structure(folder, skeleton, manifest)
     where = folder / TENSORS
     shapes = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
     for name, meta in manifest["layers"].items():
@@ -334,6 +341,20 @@ def _check_fits_skeleton(folder: Path, cls: type[nn.Module], config: Any, manife
             raise TensorLayoutError(where, f"unexpected tensor '{key}' for {cls.__name__}")
         if tuple(tensor.shape) != shapes[key]:
             raise TensorLayoutError(where, f"tensor '{key}' has shape {list(tensor.shape)}, the config gives {list(shapes[key])}")
+
+
+def _apply_structure(folder: Path, model: nn.Module, manifest: dict[str, Any]) -> None:
+    """Give a structurally pruned model's blocks the shapes its manifest records (those a plain config
+    cannot express; a no-op where config.json already built them)."""
+    structured = manifest.get("structured")
+    if structured is None:
+        return
+    from .structured import apply_block_shapes_
+
+    try:
+        apply_block_shapes_(model, structured["blocks"])
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise FormatError(folder / MANIFEST, f"structured block shapes unreadable: {exc}") from None
 
 
 def _take(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -362,6 +383,7 @@ def load(folder: str | Path) -> nn.Module:
     with no_init_weights():
         model = cls(config)
     convert_conv1d_(model)
+    _apply_structure(folder, model, manifest)
     for name, meta in manifest["layers"].items():
         _install_linear(folder, model, tensors, name, meta)
     _install_activation_levels(folder, model, manifest.get("activation_sparsity"))

@@ -22,6 +22,13 @@ _STRICT = ConfigDict(extra="forbid", frozen=True)
 
 _NM_RE = re.compile(r"^(\d+):(\d+)$")
 STRUCTURED_PATTERNS = ("channel", "head", "layer")
+# Structured importance scores by pattern: the first is the default of method magnitude, the second of
+# the calibrated methods (wanda, sparsegpt).
+STRUCTURED_SCORES = {
+    "channel": ("magnitude", "activation", "taylor"),
+    "head": ("magnitude", "activation", "taylor"),
+    "layer": ("influence", "loss"),
+}
 NAMED_PATTERNS = ("unstructured", "bbs", "block", *STRUCTURED_PATTERNS)
 _PATTERN_ALLOWED = " | ".join(NAMED_PATTERNS) + " | N:M with 0 < N < M (e.g. '2:4')"
 
@@ -103,6 +110,7 @@ class PruneStage(_TargetedStage):
     owl_threshold: float = Field(5.0, gt=0.0)
     blocksize: int = Field(128, ge=1)
     dampening: float = Field(0.01, gt=0.0, le=1.0)
+    score: Literal["magnitude", "activation", "taylor", "influence", "loss"] | None = None
 
     @field_validator("pattern")
     @classmethod
@@ -142,7 +150,31 @@ class PruneStage(_TargetedStage):
                 raise RecipeError("allocation", self.allocation, f"uniform (the fixed pattern {self.pattern} cannot vary sparsity per layer)")
         elif self.sparsity is None:
             raise RecipeError("sparsity", None, f"a fraction in [0, 1) (pattern {self.pattern} needs one)")
+        if pattern.is_structured:
+            self._check_structured(pattern.kind)
+        elif self.score is not None:
+            raise RecipeError("score", self.score, f"omit it (scores choose channels, heads or layers; pattern {self.pattern} uses method {self.method})")
         return self
+
+    def _check_structured(self, kind: str) -> None:
+        if isinstance(self.sparsity, list):
+            raise RecipeError("sparsity", self.sparsity, f"one fraction (pattern {kind} removes whole units once)")
+        allowed_allocation = ("uniform",) if kind == "layer" else ("uniform", "sensitivity")
+        if self.allocation not in allowed_allocation:
+            raise RecipeError("allocation", self.allocation, " | ".join(allowed_allocation) + f" (pattern {kind})")
+        if self.score is not None and self.score not in STRUCTURED_SCORES[kind]:
+            raise RecipeError("score", self.score, " | ".join(STRUCTURED_SCORES[kind]) + f" (pattern {kind})")
+
+    @property
+    def structured_score(self) -> str:
+        """The importance score of a structured pattern: `score`, or the method's default.
+
+        Example:
+            >>> PruneStage(method="wanda", pattern="channel", sparsity=0.5).structured_score
+            'activation'
+        """
+        scores = STRUCTURED_SCORES[self.parsed_pattern.kind]
+        return self.score or (scores[0] if self.method == "magnitude" or len(scores) < 3 else scores[1])
 
     @property
     def parsed_pattern(self) -> Pattern:
@@ -228,6 +260,15 @@ DEFAULT_ACTIVATION_LEVELS = (0.25, 0.4, 0.5, 0.6)
 class DistillStage(BaseModel):
     """Recover quality by fine-tuning the compressed model toward the dense teacher, masks kept.
 
+    `steps` optimizer steps of AdamW (`lr`, `weight_decay`) on `batch_size` calibration samples cropped
+    to `seq_len` tokens; the learning rate warms up over `warmup` of the steps, then follows
+    `schedule`. The loss weighs the final output (`output`: the pooled embedding's cosine for
+    encoders, the logits' KL divergence for causal LMs), every block's hidden states (`hidden`) and,
+    for encoders, the in-batch similarity matrix of the pooled embeddings (`similarity`).
+    `rounds` > 1 removes the structured units and prunes in that many rounds on a cubic schedule
+    with `steps / rounds` distillation steps after each. `checkpoint_every`: steps between checkpoints
+    of a resumable run.
+
     Example:
         >>> DistillStage(steps=10).lr
         0.0001
@@ -238,6 +279,23 @@ class DistillStage(BaseModel):
     steps: int = Field(300, ge=1)
     lr: float = Field(1.0e-4, gt=0.0)
     batch_size: int = Field(16, ge=1)
+    seq_len: int = Field(64, ge=2)
+    warmup: float = Field(0.1, ge=0.0, lt=1.0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: float = Field(0.0, ge=0.0)
+    output: float = Field(1.0, ge=0.0)
+    hidden: float = Field(1.0, ge=0.0)
+    similarity: float = Field(1.0, ge=0.0)
+    rounds: int = Field(1, ge=1, le=20)
+    checkpoint_every: int = Field(50, ge=1)
+
+    @model_validator(mode="after")
+    def _some_loss(self) -> "DistillStage":
+        if self.output == 0 and self.hidden == 0 and self.similarity == 0:
+            raise RecipeError("output", 0, "a positive weight for at least one of output, hidden, similarity")
+        if self.rounds > self.steps:
+            raise RecipeError("rounds", self.rounds, f"at most steps ({self.steps}): each round distills")
+        return self
 
 
 StageConfig = Union[PruneStage, QuantizeStage, QuantizeEmbeddingsStage, ActivationSparsityStage, DistillStage]
@@ -343,10 +401,13 @@ class Recipe(BaseModel):
     def _consistent(self) -> "Recipe":
         counts: dict[str, int] = {}
         for stage in self.stages:
-            counts[stage.kind] = counts.get(stage.kind, 0) + 1  # type: ignore[attr-defined]
+            kind = stage.kind  # type: ignore[attr-defined]
+            if isinstance(stage, PruneStage) and stage.parsed_pattern.is_structured:
+                kind = f"prune (pattern {stage.pattern})"
+            counts[kind] = counts.get(kind, 0) + 1
         for kind, count in counts.items():
             if count > 1:
-                raise RecipeError("stages", kind, f"each stage kind at most once ({kind!r} appears {count} times)")
+                raise RecipeError("stages", kind.split()[0], f"each stage kind at most once, plus one prune stage per structured pattern ({kind!r} appears {count} times)")
         prune = self.prune
         if self.format == "nm" and (prune is None or prune.parsed_pattern.kind != "nm"):
             raise RecipeError("format", self.format, "auto | dense | bitmask | csr (format nm needs a prune stage with an N:M pattern such as '2:4')")
@@ -355,12 +416,31 @@ class Recipe(BaseModel):
         return self
 
     def stage(self, kind: str) -> BaseModel | None:
-        """The stage of that kind, or None."""
+        """The stage of that kind, or None (for `prune`: the one that is not structured)."""
+        if kind == "prune":
+            return self.prune
         return next((s for s in self.stages if s.kind == kind), None)  # type: ignore[attr-defined]
 
     @property
     def prune(self) -> PruneStage | None:
-        return self.stage("prune")  # type: ignore[return-value]
+        """The prune stage of the layer solve (unstructured, N:M, bbs, block), or None."""
+        return next((s for s in self.stages if isinstance(s, PruneStage) and not s.parsed_pattern.is_structured), None)
+
+    @property
+    def structured(self) -> list[PruneStage]:
+        """The prune stages with a structured pattern (channel, head, layer), in recipe order.
+
+        Example:
+            >>> r = Recipe.model_validate({"stages": [{"prune": {"pattern": "channel", "sparsity": 0.5}},
+            ...                                       {"prune": {"sparsity": 0.5}}]})
+            >>> [s.pattern for s in r.structured], r.prune.pattern
+            (['channel'], 'unstructured')
+        """
+        return [s for s in self.stages if isinstance(s, PruneStage) and s.parsed_pattern.is_structured]
+
+    @property
+    def distill(self) -> DistillStage | None:
+        return next((s for s in self.stages if isinstance(s, DistillStage)), None)
 
     @property
     def quantize(self) -> QuantizeStage | None:

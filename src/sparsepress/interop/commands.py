@@ -45,6 +45,27 @@ def _export_onnx(model: Any, staging: Path, folder: Path, manifest: dict[str, An
     return [f"{name}: mean cosine to the packed model {score:.5f}" for name, score in report["agreement"].items()]
 
 
+# Formats whose readers build the model from config.json alone (an ONNX graph carries its own shapes).
+NEEDS_PLAIN_CONFIG = frozenset({"hf", "compressed-tensors"})
+
+
+def refuse_unexpressible_shapes(folder: Path, to: str, manifest: dict[str, Any]) -> None:
+    """Refuse exporting a structurally pruned folder whose per-block shapes config.json cannot express.
+
+    Example:
+        >>> refuse_unexpressible_shapes(Path("m"), "hf", {"structured": {"plain_config": True}})
+        >>> refuse_unexpressible_shapes(Path("m"), "onnx", {"structured": {"plain_config": False}})
+    """
+    structured = manifest.get("structured") or {}
+    if to in NEEDS_PLAIN_CONFIG and structured.get("plain_config") is False:
+        raise InputError(
+            str(folder),
+            f"its blocks have shapes that differ per layer ({structured.get('reason') or 'non-uniform structured pruning'}), "
+            f"which a plain config.json cannot express, so --to {to} would write a folder transformers builds wrongly; "
+            "keep the sparsepress folder (sp.load builds it), export --to onnx, or prune with uniform per-layer shapes",
+        )
+
+
 # --to value -> handler(model, staging folder, source folder, manifest, options) -> report lines
 EXPORTERS: dict[str, Callable[..., list[str]]] = {
     "hf": _export_hf, "onnx": _export_onnx, "compressed-tensors": _export_compressed_tensors,
@@ -59,6 +80,7 @@ def export_folder(folder: Path, to: str, out: Path, *, overwrite: bool = False, 
         raise InputError("--to", f"got {to!r}; allowed: {' | '.join(EXPORTERS)}")
     folder = Path(folder)
     manifest = read_manifest(folder)
+    refuse_unexpressible_shapes(folder, to, manifest)
     model = load(folder)
     staging = _atomic_folder(Path(out), overwrite)
     try:

@@ -45,22 +45,30 @@ class FinishedBlocks:
     dense_hidden: list[torch.Tensor] | None = None  # the dense model's, when the solve follows it
 
 
-def _names(index: int) -> tuple[str, str, str]:
+def _names(index: int, prefix: str = "") -> tuple[str, str, str]:
     stem = f"{index:04d}"
-    return f"block-{stem}", f"block-{stem}.safetensors", f"hidden-{stem}.safetensors"
+    return f"{prefix}block-{stem}", f"{prefix}block-{stem}.safetensors", f"{prefix}hidden-{stem}.safetensors"
 
 
 class BlockCheckpoint:
-    """Saves and restores finished blocks of the layer solve in a run's `Checkpoint`."""
+    """Saves and restores finished blocks of the layer solve in a run's `Checkpoint`.
 
-    def __init__(self, checkpoint: Checkpoint):
+    `prefix` keeps the entries of two solves of one run apart (a prune solve before distillation and
+    the quantize solve after it).
+    """
+
+    def __init__(self, checkpoint: Checkpoint, prefix: str = ""):
         self.checkpoint = checkpoint
+        self.prefix = prefix
+
+    def _names(self, index: int) -> tuple[str, str, str]:
+        return _names(index, self.prefix)
 
     def save_block(self, index: int, layers: dict[str, SparseLinear], records: dict[str, dict[str, Any]],
                    hidden: list[torch.Tensor] | None, dense_hidden: list[torch.Tensor] | None = None) -> None:
         """Commit block `index`: its packed layers, their record entries, and the hidden states after it
         (the compressed model's, and the dense model's when the solve aims at it)."""
-        stem, layers_file, hidden_file = _names(index)
+        stem, layers_file, hidden_file = self._names(index)
         tensors: dict[str, torch.Tensor] = {}
         entries: dict[str, Any] = {}
         for name, layer in layers.items():
@@ -77,12 +85,12 @@ class BlockCheckpoint:
                 "dense_count": len(dense_hidden) if dense_hidden is not None else None}
         self.checkpoint.save_entry(stem, {layers_file: tensors, hidden_file: extra}, body)
         if index > 0:
-            self.checkpoint.remove(_names(index - 1)[2])  # only the newest hidden states are ever needed
+            self.checkpoint.remove(self._names(index - 1)[2])  # only the newest hidden states are ever needed
 
     def load_finished(self) -> FinishedBlocks | None:
         """The committed blocks 0..k-1 of a resumed run (None when there are none or not resuming)."""
         count = 0
-        while self.checkpoint.has_entry(_names(count)[0]):
+        while self.checkpoint.has_entry(self._names(count)[0]):
             count += 1
         if count == 0:
             return None
@@ -94,7 +102,7 @@ class BlockCheckpoint:
                               folder=self.checkpoint.folder, dense_hidden=dense_hidden)
 
     def _read_layers(self, index: int) -> dict[str, tuple[SparseLinear, dict[str, Any]]]:
-        stem, layers_file, _ = _names(index)
+        stem, layers_file, _ = self._names(index)
         body, files = self.checkpoint.load_entry(stem, [layers_file])
         tensors = files[layers_file]
         layers = {}
@@ -110,7 +118,7 @@ class BlockCheckpoint:
         return layers
 
     def _read_hidden(self, index: int) -> tuple[list[torch.Tensor] | None, list[torch.Tensor] | None, torch.Tensor | None]:
-        stem, _, hidden_file = _names(index)
+        stem, _, hidden_file = self._names(index)
         body, files = self.checkpoint.load_entry(stem, [hidden_file])
         tensors = files[hidden_file]
         try:

@@ -53,7 +53,10 @@ class CompressionContext:
     """The state one `sp.compress` run hands from pass to pass (see the module example).
 
     Calibration token ids and batches are made on first use, so data-free recipes never tokenize.
-    `sparsity` holds each pruned layer's target sparsity once an allocation pass has chosen it.
+    `sparsity` holds each pruned layer's target sparsity once an allocation pass has chosen it;
+    `masks` the keep-masks of layers pruned but not yet packed (kept fixed by distillation and the
+    quantize solve after it); `teacher` a copy of the model as it was before any pass changed it,
+    when a pass (distillation) asked for one.
     """
 
     model: nn.Module
@@ -67,6 +70,8 @@ class CompressionContext:
     nonfinite: str = "error"
     checkpoint: Any = None
     sparsity: dict[str, float] = field(default_factory=dict)
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    teacher: nn.Module | None = None
     dropped: dict[str, int] = field(default_factory=dict)
     _checkpoint_open: bool = False
 

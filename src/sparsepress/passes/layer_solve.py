@@ -5,6 +5,12 @@ each on the inputs the already compressed layers produce, paired with a dense tw
 aims at the dense model) and are compressed and packed; then its outputs are recomputed with the
 compressed weights and fed to block i+1. Finished blocks are checkpointed when the run has one.
 
+A recipe with a `distill` stage splits the solve in two instances (`SolveMode`): a prune solve
+(order ORDER_SOLVE) that prunes but neither quantizes nor packs (the layers stay trainable nn.Linear,
+their keep-masks in `ctx.masks`), and, after distillation, a finishing solve (order ORDER_QUANTIZE)
+that quantizes with those masks fixed (GPTQ compensating on the kept weights, on calibration data
+run through the distilled model) and packs.
+
 Example:
     >>> import torch, sparsepress as sp
     >>> from transformers import BertConfig, BertModel
@@ -29,11 +35,13 @@ from ..errors import InputError, PoisonedWeightError, RecipeError
 from ..memory import release_file_pages, trim_heap
 from ..models import replace_module
 from ..native import release_cached_outputs
+from ..formats import DenseWeight
+from ..nn import SparseLinear
 from ..packing import choose_packing
 from ..prune.solve import compress_weight
 from ..prune.stats import LayerStats
-from ..recipe import Recipe
-from .base import ORDER_SOLVE, CompressionPass, register_pass
+from ..recipe import PruneStage, QuantizeStage, Recipe
+from .base import ORDER_RECOVERY, ORDER_SOLVE, CompressionPass, register_pass
 from .block_checkpoint import BlockCheckpoint
 from .blocks import (
     BlockInputs,
@@ -56,30 +64,70 @@ CALIBRATED_PRUNE_METHODS = ("wanda", "sparsegpt")
 CALIBRATED_QUANT_METHODS = ("gptq",)
 
 
-def needs_statistics(recipe: Recipe) -> bool:
+# The finishing solve after distillation: between recovery and the passes calibrated on final weights.
+ORDER_QUANTIZE = ORDER_RECOVERY + 10
+
+
+def cubic_level(round_: int, rounds: int) -> float:
+    """Share of the target sparsity pruned by gradual round `round_` of `rounds`: 1 - (1 - r/R)^3
+    (Zhu & Gupta's cubic schedule: large steps first, small ones near the target).
+
+    Example:
+        >>> [round(cubic_level(r, 3), 3) for r in (1, 2, 3)]
+        [0.704, 0.963, 1.0]
+    """
+    return 1.0 - (1.0 - round_ / rounds) ** 3
+
+
+def gradual_order(round_: int, rounds: int, what: str) -> float:
+    """Order of round `round_`'s prune solve or distillation: rounds alternate from ORDER_SOLVE, the
+    last distillation at ORDER_RECOVERY.
+
+    Example:
+        >>> [gradual_order(r, 2, w) for r in (1, 2) for w in ("prune", "distill")]
+        [50.0, 54.0, 58.0, 60.0]
+        >>> gradual_order(1, 1, "prune"), gradual_order(1, 1, "distill")
+        (50.0, 60.0)
+    """
+    if rounds == 1:
+        return float(ORDER_SOLVE if what == "prune" else ORDER_RECOVERY)
+    step = (ORDER_RECOVERY - ORDER_SOLVE) / (rounds - 0.5)
+    return ORDER_SOLVE + (round_ - 1) * step + (0.5 * step if what == "distill" else 0.0)
+
+
+def needs_statistics(prune: PruneStage | None, quant: QuantizeStage | None) -> bool:
     """Whether any asked method reads calibration statistics (magnitude and RTN are data-free).
 
     Example:
-        >>> needs_statistics(Recipe.model_validate({"stages": [{"quantize": {"method": "rtn"}}]}))
+        >>> needs_statistics(None, QuantizeStage(method="rtn"))
         False
     """
-    prune, quant = recipe.prune, recipe.quantize
     return (prune is not None and prune.method in CALIBRATED_PRUNE_METHODS) or (
         quant is not None and quant.method in CALIBRATED_QUANT_METHODS)
+
+
+# What one instance of the solve does: everything at once ("full"), prune only and leave the layers
+# trainable ("prune", before distillation), or quantize / pack with the masks fixed ("finish", after it).
+SOLVE_MODES = ("full", "prune", "finish")
+PROGRESS_LABELS = {"full": "compressing blocks", "prune": "pruning blocks", "finish": "finishing blocks"}
 
 
 class BlockSolver:
     """Solves one block's layers at a time; holds the per-run state so functions stay explicit."""
 
-    def __init__(self, ctx: CompressionContext):
+    def __init__(self, ctx: CompressionContext, mode: str = "full", level: float = 1.0):
         self.ctx = ctx
         self.recipe = ctx.recipe
-        self.prune, self.quant = ctx.recipe.prune, ctx.recipe.quantize
+        self.mode = mode
+        self.level = level  # share of each layer's target sparsity this solve prunes to (gradual rounds)
+        self.prune = ctx.recipe.prune if mode != "finish" else None
+        self.quant = ctx.recipe.quantize if mode != "prune" else None
         selection = ctx.selection
-        self.layers: dict[str, nn.Module] = dict(selection.layers)
         self.prune_targets, self.quant_targets = selection.prune_targets, selection.quant_targets
+        wanted = self.prune_targets if mode == "prune" else selection.layers
+        self.layers: dict[str, nn.Module] = {n: m for n, m in selection.layers.items() if n in wanted}
         self.layout = ctx.layout
-        self.needs_stats = needs_statistics(ctx.recipe)
+        self.needs_stats = needs_statistics(self.prune, self.quant)
         # Whether the run carries the dense model's activations (calibrated solves that aim at it).
         self.follows_dense = self.needs_stats and ctx.recipe.solver.follows_dense_model
         # The dense model's inputs to the current block (a dense twin of each block produces the next).
@@ -155,15 +203,22 @@ class BlockSolver:
     def _compress_layer(self, name: str, layer: nn.Linear, stats: LayerStats | None) -> None:
         prune = self.prune if name in self.prune_targets else None
         quant = self.quant if name in self.quant_targets else None
+        mask = self.ctx.masks.get(name) if self.mode == "finish" else None
         sparsity = self.ctx.sparsity.get(name) if prune is not None else None
+        if sparsity is not None and self.level != 1.0:
+            sparsity *= self.level
         weight = layer.weight.detach().float()
-        if stats is not None and stats.tracks_dense:
+        if stats is not None and stats.tracks_dense and (prune or quant) is not None:
             weight = stats.dense_target(weight, self.recipe.solver.dense_target,
                                         (prune or quant).dampening)  # type: ignore[union-attr]
         refit = self.recipe.solver.refit and stats is not None
         result = compress_weight(weight, stats, prune=prune, sparsity=sparsity, quant=quant, refit=refit,
-                                 mask_search=self.recipe.solver.mask_search, name=name)
-        sparse_layer, meta = choose_packing(layer, result, prune, self.recipe.format)
+                                 mask_search=self.recipe.solver.mask_search, name=name, mask=mask)
+        if self.mode == "prune":
+            self._keep_trainable(name, layer, result.weight, result.mask, stats, prune, sparsity)
+            return
+        packing_stage = prune if prune is not None else (self.recipe.prune if mask is not None else None)
+        sparse_layer, meta = choose_packing(layer, result, packing_stage, self.recipe.format)
         if stats is not None and stats.tracks_dense and self.recipe.solver.bias_correction and sparse_layer.bias is not None:
             # A new tensor: the packed layer's bias may share the (possibly memory-mapped) dense one's storage.
             sparse_layer.bias = sparse_layer.bias + stats.bias_gap(layer.weight.detach(), result.weight)
@@ -172,20 +227,48 @@ class BlockSolver:
         # Let the dense weight go now: keeping every dense Linear here until the run ends would hold
         # dense and packed copies of the whole model at once.
         self.layers[name] = sparse_layer
-        meta.update(
-            method=prune.method if prune else None,
-            pattern=prune.pattern if prune else None,
-            target_sparsity=sparsity,
-            quant_method=quant.method if quant else None,
-            block=self.layout.block_of(name),
-        )
+        if mask is not None:  # the prune solve before distillation recorded how the mask came to be
+            meta.update({k: v for k, v in self.ctx.record.layers.get(name, {}).items()
+                         if k in ("method", "pattern", "target_sparsity", "bias_corrected")})
+        else:
+            meta.update(method=prune.method if prune else None, pattern=prune.pattern if prune else None,
+                        target_sparsity=sparsity)
+        meta.update(quant_method=quant.method if quant else None, block=self.layout.block_of(name))
+        self.ctx.record.layers[name] = meta
+
+    def _keep_trainable(self, name: str, layer: nn.Linear, weight: torch.Tensor, keep: torch.Tensor | None,
+                        stats: LayerStats | None, prune: PruneStage | None, sparsity: float | None) -> None:
+        """Prune solve: the layer stays an nn.Linear holding the pruned weight; its mask goes to `ctx.masks`."""
+        meta: dict[str, Any] = {"method": prune.method if prune else None, "pattern": prune.pattern if prune else None,
+                                "target_sparsity": sparsity, "block": self.layout.block_of(name)}
+        dense_weight = layer.weight.detach().clone() if stats is not None and stats.tracks_dense else None
+        layer.weight = nn.Parameter(weight.to(layer.weight.dtype).contiguous())
+        if dense_weight is not None and self.recipe.solver.bias_correction and layer.bias is not None:
+            layer.bias = nn.Parameter(layer.bias.detach() + stats.bias_gap(dense_weight, weight))  # type: ignore[union-attr]
+            meta["bias_corrected"] = True
+        if keep is not None:
+            self.ctx.masks[name] = keep.bool()
         self.ctx.record.layers[name] = meta
 
     def block_layers(self, index: int) -> tuple[dict[str, nn.Module], dict[str, dict[str, Any]]]:
-        """The compressed layers of block `index` and their record entries (for checkpoints)."""
+        """The compressed layers of block `index` and their record entries (for checkpoints); the prune
+        solve's trainable layers travel as fp32 dense packs."""
         record = self.ctx.record.layers
-        names = [n for n, meta in record.items() if meta.get("block") == index]
-        return {n: self.ctx.model.get_submodule(n) for n in names}, {n: record[n] for n in names}
+        names = [n for n, meta in record.items() if meta.get("block") == index and n in self.layers]
+        modules = {n: self.ctx.model.get_submodule(n) for n in names}
+        if self.mode == "prune":
+            modules = {n: SparseLinear(DenseWeight.pack(m.weight.detach()), None if m.bias is None else m.bias.detach())
+                       for n, m in modules.items()}
+        return modules, {n: record[n] for n in names}
+
+    def _restore_trainable(self, name: str, module: SparseLinear) -> None:
+        layer = self.layers[name]
+        weight = module.packed.unpack().to(layer.weight.dtype)
+        layer.weight = nn.Parameter(weight)
+        if module.bias is not None:
+            layer.bias = nn.Parameter(module.bias.detach().clone())
+        if self.prune is not None and name in self.prune_targets:
+            self.ctx.masks[name] = weight != 0
 
     def restore(self, finished: Any, n_blocks: int) -> int:
         """Install a checkpoint's finished blocks; returns the index of the first block still to do."""
@@ -193,12 +276,15 @@ class BlockSolver:
             raise InputError(str(getattr(finished, "folder", "<checkpoint>")),
                              "checkpoint does not fit this model; rerun without --resume")
         for name, (module, meta) in finished.layers.items():
-            replace_module(self.ctx.model, name, module)
-            self.layers[name] = module
+            if self.mode == "prune":  # back to a trainable layer; its mask is where the weight is not zero
+                self._restore_trainable(name, module)
+            else:
+                replace_module(self.ctx.model, name, module)
+                self.layers[name] = module
             self.ctx.record.layers[name] = meta
         if finished.rng_state is not None:
             torch.set_rng_state(finished.rng_state)
-        self.ctx.tick("compressing blocks", finished.count, n_blocks)
+        self.ctx.tick(PROGRESS_LABELS[self.mode], finished.count, n_blocks)
         return finished.count
 
 
@@ -210,17 +296,34 @@ class LayerSolvePass(CompressionPass):
     handles = ("prune", "quantize")
     order = ORDER_SOLVE
 
+    def __init__(self, mode: str = "full", round_: int = 1, rounds: int = 1):
+        if mode not in SOLVE_MODES:
+            raise ValueError(f"solve mode {mode!r}: {' | '.join(SOLVE_MODES)}")
+        self.mode = mode
+        self.round, self.rounds = round_, rounds
+        self.order = ORDER_QUANTIZE if mode == "finish" else gradual_order(round_, rounds, "prune")
+
     @classmethod
     def plan(cls, recipe: Recipe) -> list[CompressionPass]:
         prune = recipe.prune
         if prune is not None and len(prune.layer_sparsity_levels) > 1:
             raise RecipeError("prune.sparsity", prune.sparsity, "one sparsity value (nested elastic levels are not available in this version)")
-        if prune is not None and prune.parsed_pattern.is_structured:
-            raise RecipeError("prune.pattern", prune.pattern, "unstructured | N:M | bbs | block (structured removal is not available in this version)")
-        return [cls()] if prune is not None or recipe.quantize is not None else []
+        distill = recipe.distill
+        if distill is None:
+            return [cls()] if prune is not None or recipe.quantize is not None else []
+        rounds = distill.rounds
+        if rounds > 1 and (prune is None or prune.parsed_pattern.kind == "nm"):
+            raise RecipeError("distill.rounds", rounds, "1 (gradual rounds need a prune stage with pattern unstructured | bbs | block)")
+        # Distillation trains between pruning and quantization: prune first (layers stay trainable),
+        # then quantize and pack with the masks fixed on calibration data through the distilled model.
+        planned = [cls("prune", r, rounds) for r in range(1, rounds + 1)] if prune is not None else []
+        return planned + ([cls("finish")] if prune is not None or recipe.quantize is not None else [])
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(mode={self.mode!r}, round={self.round}/{self.rounds}, order={self.order})"
 
     def run(self, ctx: CompressionContext) -> None:
-        solver = BlockSolver(ctx)
+        solver = BlockSolver(ctx, self.mode, cubic_level(self.round, self.rounds))
         if not solver.layers:
             return
         blocks = solver.layout.blocks
@@ -230,7 +333,9 @@ class LayerSolvePass(CompressionPass):
             else:
                 inputs = capture_block_inputs(ctx.model, blocks[0][1], ctx.batches)
             solver.dense_inputs = list(inputs) if solver.follows_dense else []
-            checkpoint = BlockCheckpoint(ctx.open_checkpoint()) if ctx.checkpoint is not None else None
+            prefix = {"prune": "prune-", "finish": "finish-"}.get(self.mode, "")
+            prefix = f"round{self.round}-{prefix}" if self.round > 1 else prefix
+            checkpoint = BlockCheckpoint(ctx.open_checkpoint(), prefix) if ctx.checkpoint is not None else None
             start = 0
             finished = checkpoint.load_finished() if checkpoint is not None else None
             if finished is not None:
@@ -249,4 +354,4 @@ class LayerSolvePass(CompressionPass):
                     dense = None if last or not solver.follows_dense else [hidden_in(i) for i in solver.dense_inputs]
                     checkpoint.save_block(index, *solver.block_layers(index),
                                           None if last else [hidden_in(i) for i in inputs], dense)
-                ctx.tick("compressing blocks", index + 1, len(blocks))
+                ctx.tick(PROGRESS_LABELS[self.mode], index + 1, len(blocks))

@@ -279,6 +279,7 @@ def compress_weight(
     name: str | None = None,
     refit: bool = False,
     mask_search: int = 0,
+    mask: torch.Tensor | None = None,
 ) -> CompressedWeight:
     """Prune and/or quantize one Linear weight `[out, in]` (not modified) in one shot.
 
@@ -288,7 +289,9 @@ def compress_weight(
     `refit` (needs `stats`): the kept weights are refitted by least squares for the chosen mask
     (`RefitPlan`), and GPTQ then quantizes them with that mask fixed. `mask_search` (sparsegpt only):
     that many ADMM iterations search a second mask, and the better of it and the sweep's is kept
-    (`MaskSearchPlan`).
+    (`MaskSearchPlan`). `mask` (bool keep-mask [out, in], instead of `prune`): a mask chosen earlier
+    and kept fixed (after distillation, say); the weight is zeroed off it and only quantized (GPTQ
+    compensating on the kept entries), or refitted first with `refit`.
 
     Example:
         >>> import torch
@@ -309,7 +312,15 @@ def compress_weight(
             f"{label}: statistics are for {stats.in_features} inputs, weight has shape {tuple(weight.shape)}"
         )
     plan = None
-    if prune is not None:
+    if mask is not None:
+        if prune is not None:
+            raise ValueError(f"{label}: give either a prune stage or a fixed mask, not both")
+        if tuple(mask.shape) != tuple(weight.shape):
+            raise ValueError(f"{label}: mask shape {tuple(mask.shape)} does not match weight {tuple(weight.shape)}")
+        plan = FixedMaskPlan(mask.bool())
+        if refit:
+            plan = RefitPlan(plan, _need_stats(stats, "refit").hessian, quant.dampening if quant is not None else 0.01)
+    elif prune is not None:
         spec = MaskSpec.from_stage(prune, sparsity)
         plan = PRUNE_PLANNERS[prune.method](weight, stats, spec, prune)
         if mask_search and spec.sparsity > 0 and isinstance(plan, SweepPlan):
