@@ -34,6 +34,7 @@ from .formats import FORMATS, LayoutMismatch
 from .fusion import fuse_activations
 from .models import convert_conv1d_, replace_module
 from .nn import QuantizedEmbedding, SparseLinear
+from .runtime import use_native_blocks
 
 FORMAT_VERSION = 1
 MANIFEST = "sparsepress.json"
@@ -365,6 +366,7 @@ def load(folder: str | Path) -> nn.Module:
     model.sparsepress_folder = folder  # type: ignore[attr-defined]
     fuse_activations(model)
     use_native_attention(model)
+    use_native_blocks(model)
     return model
 
 

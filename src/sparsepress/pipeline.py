@@ -41,6 +41,7 @@ from .prune.allocation import LayerSummary, allocate_sparsity
 from .prune.solve import compress_weight
 from .prune.stats import LayerStats
 from .recipe import PruneStage, QuantizeEmbeddingsStage, QuantizeStage, Recipe
+from .runtime import use_native_blocks
 
 Progress = Callable[[str, int, int], None]
 NONFINITE_POLICIES = ("error", "skip")
@@ -558,4 +559,5 @@ def compress(
     model.sparsepress_record = runner.record  # type: ignore[attr-defined]
     fuse_activations(model)
     use_native_attention(model)
+    use_native_blocks(model)
     return model

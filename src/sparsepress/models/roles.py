@@ -2,9 +2,9 @@
 reads to run a block without its Python modules.
 
 A family is a table row, not code: the block's shape (post-norm encoders, pre-norm decoders with a
-gated MLP), where the block's Linear layers and norms sit relative to the block, and which module's
-forward the runtime takes over (the one looping over the blocks: `encoder` for BERT, the base model
-for LLaMA, which also runs the embedding lookup, rotary embeddings and the final norm).
+gated MLP), where the block's Linear layers and norms sit relative to the block, and what the base
+model (whose forward the runtime takes over) runs around the blocks: embeddings, a pooler, MPNet's
+relative position bias, a decoder's rotary embeddings and final norm.
 
 Example:
     >>> roles_for("bert").q, roles_for("llama").gate, roles_for("gpt2") is None
@@ -18,11 +18,13 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class BlockRoles:
-    """Relative paths of one family's block members and how the blocks are driven.
+    """Relative paths of one family's block members and what the base model runs around them.
 
-    `entry` names the call convention of the module that loops over the blocks (see
+    `entry` names the base model's call convention (`encoder` or `decoder`, see
     `sparsepress.runtime.entries`); `pre_norm` blocks norm before attention and MLP and add their
-    outputs to the residual stream, post-norm ones add first and norm the sum.
+    outputs to the residual stream, post-norm ones add first and norm the sum. Paths of `embeddings`,
+    `pooler`, `position_bias` (a module with `compute_position_bias`), `final_norm` and `rotary` are
+    relative to the base model; `output` is the transformers output class the base model returns.
     """
 
     entry: str
@@ -38,8 +40,13 @@ class BlockRoles:
     gate: str | None = None
     q_norm: str | None = None
     k_norm: str | None = None
-    final_norm: str | None = None  # relative to the entry module (decoders' `norm`)
-    rotary: str | None = None  # relative to the entry module (decoders' `rotary_emb`)
+    embeddings: str = "embeddings"
+    token_types: bool = False  # the embeddings take token_type_ids
+    pooler: str | None = None
+    position_bias: str | None = None
+    final_norm: str | None = None
+    rotary: str | None = None
+    output: str = "BaseModelOutput"
     activation: tuple[str, ...] = ("hidden_act",)  # config fields naming the MLP activation, first found wins
 
     def linears(self) -> dict[str, str]:
@@ -55,19 +62,21 @@ class BlockRoles:
         return names
 
 
-_BERT = BlockRoles(entry="bert_encoder", pre_norm=False, q="attention.self.query", k="attention.self.key",
+_BERT = BlockRoles(entry="encoder", pre_norm=False, q="attention.self.query", k="attention.self.key",
                    v="attention.self.value", o="attention.output.dense", up="intermediate.dense",
-                   down="output.dense", norm1="attention.output.LayerNorm", norm2="output.LayerNorm")
-_MPNET = BlockRoles(entry="mpnet_encoder", pre_norm=False, q="attention.attn.q", k="attention.attn.k",
+                   down="output.dense", norm1="attention.output.LayerNorm", norm2="output.LayerNorm",
+                   token_types=True, pooler="pooler", output="BaseModelOutputWithPoolingAndCrossAttentions")
+_MPNET = BlockRoles(entry="encoder", pre_norm=False, q="attention.attn.q", k="attention.attn.k",
                     v="attention.attn.v", o="attention.attn.o", up="intermediate.dense", down="output.dense",
-                    norm1="attention.LayerNorm", norm2="output.LayerNorm")
-_DISTILBERT = BlockRoles(entry="distilbert_transformer", pre_norm=False, q="attention.q_lin", k="attention.k_lin",
+                    norm1="attention.LayerNorm", norm2="output.LayerNorm", pooler="pooler", position_bias="encoder",
+                    output="BaseModelOutputWithPooling")
+_DISTILBERT = BlockRoles(entry="encoder", pre_norm=False, q="attention.q_lin", k="attention.k_lin",
                          v="attention.v_lin", o="attention.out_lin", up="ffn.lin1", down="ffn.lin2",
                          norm1="sa_layer_norm", norm2="output_layer_norm", activation=("activation",))
-_LLAMA = BlockRoles(entry="llama_model", pre_norm=True, q="self_attn.q_proj", k="self_attn.k_proj",
+_LLAMA = BlockRoles(entry="decoder", pre_norm=True, q="self_attn.q_proj", k="self_attn.k_proj",
                     v="self_attn.v_proj", o="self_attn.o_proj", gate="mlp.gate_proj", up="mlp.up_proj",
                     down="mlp.down_proj", norm1="input_layernorm", norm2="post_attention_layernorm",
-                    final_norm="norm", rotary="rotary_emb")
+                    embeddings="embed_tokens", final_norm="norm", rotary="rotary_emb", output="BaseModelOutputWithPast")
 _QWEN3 = BlockRoles(**{**_LLAMA.__dict__, "q_norm": "self_attn.q_norm", "k_norm": "self_attn.k_norm"})
 
 # model_type -> roles. Families whose blocks match one of these shapes exactly; others run on modules.
@@ -75,7 +84,6 @@ FAMILY_ROLES: dict[str, BlockRoles] = {
     "bert": _BERT,
     "roberta": _BERT,
     "xlm-roberta": _BERT,
-    "electra": _BERT,
     "mpnet": _MPNET,
     "distilbert": _DISTILBERT,
     "llama": _LLAMA,

@@ -1,18 +1,22 @@
-"""The module whose forward loops over the blocks, taken over by the native Stack: one call per model.
+"""The base model's forward, taken over by the native Stack: one native call for all its blocks.
 
-Each family's looping module has its own call convention (`BlockRoles.entry`): BERT-style encoders
-(`encoder(hidden_states, attention_mask, ...)`), MPNet's encoder (adds its relative position bias),
-DistilBERT's `transformer`, and LLaMA-style base models (embedding lookup, rotary embeddings, mask and
-final norm around the blocks). A runner reads the call; whatever it does not cover exactly (hidden
-states or attentions asked for, a cache, cross-attention, training, autograd, hooks on the blocks,
-torch.compile, an unknown argument) goes to the module's own forward unchanged.
+Two call conventions cover the supported families (`BlockRoles.entry`):
+  encoder: `forward(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, ...)`; the
+           model's own embeddings (and pooler, MPNet's relative position bias) run as modules, the
+           padding mask goes to the attention kernel as one additive row per sequence.
+  decoder: LLaMA-style `forward(input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache)`
+           without a cache: embedding lookup, rotary embeddings and the causal mask by the model's own
+           modules and functions, the blocks and the final norm natively.
+Whatever a runner does not cover exactly (hidden states or attentions asked for, a cache, 3-D/4-D
+masks, training, autograd, hooks on the blocks, torch.compile, an argument it does not know) goes to
+the model's own forward unchanged.
 
-`NativeForward` is the callable put in the looping module's `forward` slot (the instance attribute
+`NativeForward` is the callable put in the base model's `forward` slot (the instance attribute
 accelerate's hooks use too); `NativeForward.original` is the class's forward.
 
 Example:
     >>> sorted(RUNNERS)
-    ['bert_encoder', 'distilbert_transformer', 'llama_model', 'mpnet_encoder']
+    ['decoder', 'encoder']
 """
 
 from __future__ import annotations
@@ -29,21 +33,24 @@ from ..attention import _additive_mask
 from .plan import StackPlan
 
 _is_compiling = torch.compiler.is_compiling
-# arguments a runner may see set without leaving the native path (read and honoured, or inert)
-_INERT = {"return_dict", "position_ids", "output_attentions", "output_hidden_states", "use_cache", "cache"}
+# arguments a runner may see set and still run natively (it honours them, or they change nothing here)
+_READ = {"input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds", "return_dict",
+         "output_attentions", "output_hidden_states", "use_cache"}
 
 
-def _collecting_outputs() -> bool:
-    """Whether transformers is collecting hidden states or attentions of the running forward."""
+def _output_collector() -> Any:
     try:
         from transformers.utils.output_capturing import _active_collector
     except ImportError:  # other transformers versions pass output_* flags down as arguments
-        return False
-    return bool(_active_collector.get())
+        return None
+    return _active_collector
+
+
+_COLLECTOR = _output_collector()
 
 
 class NativeForward:
-    """The forward of a block-looping module: the native Stack where the call fits, else `original`.
+    """The base model's forward: the native Stack where the call fits, else `original`.
 
     `enabled = False` sends every call to `original` (what tests compare against). A deep copy of
     the model gets the plain forward back: the plan points into the original model's tensors.
@@ -57,9 +64,9 @@ class NativeForward:
         self.positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self.enabled and not _is_compiling() and self._fits():
-            call = dict(zip(self.positional, args)) if len(args) <= len(self.positional) else None
-            if call is not None and not (call.keys() & kwargs.keys()):
+        if self.enabled and len(args) <= len(self.positional) and self._fits():
+            call = dict(zip(self.positional, args))
+            if not (call.keys() & kwargs.keys()):
                 call.update(kwargs)
                 result = self.runner(self.plan, call)
                 if result is not None:
@@ -69,17 +76,20 @@ class NativeForward:
 
     def _fits(self) -> bool:
         plan = self.plan
-        return (not plan.entry.training and plan.guard.current() and not plan.guard.hooked()
-                and not _collecting_outputs())
+        return (not plan.entry.training and not _is_compiling() and plan.guard.current() and not plan.guard.hooked()
+                and not (_COLLECTOR is not None and _COLLECTOR.get()))
 
     def __deepcopy__(self, memo: dict) -> Any:
         entry = memo.get(id(self.plan.entry))
-        if entry is None:
-            return self.original
-        return type(entry).forward.__get__(entry)
+        return self.original if entry is None else plain_forward(entry)
 
-    def __reduce__(self):  # pickled models (torch.save) get the plain forward back
-        return getattr, (self.plan.entry.__class__, "forward")
+    def __reduce__(self):  # a pickled model (torch.save) gets the plain forward back
+        return plain_forward, (self.plan.entry,)
+
+
+def plain_forward(module: nn.Module) -> Callable[..., Any]:
+    """The class's own forward bound to `module` (what a copy or unpickled model runs)."""
+    return type(module).forward.__get__(module)
 
 
 def _flag(call: dict[str, Any], name: str, config: Any) -> bool:
@@ -87,33 +97,11 @@ def _flag(call: dict[str, Any], name: str, config: Any) -> bool:
     return bool(getattr(config, name, False) if value is None else value)
 
 
-def _unknown(call: dict[str, Any], known: set[str]) -> bool:
-    """Whether the call sets an argument the runner does not handle."""
-    return any(value is not None and value is not False for key, value in call.items() if key not in known)
-
-
-def _mask_view(mask: torch.Tensor | None, shape: tuple[int, int, int, int]) -> tuple[torch.Tensor | None, list[int]]:
-    """(additive float32 mask viewed as `shape`, its [b, h, s] strides), from a bool or float mask."""
-    if mask is None:
-        return None, [0, 0, 0]
-    additive = _additive_mask(mask, shape)
-    assert additive is not None
-    return additive, list(additive.stride()[:3])
-
-
-def _run_stack(plan: StackPlan, hidden: torch.Tensor, mask: torch.Tensor | None, causal: bool,
-               rotary: tuple[torch.Tensor, torch.Tensor] | None = None, final_norm: bool = False) -> torch.Tensor:
-    batch, seq, width = hidden.shape
-    x = hidden if hidden.is_contiguous() else hidden.contiguous()
-    view, strides = _mask_view(mask, (batch, plan.heads, seq, seq))
-    out = native.output_tensor(batch, seq, width)
-    cos = sin = None
-    if rotary is not None:
-        cos, sin = (t.expand(batch, seq, plan.head_dim).float().contiguous() for t in rotary)
-    plan.stack.forward_raw(x.data_ptr(), out.data_ptr(), batch, seq, 0 if view is None else view.data_ptr(), strides,
-                           causal, 0 if cos is None else cos.data_ptr(), 0 if sin is None else sin.data_ptr(),
-                           final_norm, torch.get_num_threads())
-    return out
+def _declines(plan: StackPlan, call: dict[str, Any], config: Any) -> bool:
+    """Whether the call asks for something the native path does not give: an unknown argument set,
+    hidden states or attentions, tuples where the config does not ask for them anyway."""
+    return (any(value is not None and value is not False for key, value in call.items() if key not in _READ)
+            or _flag(call, "output_attentions", config) or _flag(call, "output_hidden_states", config))
 
 
 def _hidden_ok(plan: StackPlan, hidden: Any) -> bool:
@@ -121,103 +109,113 @@ def _hidden_ok(plan: StackPlan, hidden: Any) -> bool:
             and hidden.shape[-1] == plan.hidden and hidden.numel() > 0 and not plan.guard.wants_grad(hidden))
 
 
-def _mask_ok(mask: Any) -> bool:
-    return mask is None or (isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.is_cpu)
+def _run_stack(plan: StackPlan, hidden: torch.Tensor, mask: torch.Tensor | None, strides: list[int], causal: bool,
+               rotary: tuple[torch.Tensor, torch.Tensor] | None = None, final_norm: bool = False) -> torch.Tensor:
+    batch, seq, width = hidden.shape
+    x = hidden if hidden.is_contiguous() else hidden.contiguous()
+    out = native.output_tensor(batch, seq, width)
+    cos = sin = None
+    if rotary is not None:
+        cos, sin = (t.expand(batch, seq, plan.head_dim).float().contiguous() for t in rotary)
+    plan.stack.forward_raw(x.data_ptr(), out.data_ptr(), batch, seq, 0 if mask is None else mask.data_ptr(), strides,
+                           causal, 0 if cos is None else cos.data_ptr(), 0 if sin is None else sin.data_ptr(),
+                           final_norm, torch.get_num_threads())
+    return out
 
 
-def run_bert_encoder(plan: StackPlan, call: dict[str, Any]) -> Any:
-    """BertEncoder-style `forward(hidden_states, attention_mask, encoder_hidden_states, ...)`."""
-    from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
-
-    hidden, mask = call.get("hidden_states"), call.get("attention_mask")
-    config = plan.entry.config if hasattr(plan.entry, "config") else None
-    if (not _hidden_ok(plan, hidden) or not _mask_ok(mask) or _unknown(call, {"hidden_states", "attention_mask", *_INERT})
-            or call.get("cache") is not None or call.get("past_key_values") is not None or call.get("use_cache")
-            or _flag(call, "output_attentions", config) or _flag(call, "output_hidden_states", config)):
+def _key_mask(mask: Any, batch: int, seq: int) -> tuple[torch.Tensor | None, list[int]] | None:
+    """A [batch, seq] keep-mask (1 / True keeps a key) as one additive row per sequence, broadcast over
+    heads and queries (as transformers' bidirectional masks); None when it is not such a mask."""
+    if mask is None:
+        return None, [0, 0, 0]
+    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (batch, seq) or not mask.is_cpu:
         return None
-    return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=_run_stack(plan, hidden, mask, False))
+    if bool(mask.all()):
+        return None, [0, 0, 0]
+    additive = torch.zeros(batch, seq).masked_fill_(mask == 0, float("-inf"))
+    return additive, [seq, 0, 0]
 
 
-def run_mpnet_encoder(plan: StackPlan, call: dict[str, Any]) -> Any:
-    """MPNetEncoder `forward(hidden_states, attention_mask, output_attentions, output_hidden_states, return_dict)`:
-    its relative position bias joins the mask."""
-    from transformers.modeling_outputs import BaseModelOutput
+def _finish(plan: StackPlan, config: Any, call: dict[str, Any], **fields: Any) -> Any:
+    import transformers.modeling_outputs as outputs
 
-    hidden, mask = call.get("hidden_states"), call.get("attention_mask")
-    if (not _hidden_ok(plan, hidden) or not _mask_ok(mask) or call.get("output_attentions")
-            or call.get("output_hidden_states") or _unknown(call, {"hidden_states", "attention_mask", *_INERT})):
+    result = getattr(outputs, plan.roles.output)(**fields)
+    return_dict = call.get("return_dict")
+    return_dict = getattr(config, "return_dict", True) if return_dict is None else return_dict
+    return result if return_dict else result.to_tuple()
+
+
+def run_encoder(plan: StackPlan, call: dict[str, Any]) -> Any:
+    """An encoder base model (BERT, RoBERTa, XLM-R, MPNet, DistilBERT): embeddings, blocks, pooler."""
+    entry, roles = plan.entry, plan.roles
+    config = getattr(entry, "config", None)
+    ids, embeds = call.get("input_ids"), call.get("inputs_embeds")
+    if _declines(plan, call, config) or call.get("use_cache") or (ids is None) == (embeds is None):
+        return None
+    if call.get("token_type_ids") is not None and not roles.token_types:
+        return None
+    args = {"input_ids": ids, "position_ids": call.get("position_ids"), "inputs_embeds": embeds}
+    if roles.token_types:
+        args["token_type_ids"] = call.get("token_type_ids")
+    hidden = getattr(entry, roles.embeddings)(**args)
+    if not _hidden_ok(plan, hidden):
         return None
     batch, seq, _ = hidden.shape
-    bias = plan.entry.compute_position_bias(hidden)  # [batch, heads, seq, seq]
-    if mask is not None:
-        additive = _additive_mask(mask, (batch, plan.heads, seq, seq))
-        bias = bias + additive
-    out = _run_stack(plan, hidden, bias, False)
-    return BaseModelOutput(last_hidden_state=out) if call.get("return_dict") else (out,)
-
-
-def run_distilbert_transformer(plan: StackPlan, call: dict[str, Any]) -> Any:
-    """DistilBERT's `Transformer.forward(hidden_states, attention_mask, **kwargs)`."""
-    from transformers.modeling_outputs import BaseModelOutput
-
-    hidden, mask = call.get("hidden_states"), call.get("attention_mask")
-    config = getattr(plan.entry, "config", None)
-    if (not _hidden_ok(plan, hidden) or not _mask_ok(mask) or _unknown(call, {"hidden_states", "attention_mask", *_INERT})
-            or _flag(call, "output_attentions", config) or _flag(call, "output_hidden_states", config)):
+    keys = _key_mask(call.get("attention_mask"), batch, seq)
+    if keys is None:
         return None
-    return BaseModelOutput(last_hidden_state=_run_stack(plan, hidden, mask, False))
+    mask, strides = keys
+    if roles.position_bias is not None:  # MPNet: [batch, heads, seq, seq] added to the scores
+        bias = getattr(entry, roles.position_bias).compute_position_bias(hidden)
+        mask = bias if mask is None else bias + mask.view(batch, 1, 1, seq)
+        strides = list(mask.stride()[:3])
+    out = _run_stack(plan, hidden, mask, strides, False)
+    fields: dict[str, Any] = {"last_hidden_state": out}
+    if roles.pooler is not None:
+        pooler = getattr(entry, roles.pooler, None)
+        fields["pooler_output"] = pooler(out) if pooler is not None else None
+    return _finish(plan, config, call, **fields)
 
 
 def causal_mask(entry: nn.Module, embeds: torch.Tensor, attention_mask: torch.Tensor | None,
                 position_ids: torch.Tensor) -> torch.Tensor | None:
-    """The mask a LLaMA-style base model would build for this call without a cache (its own module's
+    """The mask a LLaMA-style base model builds for this call without a cache (its own module's
     `create_causal_mask`): None when plain causality covers it, else [batch, 1, q, k] (bool or float)."""
     make = getattr(sys.modules[type(entry).__module__], "create_causal_mask")
-    params = inspect.signature(make).parameters
-    cache_name = "cache" if "cache" in params else "past_key_values"
-    return make(config=entry.config, inputs_embeds=embeds, attention_mask=attention_mask,
-                **{cache_name: None}, position_ids=position_ids)
+    cache = "cache" if "cache" in inspect.signature(make).parameters else "past_key_values"
+    return make(config=entry.config, inputs_embeds=embeds, attention_mask=attention_mask, **{cache: None},
+                position_ids=position_ids)
 
 
-def run_llama_model(plan: StackPlan, call: dict[str, Any]) -> Any:
-    """LlamaModel-style `forward(input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache)`
-    without a cache: embedding lookup and rotary embeddings by the model's own modules, then the blocks
-    and the final norm natively."""
-    from transformers.modeling_outputs import BaseModelOutputWithPast
-
-    entry = plan.entry
+def run_decoder(plan: StackPlan, call: dict[str, Any]) -> Any:
+    """A LLaMA-style base model without a cache: embeddings, rotary, mask, blocks, final norm."""
+    entry, roles = plan.entry, plan.roles
     config = entry.config
     ids, embeds = call.get("input_ids"), call.get("inputs_embeds")
     mask, positions = call.get("attention_mask"), call.get("position_ids")
     use_cache = call.get("use_cache")
     use_cache = getattr(config, "use_cache", False) if use_cache is None else use_cache
-    known = {"input_ids", "inputs_embeds", "attention_mask", *_INERT}
-    if (use_cache or call.get("cache") is not None or call.get("past_key_values") is not None
-            or _unknown(call, known) or _flag(call, "output_attentions", config)
-            or _flag(call, "output_hidden_states", config) or call.get("return_dict") is False
-            or (ids is None) == (embeds is None) or (mask is not None and (not isinstance(mask, torch.Tensor)
-                                                                            or mask.dim() != 2))):
+    if (_declines(plan, call, config) or use_cache or (ids is None) == (embeds is None)
+            or call.get("token_type_ids") is not None
+            or (mask is not None and (not isinstance(mask, torch.Tensor) or mask.dim() != 2))):
         return None
     if embeds is None:
-        embeds = entry.embed_tokens(ids)
+        embeds = getattr(entry, roles.embeddings)(ids)
     if not _hidden_ok(plan, embeds):
         return None
-    seq = embeds.shape[1]
+    batch, seq, _ = embeds.shape
     if positions is None:
         positions = torch.arange(seq).unsqueeze(0)
     built = causal_mask(entry, embeds, mask, positions)
-    if not _mask_ok(built):
+    if built is not None and not (isinstance(built, torch.Tensor) and built.dim() == 4):
         return None
-    rotary = plan.rotary(embeds, position_ids=positions) if plan.rotary is not None else None
-    out = _run_stack(plan, embeds, built, built is None, rotary, final_norm=plan.final_norm)
-    return BaseModelOutputWithPast(last_hidden_state=out)
+    additive = _additive_mask(built, (batch, plan.heads, seq, seq)) if built is not None else None
+    strides = list(additive.stride()[:3]) if additive is not None else [0, 0, 0]
+    rotary = getattr(entry, roles.rotary)(embeds, position_ids=positions) if roles.rotary is not None else None
+    out = _run_stack(plan, embeds, additive, strides, built is None, rotary, final_norm=plan.final_norm)
+    return _finish(plan, config, call, last_hidden_state=out)
 
 
-RUNNERS: dict[str, Callable[[StackPlan, dict[str, Any]], Any]] = {
-    "bert_encoder": run_bert_encoder,
-    "mpnet_encoder": run_mpnet_encoder,
-    "distilbert_transformer": run_distilbert_transformer,
-    "llama_model": run_llama_model,
-}
+RUNNERS: dict[str, Callable[[StackPlan, dict[str, Any]], Any]] = {"encoder": run_encoder, "decoder": run_decoder}
 
-__all__ = ["NativeForward", "RUNNERS", "causal_mask"]
+__all__ = ["NativeForward", "RUNNERS", "causal_mask", "plain_forward"]

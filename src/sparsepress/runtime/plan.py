@@ -15,12 +15,13 @@ Example:
     >>> dense = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
     ...                              intermediate_size=64, vocab_size=50))
     >>> build_plan(dense)  # dense nn.Linear layers: nothing native to run
-    "encoder.layer.0.attention.self.query is a Linear, not a packed layer with a native kernel"
+    'encoder.layer.0.attention.self.query is a Linear, not a packed layer with a native kernel'
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from operator import attrgetter, is_
 from typing import Any
 
 import torch
@@ -47,19 +48,27 @@ class PlanGuard:
     owners: list[tuple[dict, str, Any]] = field(default_factory=list, repr=False)  # owner[key] is still `value`
     modules: list[nn.Module] = field(default_factory=list, repr=False)  # hooked modules: the module path
     parameters: list[torch.Tensor] = field(default_factory=list, repr=False)
+    _columns: tuple | None = field(default=None, repr=False)  # owners as three tuples, for current()
 
     def watch(self, owner: dict, key: str) -> Any:
         """Record `owner[key]` (a module's `_modules`, `_parameters`, `_buffers` or `__dict__`); return it."""
         value = owner[key]
-        self.owners.append((owner, key, value))
+        if not any(o is owner and k == key for o, k, _ in self.owners[-8:]):  # paths share their first levels
+            self.owners.append((owner, key, value))
         return value
 
     def current(self) -> bool:
-        """Whether every watched slot still holds what the plan was built from."""
-        return all(owner.get(key) is value for owner, key, value in self.owners)
+        """Whether every watched slot still holds what the plan was built from (C-level loops: ~250 slots
+        for MiniLM, checked on every call)."""
+        if self._columns is None or len(self._columns[0]) != len(self.owners):
+            self._columns = tuple(zip(*self.owners)) if self.owners else ((), (), ())  # type: ignore[assignment]
+        owners, keys, values = self._columns  # type: ignore[misc]
+        return all(map(is_, map(dict.get, owners, keys), values))
 
     def hooked(self) -> bool:
         """Whether any forward hook besides transformers' idle output-capture hooks watches the blocks."""
+        if not (any(map(_FORWARD_HOOKS, self.modules)) or any(map(_PRE_HOOKS, self.modules))):
+            return False
         return any(_active_hooks(m) for m in self.modules)
 
     def wants_grad(self, *inputs: torch.Tensor) -> bool:
@@ -67,6 +76,10 @@ class PlanGuard:
         if not torch.is_grad_enabled():
             return False
         return any(t.requires_grad for t in inputs) or any(p.requires_grad for p in self.parameters)
+
+
+_FORWARD_HOOKS = attrgetter("_forward_hooks")
+_PRE_HOOKS = attrgetter("_forward_pre_hooks")
 
 
 def _active_hooks(module: nn.Module) -> bool:
@@ -171,10 +184,13 @@ def _check_config(config: Any, roles: BlockRoles) -> None:
         raise _Refused("flex attention")
 
 
-def _entry_of(model: nn.Module, block_names: list[str]) -> tuple[str, nn.Module]:
-    container = block_names[0].rsplit(".", 1)[0]  # the ModuleList
-    entry = container.rsplit(".", 1)[0] if "." in container else ""
-    return entry, model.get_submodule(entry) if entry else model
+def _entry_of(model: nn.Module, container: nn.Module) -> tuple[str, nn.Module]:
+    """The base model (transformers' `base_model`: the model itself, or the one under a task head)."""
+    entry = getattr(model, "base_model", model)
+    if not isinstance(entry, nn.Module) or not any(m is container for m in entry.modules()):
+        raise _Refused("the blocks are not inside the base model")
+    name = next(n for n, m in model.named_modules() if m is entry)
+    return name, entry
 
 
 def build_plan(model: nn.Module) -> StackPlan | str:
@@ -201,9 +217,12 @@ def _build(lib: Any, model: nn.Module, config: Any, roles: BlockRoles) -> StackP
     if layout.adapter == "generic" or not layout.blocks or layout.blocks[0][0] == "":
         raise _Refused("the layout adapter found no transformer blocks")
     names = [name for name, _ in layout.blocks]
-    entry_name, entry = _entry_of(model, names)
     guard = PlanGuard()
     container = model.get_submodule(names[0].rsplit(".", 1)[0])
+    entry_name, entry = _entry_of(model, container)
+    for path in (roles.embeddings, roles.pooler, roles.position_bias):
+        if path is not None and path != roles.pooler and not isinstance(getattr(entry, path, None), nn.Module):
+            raise _Refused(f"the base model has no {path}")
     blocks = [guard.watch(container._modules, str(i)) for i in range(len(container))]
     first = blocks[0]
     q = _member(first, roles.q, names[0], guard)
