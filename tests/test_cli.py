@@ -52,6 +52,9 @@ def test_bench_shows_baselines_side_by_side(compressed_dir):
     assert result.exit_code == 0, result.output
     for row in ("torch fp32 (dense)", "torch dynamic int8 (dense)", "sparsepress"):
         assert row in result.output
+    energy = result.output.split("energy per inference")[1]
+    assert energy.count(" J (") == 3  # one reading per runtime, each labelled rapl or estimate
+    assert ("estimate" in energy) or ("rapl" in energy)
 
 
 @pytest.mark.parametrize(

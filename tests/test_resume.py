@@ -10,7 +10,8 @@ import torch
 from typer.testing import CliRunner
 
 import sparsepress as sp
-from sparsepress import pipeline
+from sparsepress.passes.block_checkpoint import BlockCheckpoint
+from sparsepress.passes.layer_solve import BlockSolver
 from sparsepress.checkpoint import Checkpoint, checkpoint_folder, weights_digest
 from sparsepress.cli import app
 from sparsepress.io import TENSORS
@@ -47,8 +48,8 @@ def test_resumed_run_is_byte_identical(tmp_path, monkeypatch):
     assert sorted(p.name for p in folder.iterdir()) == [
         "block-0000.json", "block-0000.safetensors", "fingerprint.json", "hidden-0000.safetensors"]
     calls = []
-    original = pipeline._Compressor.compress_block
-    monkeypatch.setattr(pipeline._Compressor, "compress_block",
+    original = BlockSolver.compress_block
+    monkeypatch.setattr(BlockSolver, "compress_block",
                         lambda self, name, *a: calls.append(name) or original(self, name, *a))
     model = tiny_bert()
     resumed = sp.compress(model, RECIPE, calibration=token_ids(), batch_size=4,
@@ -107,18 +108,18 @@ def test_cli_resume_end_to_end(tiny_bert_dir, tmp_path, monkeypatch):
     assert not checkpoint_folder(tmp_path / "ref").exists()  # deleted on success
 
     out = tmp_path / "out"
-    original = Checkpoint.save_block
+    original = BlockCheckpoint.save_block
 
     def interrupt_after_first(self, index, *args):
         original(self, index, *args)
         if index == 0:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(Checkpoint, "save_block", interrupt_after_first)
+    monkeypatch.setattr(BlockCheckpoint, "save_block", interrupt_after_first)
     result = _cli("compress", tiny_bert_dir, *common, "--out", out)
     assert result.exit_code == 130 and "--resume" in result.output and "Traceback" not in result.output
     assert not out.exists() and (checkpoint_folder(out) / "block-0000.json").is_file()
-    monkeypatch.setattr(Checkpoint, "save_block", original)
+    monkeypatch.setattr(BlockCheckpoint, "save_block", original)
 
     other = tmp_path / "other.yaml"
     other.write_text(recipe.read_text().replace("0.5", "0.6"))

@@ -13,7 +13,9 @@ from tiny import tiny_bert, token_ids
 import sparsepress as sp
 from sparsepress.calibration import make_batches
 from sparsepress.evaluate import mean_cosine, pooled_output
-from sparsepress.pipeline import _capture_block_inputs, _Compressor
+from sparsepress.passes.blocks import capture_block_inputs
+from sparsepress.passes.context import CompressionContext
+from sparsepress.passes.layer_solve import BlockSolver
 from sparsepress.prune.refit import damped, refit_kept
 from sparsepress.prune.solve import compress_weight
 from sparsepress.prune.stats import LayerStats
@@ -124,10 +126,10 @@ def test_bias_gap_is_the_mean_output_difference():
 def test_sequential_groups_follow_the_forward_and_share_inputs():
     model = tiny_bert()
     recipe = Recipe.model_validate({"stages": [{"prune": {"method": "sparsegpt", "sparsity": 0.5}}]})
-    runner = _Compressor(model, recipe, None)
+    runner = BlockSolver(CompressionContext(model, recipe))
     batches = make_batches(token_ids(2), 2, 0)
     name, block = runner.layout.blocks[0]
-    inputs = _capture_block_inputs(model, block, batches)
+    inputs = capture_block_inputs(model, block, batches)
     members = {n: l for n, l in runner.layers.items() if n.startswith(name + ".")}
     groups = runner._solve_groups(block, members, inputs)
     short = [[n[len(name) + 1:] for n in g] for g in groups]

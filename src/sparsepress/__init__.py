@@ -8,6 +8,7 @@ Example:
 
 __version__ = "0.1.0"
 
+from .adaptive import AdaptiveController  # noqa: E402
 from .errors import (  # noqa: E402
     ChecksumError,
     FormatError,
@@ -20,11 +21,12 @@ from .errors import (  # noqa: E402
     VersionError,
 )
 from .io import load, save  # noqa: E402
-from .nn import QuantizedEmbedding, SparseLinear  # noqa: E402
+from .nn import QuantizedEmbedding, SparseLinear, set_activation_sparsity  # noqa: E402
 from .pipeline import compress  # noqa: E402
 from .recipe import Recipe  # noqa: E402
 
 __all__ = [
+    "AdaptiveController",
     "ChecksumError",
     "FormatError",
     "InputError",
@@ -41,4 +43,5 @@ __all__ = [
     "compress",
     "load",
     "save",
+    "set_activation_sparsity",
 ]

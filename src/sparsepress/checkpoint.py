@@ -8,6 +8,7 @@
     hidden-0003.safetensors   the hidden states feeding block 4 and the torch RNG state (latest only)
     block-0003.json           the layers' metadata and the sha256 of both files; written last, it
                               commits the block
+    <pass>-*.json / .safetensors  entries of other passes (the same commit-last rule)
 
 Every file is written under a temporary name and renamed into place, so a crash leaves at most a
 stray temporary file, never a half-written block. A run without `--resume` replaces any old
@@ -33,9 +34,9 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -43,8 +44,6 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .errors import FormatError, InputError
-from .formats import FORMATS, LayoutMismatch
-from .nn import SparseLinear
 
 CHECKPOINT_VERSION = 1
 FINGERPRINT = "fingerprint.json"
@@ -107,18 +106,6 @@ def ids_digest(ids: Sequence[torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-@dataclass
-class FinishedBlocks:
-    """What a checkpoint restores: the first `count` blocks' layers, and what feeds block `count`."""
-
-    count: int
-    layers: dict[str, tuple[SparseLinear, dict[str, Any]]]  # name -> (module, compression record entry)
-    hidden: list[torch.Tensor] | None
-    rng_state: torch.Tensor | None
-    folder: Path | None = None
-    dense_hidden: list[torch.Tensor] | None = None  # the dense model's, when the solve follows it
-
-
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as handle:
@@ -138,11 +125,12 @@ def _atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> str:
 
 
 class Checkpoint:
-    """The per-block checkpoint of one compression run, kept in `folder`.
+    """The checkpoint of one compression run, kept in `folder`: its fingerprint and committed entries.
 
     `weights` identifies the source weights (see `weights_digest`); `resume` continues a matching
-    checkpoint instead of replacing it. `compress(..., checkpoint=...)` calls `begin`,
-    `load_finished` and `save_block`; the caller calls `discard` once the result is saved.
+    checkpoint instead of replacing it. `compress(..., checkpoint=...)` calls `begin` once; passes save
+    and load their entries (`save_entry`, `load_entry`; the layer solve's blocks in
+    `passes/block_checkpoint.py`); the caller calls `discard` once the result is saved.
 
     Example:
         >>> Checkpoint("/tmp/.x.checkpoint", weights="abc").resume
@@ -154,7 +142,7 @@ class Checkpoint:
         self._fingerprint: dict[str, Any] | None = None
 
     @classmethod
-    def for_output(cls, out: str | Path, source: str | Path | nn.Module, *, resume: bool = False) -> "Checkpoint":
+    def for_output(cls, out: str | Path, source: str | Path | nn.Module, *, resume: bool = False) -> Checkpoint:
         """The checkpoint of a run writing `out` from `source` (a model folder or module)."""
         return cls(checkpoint_folder(out), weights=weights_digest(source), resume=resume)
 
@@ -194,67 +182,33 @@ class Checkpoint:
         self.folder.mkdir(parents=True)
         _atomic_write_bytes(path, (json.dumps(current, indent=2, sort_keys=True) + "\n").encode())
 
-    def _block_paths(self, index: int) -> tuple[Path, Path, Path]:
-        stem = f"{index:04d}"
-        return (self.folder / f"block-{stem}.json", self.folder / f"block-{stem}.safetensors",
-                self.folder / f"hidden-{stem}.safetensors")
+    def save_entry(self, stem: str, files: dict[str, dict[str, torch.Tensor]], body: dict[str, Any]) -> None:
+        """Commit entry `stem`: each tensors file of `files` (name -> tensors), then `stem.json` holding
+        `body` and the files' sha256, written last; a crash before that leaves the entry uncommitted."""
+        shas = {name: _atomic_save_tensors(self.folder / name, tensors) for name, tensors in files.items()}
+        text = json.dumps({**body, "files": shas}, indent=2, sort_keys=True) + "\n"
+        _atomic_write_bytes(self.folder / f"{stem}.json", text.encode())
 
-    def save_block(self, index: int, layers: dict[str, SparseLinear], records: dict[str, dict[str, Any]],
-                   hidden: list[torch.Tensor] | None, dense_hidden: list[torch.Tensor] | None = None) -> None:
-        """Commit block `index`: its packed layers, their record entries, and the hidden states after it
-        (the compressed model's, and the dense model's when the solve aims at it)."""
-        meta_path, tensors_path, hidden_path = self._block_paths(index)
-        tensors: dict[str, torch.Tensor] = {}
-        entries: dict[str, Any] = {}
-        for name, layer in layers.items():
-            own = dict(layer.packed.tensors())
-            if layer.bias is not None:
-                own["bias"] = layer.bias
-            tensors.update({f"{name}.{suffix}": t for suffix, t in own.items()})
-            entries[name] = {"packed": layer.packed.meta(), "tensors": sorted(own), "record": records[name]}
-        extra: dict[str, torch.Tensor] = {"rng_state": torch.get_rng_state()}
-        if hidden is not None:
-            extra.update({f"hidden.{j}": h for j, h in enumerate(hidden)})
-        if dense_hidden is not None:
-            extra.update({f"dense.{j}": h for j, h in enumerate(dense_hidden)})
-        body = {
-            "index": index,
-            "layers": entries,
-            "tensors_sha256": _atomic_save_tensors(tensors_path, tensors),
-            "hidden_sha256": _atomic_save_tensors(hidden_path, extra),
-            "hidden_count": len(hidden) if hidden is not None else None,
-            "dense_count": len(dense_hidden) if dense_hidden is not None else None,
-        }
-        _atomic_write_bytes(meta_path, (json.dumps(body, indent=2, sort_keys=True) + "\n").encode())
-        previous = self._block_paths(index - 1)[2]
-        if index > 0 and previous.exists():
-            previous.unlink()  # only the newest hidden states are ever needed
+    def has_entry(self, stem: str) -> bool:
+        """Whether entry `stem` was committed (and the run is resuming from this checkpoint)."""
+        return self.resume and (self.folder / f"{stem}.json").is_file()
 
-    def load_finished(self) -> FinishedBlocks | None:
-        """The committed blocks 0..k-1 of a resumed run (None when there are none or not resuming)."""
-        if not self.resume or not self.folder.is_dir():
-            return None
-        count = 0
-        while self._block_paths(count)[0].is_file():
-            count += 1
-        if count == 0:
-            return None
-        layers: dict[str, tuple[SparseLinear, dict[str, Any]]] = {}
-        for index in range(count):
-            layers.update(self._read_layers(index))
-        hidden, dense_hidden, rng_state = self._read_hidden(count - 1)
-        return FinishedBlocks(count=count, layers=layers, hidden=hidden, rng_state=rng_state, folder=self.folder,
-                              dense_hidden=dense_hidden)
-
-    def _read_meta(self, index: int) -> dict[str, Any]:
-        meta_path = self._block_paths(index)[0]
+    def load_entry(self, stem: str, files: Sequence[str] | None = None) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
+        """The body of committed entry `stem` and its tensors files (those named in `files`, default all),
+        each checked against its sha256; FormatError naming the file on any damage."""
+        path = self.folder / f"{stem}.json"
         try:
-            body = json.loads(meta_path.read_text(encoding="utf-8"))
+            body = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise FormatError(meta_path, f"unreadable checkpoint block: {exc}; rerun without --resume") from None
-        if not isinstance(body, dict) or not isinstance(body.get("layers"), dict):
-            raise FormatError(meta_path, "not a checkpoint block; rerun without --resume")
-        return body
+            raise FormatError(path, f"unreadable checkpoint entry: {exc}; rerun without --resume") from None
+        if not isinstance(body, dict) or not isinstance(body.get("files"), dict):
+            raise FormatError(path, "not a checkpoint entry; rerun without --resume")
+        wanted = body["files"] if files is None else files
+        return body, {name: self._read_tensors(self.folder / name, body["files"].get(name)) for name in wanted}
+
+    def remove(self, name: str) -> None:
+        """Delete one file of the checkpoint, if it is there (data no later resume needs)."""
+        (self.folder / name).unlink(missing_ok=True)
 
     def _read_tensors(self, path: Path, sha: Any) -> dict[str, torch.Tensor]:
         if not path.is_file():
@@ -266,35 +220,9 @@ class Checkpoint:
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
             raise FormatError(path, f"unreadable checkpoint tensors: {exc}; rerun without --resume") from None
 
-    def _read_layers(self, index: int) -> dict[str, tuple[SparseLinear, dict[str, Any]]]:
-        body = self._read_meta(index)
-        _, tensors_path, _ = self._block_paths(index)
-        tensors = self._read_tensors(tensors_path, body.get("tensors_sha256"))
-        layers = {}
-        for name, entry in body["layers"].items():
-            try:
-                own = {suffix: tensors[f"{name}.{suffix}"] for suffix in entry["tensors"]}
-                bias = own.pop("bias", None)
-                packed = FORMATS[entry["packed"]["format"]].from_tensors(own, entry["packed"])
-                layers[name] = (SparseLinear(packed, bias), dict(entry["record"]))
-            except (KeyError, TypeError, ValueError, LayoutMismatch) as exc:
-                raise FormatError(tensors_path, f"layer '{name}' cannot be restored: {exc}; rerun without --resume") from None
-        return layers
-
-    def _read_hidden(self, index: int) -> tuple[list[torch.Tensor] | None, list[torch.Tensor] | None, torch.Tensor | None]:
-        body = self._read_meta(index)
-        path = self._block_paths(index)[2]
-        tensors = self._read_tensors(path, body.get("hidden_sha256"))
-        try:
-            hidden, dense = (None if body.get(key) is None else [tensors[f"{prefix}.{j}"] for j in range(int(body[key]))]
-                             for key, prefix in (("hidden_count", "hidden"), ("dense_count", "dense")))
-        except (KeyError, TypeError, ValueError):
-            raise FormatError(path, "hidden states missing; rerun without --resume") from None
-        return hidden, dense, tensors.get("rng_state")
-
     def discard(self) -> None:
         """Delete the checkpoint folder (after the result is safely written)."""
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-__all__ = ["Checkpoint", "FinishedBlocks", "checkpoint_folder", "ids_digest", "weights_digest"]
+__all__ = ["Checkpoint", "checkpoint_folder", "ids_digest", "weights_digest"]

@@ -207,11 +207,11 @@ def eval_command(
 TORCH_BASELINES = ("torch fp32 (dense)", "torch dynamic int8 (dense)")
 
 
-def bench_rows(folder: Path, reference: str | None, batch: int, seq_len: int, repeats: int = 10) -> list[tuple[str, float]]:
-    """Latency (ms) of torch fp32, torch dynamic int8 and the sparsepress folder, measured side by side."""
+def bench_models(folder: Path, reference: str | None, batch: int, seq_len: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The models `bench` compares (torch fp32, torch dynamic int8, the folder) and one batch of inputs."""
     import torch
 
-    from .evaluate import dynamic_int8, models_ms
+    from .evaluate import dynamic_int8
     from .io import load, read_manifest
     from .sources import load_source
 
@@ -222,7 +222,14 @@ def bench_rows(folder: Path, reference: str | None, batch: int, seq_len: int, re
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(1000 if vocab > 2000 else 0, min(vocab, 2000 if vocab > 2000 else vocab), (batch, seq_len), generator=gen)
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    models = {"torch fp32 (dense)": dense, "torch dynamic int8 (dense)": dynamic_int8(dense), "sparsepress": model}
+    return {"torch fp32 (dense)": dense, "torch dynamic int8 (dense)": dynamic_int8(dense), "sparsepress": model}, inputs
+
+
+def bench_rows(folder: Path, reference: str | None, batch: int, seq_len: int, repeats: int = 10) -> list[tuple[str, float]]:
+    """Latency (ms) of torch fp32, torch dynamic int8 and the sparsepress folder, measured side by side."""
+    from .evaluate import models_ms
+
+    models, inputs = bench_models(folder, reference, batch, seq_len)
     return list(models_ms(models, inputs, rounds=repeats).items())
 
 
@@ -235,11 +242,18 @@ def bench_command(
     reference: Optional[str] = typer.Option(None, "--reference", help="dense reference model (default: the recorded source)"),
     repeats: int = typer.Option(10, "--repeats", min=1),
 ) -> None:
-    """Latency of FOLDER against the dense reference in torch fp32 and torch dynamic int8, side by side."""
-    from .report import latency_table
+    """Latency of FOLDER against the dense reference in torch fp32 and torch dynamic int8, side by side,
+    and joules per inference (RAPL where readable, else a labelled estimate)."""
+    from .energy import energy_per_inference
+    from .evaluate import forward_runner, models_ms
+    from .report import kv_table, latency_table
 
-    rows = bench_rows(folder, reference, batch, seq_len, repeats)
+    models, inputs = bench_models(folder, reference, batch, seq_len)
+    rows = list(models_ms(models, inputs, rounds=repeats).items())
     console.print(latency_table(f"latency, batch {batch} x {seq_len} tokens", rows, baselines=TORCH_BASELINES))
+    energy = [(name, energy_per_inference(forward_runner(models[name], inputs), models[name], batch * seq_len,
+                                          ms / 1000).label) for name, ms in rows]
+    console.print(kv_table("energy per inference", energy))
 
 
 @app.command("demo")

@@ -34,6 +34,7 @@ from .formats import FORMATS, LayoutMismatch
 from .fusion import fuse_activations
 from .models import convert_conv1d_, replace_module
 from .nn import QuantizedEmbedding, SparseLinear
+from .nn.activation import install_thresholds
 from .runtime import use_native_blocks
 
 FORMAT_VERSION = 1
@@ -75,6 +76,8 @@ def _collect_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[st
                 tensors[f"{name}.{suffix}"] = tensor
             if module.bias is not None:
                 tensors[f"{name}.bias"] = module.bias
+            if module.act_thresholds is not None:
+                tensors[f"{name}.act_thresholds"] = module.act_thresholds
             meta = module.packed.meta()
             meta["bias"] = module.bias is not None
             extra = history["layers"].get(name, {})
@@ -108,10 +111,11 @@ def _history(model: nn.Module) -> dict[str, Any]:
     record = getattr(model, "sparsepress_record", None)
     if record is not None:
         return {"recipe": record.recipe.to_dict(), "adapter": record.adapter, "layers": record.layers,
-                "source": getattr(model, "sparsepress_source", None)}
+                "source": getattr(model, "sparsepress_source", None),
+                "activation_sparsity": record.extra.get("activation_sparsity")}
     manifest = getattr(model, "sparsepress_manifest", None) or {}
     return {"recipe": manifest.get("recipe"), "adapter": manifest.get("adapter"), "layers": manifest.get("layers", {}),
-            "source": manifest.get("source")}
+            "source": manifest.get("source"), "activation_sparsity": manifest.get("activation_sparsity")}
 
 
 def _atomic_folder(out: Path, overwrite: bool) -> Path:
@@ -190,6 +194,7 @@ def save(
             "layers": layers,
             "embeddings": embeddings,
             "aliases": aliases,
+            "activation_sparsity": history["activation_sparsity"],
             "tensors_file": TENSORS,
             "tensors_sha256": sha256_of(staging / TENSORS),
         }
@@ -341,6 +346,7 @@ def load(folder: str | Path) -> nn.Module:
     convert_conv1d_(model)
     for name, meta in manifest["layers"].items():
         _install_linear(folder, model, tensors, name, meta)
+    _install_activation_levels(folder, model, manifest.get("activation_sparsity"))
     for name, meta in manifest["embeddings"].items():
         _install_embedding(folder, model, tensors, name, meta)
     for alias, original in manifest["aliases"].items():
@@ -370,8 +376,10 @@ def load(folder: str | Path) -> nn.Module:
     return model
 
 
-def _packed_layer(folder: Path, tensors: dict[str, torch.Tensor], name: Any, meta: Any) -> tuple[Any, torch.Tensor | None]:
-    """Pop layer `name`'s tensors and rebuild its packed weight; TensorLayoutError naming the file on any mismatch."""
+def _packed_layer(folder: Path, tensors: dict[str, torch.Tensor], name: Any,
+                  meta: Any) -> tuple[Any, torch.Tensor | None, torch.Tensor | None]:
+    """Pop layer `name`'s tensors and rebuild its packed weight: (packed, bias, activation thresholds);
+    TensorLayoutError naming the file on any mismatch."""
     where = folder / TENSORS
     fmt = meta.get("format") if isinstance(meta, dict) else None
     if not isinstance(name, str) or not name:
@@ -380,6 +388,9 @@ def _packed_layer(folder: Path, tensors: dict[str, torch.Tensor], name: Any, met
         raise TensorLayoutError(folder / MANIFEST, f"layer '{name}': unknown format {fmt if isinstance(meta, dict) else meta!r}")
     own = _take(tensors, name + ".")
     bias = own.pop("bias", None)
+    thresholds = own.pop("act_thresholds", None)
+    if thresholds is not None and (thresholds.dtype != torch.float32 or thresholds.dim() != 1):
+        raise TensorLayoutError(where, f"layer '{name}': act_thresholds must be a float32 vector")
     try:
         packed = FORMATS[fmt].from_tensors(own, meta)
     except LayoutMismatch as exc:
@@ -388,7 +399,7 @@ def _packed_layer(folder: Path, tensors: dict[str, torch.Tensor], name: Any, met
         raise TensorLayoutError(where, f"layer '{name}': bias must be float32 [{packed.out_features}]")
     if bool(meta.get("bias")) != (bias is not None):
         raise TensorLayoutError(where, f"layer '{name}': bias presence does not match the manifest")
-    return packed, bias
+    return packed, bias, thresholds
 
 
 def _embedding_parts(folder: Path, tensors: dict[str, torch.Tensor], name: Any, meta: Any) -> tuple[torch.Tensor, torch.Tensor, int, int, int, Any]:
@@ -455,7 +466,7 @@ def _config_and_class(folder: Path, manifest: dict[str, Any]) -> tuple[type[nn.M
 
 
 def _install_linear(folder: Path, model: nn.Module, tensors: dict[str, torch.Tensor], name: str, meta: Any) -> None:
-    packed, bias = _packed_layer(folder, tensors, name, meta)
+    packed, bias, thresholds = _packed_layer(folder, tensors, name, meta)
     try:
         target = model.get_submodule(name)
     except AttributeError:
@@ -463,7 +474,23 @@ def _install_linear(folder: Path, model: nn.Module, tensors: dict[str, torch.Ten
     if not isinstance(target, nn.Linear) or (packed.out_features, packed.in_features) != (target.out_features, target.in_features):
         fits = [target.out_features, target.in_features] if isinstance(target, nn.Linear) else type(target).__name__
         raise TensorLayoutError(folder / TENSORS, f"layer '{name}': shape {list(packed.shape)} does not fit the model's {fits}")
-    replace_module(model, name, SparseLinear(packed, bias))
+    layer = SparseLinear(packed, bias)
+    replace_module(model, name, layer)
+    if thresholds is not None:
+        layer.act_thresholds = thresholds
+
+
+def _install_activation_levels(folder: Path, model: nn.Module, entry: Any) -> None:
+    """Make the layers carrying activation thresholds follow the model's stored levels, at the default one."""
+    carrying = {n: m.act_thresholds for n, m in model.named_modules()
+                if isinstance(m, SparseLinear) and m.act_thresholds is not None}
+    if entry is None and not carrying:
+        return
+    try:
+        levels, default = [float(v) for v in entry["levels"]], float(entry["default"])
+        install_thresholds(model, carrying, levels, default)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise TensorLayoutError(folder / MANIFEST, f"activation_sparsity entry does not fit the stored thresholds: {exc}") from None
 
 
 def _install_embedding(folder: Path, model: nn.Module, tensors: dict[str, torch.Tensor], name: str, meta: Any) -> None:

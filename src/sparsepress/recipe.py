@@ -187,19 +187,42 @@ class QuantizeEmbeddingsStage(BaseModel):
     bits: Literal[8, 4] = 8
 
 
-class ActivationSparsityStage(BaseModel):
+class ActivationSparsityStage(_TargetedStage):
     """Zero the smallest inputs of each Linear at run time (thresholds calibrated per layer).
 
+    `sparsity` is the level a loaded model starts at; thresholds are stored for every level of
+    `levels` (default: 0.25, 0.4, 0.5, 0.6 and `sparsity`), so `sp.set_activation_sparsity` can switch
+    between them (0 turns it off). `targets` / `ignore`: regexes over the Linear layers inside blocks.
+
     Example:
-        >>> ActivationSparsityStage(sparsity=0.4).sparsity
-        0.4
+        >>> ActivationSparsityStage(sparsity=0.4).ladder
+        [0.25, 0.4, 0.5, 0.6]
+        >>> ActivationSparsityStage(sparsity=0.3, levels=[0.5]).ladder
+        [0.3, 0.5]
     """
 
-    model_config = _STRICT
     kind: ClassVar[str] = "activation_sparsity"
     sparsity: float
+    levels: list[float] | None = None
 
     _fraction = field_validator("sparsity")(classmethod(lambda cls, v: _check_fraction(v, "sparsity")))
+
+    @field_validator("levels")
+    @classmethod
+    def _levels_in_range(cls, value: list[float] | None) -> list[float] | None:
+        for level in value or []:
+            if not 0.0 < level < 1.0:
+                raise ValueError(f"each activation sparsity level in (0, 1), got {level}")
+        return value
+
+    @property
+    def ladder(self) -> list[float]:
+        """Every stored level (0, "off", is always available besides these)."""
+        base = DEFAULT_ACTIVATION_LEVELS if self.levels is None else self.levels
+        return sorted({round(float(v), 6) for v in [*base, self.sparsity] if v > 0})
+
+
+DEFAULT_ACTIVATION_LEVELS = (0.25, 0.4, 0.5, 0.6)
 
 
 class DistillStage(BaseModel):

@@ -32,7 +32,7 @@ class QuantizedEmbedding(nn.Module):
         self.register_buffer("scales", scales.float().contiguous())
 
     @classmethod
-    def from_embedding(cls, embedding: nn.Embedding, bits: int = 8) -> "QuantizedEmbedding":
+    def from_embedding(cls, embedding: nn.Embedding, bits: int = 8) -> QuantizedEmbedding:
         """Quantize an nn.Embedding row-wise.
 
         Example:

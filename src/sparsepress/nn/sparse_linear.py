@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..formats import PackedWeight, get_format
+from .activation import active_threshold, sparsify_inputs
 
 _FORMAT_PARAMS = {"nm": ("n", "m"), "bbs": ("bank", "k")}
 
@@ -43,6 +44,8 @@ class SparseLinear(nn.Module):
             if bias.shape != (self.out_features,):
                 raise ValueError(f"bias of shape {tuple(bias.shape)} does not fit {self.out_features} outputs")
         self.register_buffer("bias", bias)
+        # activation sparsity: one input threshold per stored level (nn/activation.py), or None
+        self.register_buffer("act_thresholds", None)
 
     @classmethod
     def from_linear(
@@ -57,7 +60,7 @@ class SparseLinear(nn.Module):
         m: int = 4,
         bank: int = 64,
         k: int | None = None,
-    ) -> "SparseLinear":
+    ) -> SparseLinear:
         """Pack the zeros already in `linear.weight`; ValueError when they do not fit `format`.
 
         Example:
@@ -77,6 +80,10 @@ class SparseLinear(nn.Module):
 
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected inputs with {self.in_features} features, got shape {tuple(x.shape)}")
+        if self.act_thresholds is not None:
+            threshold = active_threshold(self)
+            if threshold > 0.0:
+                x = sparsify_inputs(x, threshold)
         if x.dtype == torch.float32:  # the common case: packed_linear keeps the leading dims itself
             return packed_linear(x, self.packed, self.bias, self.activation)
         lead = x.shape[:-1]

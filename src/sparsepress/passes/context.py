@@ -1,0 +1,109 @@
+"""What the passes of one compression run share: the model, the recipe, calibration data made once,
+progress reporting, the non-finite policy, the checkpoint, and the record that `sp.save` writes.
+
+Example:
+    >>> import torch
+    >>> from sparsepress.recipe import Recipe
+    >>> recipe = Recipe.model_validate({"stages": [{"quantize": {"method": "rtn"}}]})
+    >>> ctx = CompressionContext(torch.nn.Linear(2, 2), recipe, calibration=[torch.tensor([1, 2, 3])])
+    >>> [b["input_ids"].tolist() for b in ctx.batches]
+    [[[1, 2, 3]]]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..calibration import make_batches, to_token_ids
+from ..models import ModelLayout, find_layout
+from ..recipe import Recipe
+from .selection import LayerSelection, select_layers
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class CompressionRecord:
+    """What a compression did, kept on the model (`model.sparsepress_record`) for save and inspect.
+
+    `layers` / `embeddings`: per-module entries that land in the folder's manifest; `extra`: entries
+    of model-level passes (by pass name) that land there too.
+
+    Example:
+        >>> from sparsepress.recipe import Recipe
+        >>> CompressionRecord(Recipe.model_validate({"stages": [{"quantize": {}}]})).adapter
+        'generic'
+    """
+
+    recipe: Recipe
+    layers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    embeddings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    adapter: str = "generic"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class CompressionContext:
+    """The state one `sp.compress` run hands from pass to pass (see the module example).
+
+    Calibration token ids and batches are made on first use, so data-free recipes never tokenize.
+    `sparsity` holds each pruned layer's target sparsity once an allocation pass has chosen it.
+    """
+
+    model: nn.Module
+    recipe: Recipe
+    calibration: Sequence[str] | Sequence[torch.Tensor] | None = None
+    tokenizer: Any = None
+    samples: int = 128
+    seq_len: int = 128
+    batch_size: int = 8
+    progress: Progress | None = None
+    nonfinite: str = "error"
+    checkpoint: Any = None
+    sparsity: dict[str, float] = field(default_factory=dict)
+    dropped: dict[str, int] = field(default_factory=dict)
+    _checkpoint_open: bool = False
+
+    def __post_init__(self) -> None:
+        self.record = CompressionRecord(recipe=self.recipe, adapter=self.layout.adapter)
+
+    @property
+    def layout(self) -> ModelLayout:
+        """The model's blocks and embeddings as they are now (passes may change the model)."""
+        return find_layout(self.model)
+
+    @cached_property
+    def selection(self) -> LayerSelection:
+        """The Linear layers the recipe compresses, chosen on first use (after any model surgery)."""
+        return select_layers(self.model, self.recipe, self.nonfinite)
+
+    @cached_property
+    def token_ids(self) -> list[torch.Tensor]:
+        """The calibration samples as token-id tensors (made once)."""
+        return to_token_ids(self.calibration, self.tokenizer, self.samples, self.seq_len, self.recipe.seed)
+
+    @cached_property
+    def batches(self) -> list[dict[str, torch.Tensor]]:
+        """The calibration samples padded into batches of `batch_size` (made once)."""
+        pad_id = getattr(self.tokenizer, "pad_token_id", None) or 0
+        return make_batches(self.token_ids, self.batch_size, pad_id)
+
+    def tick(self, what: str, done: int, total: int) -> None:
+        """Report progress of a long step (a no-op without a progress callback)."""
+        if self.progress is not None:
+            self.progress(what, done, total)
+
+    def open_checkpoint(self) -> Any:
+        """The run's checkpoint, begun (checked or started) on the first call; None without one."""
+        if self.checkpoint is not None and not self._checkpoint_open:
+            self.checkpoint.begin(self.recipe, self.token_ids, {
+                "samples": self.samples, "seq_len": self.seq_len, "batch_size": self.batch_size,
+                "nonfinite": self.nonfinite})
+            self._checkpoint_open = True
+        return self.checkpoint
