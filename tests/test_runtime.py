@@ -65,9 +65,9 @@ def _inputs(name: str, batch: int = 3, seq: int = 10) -> dict[str, torch.Tensor]
     ids = torch.randint(3, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(7))
     mask = torch.ones_like(ids)
     if name in DECODERS:
-        mask[1, :3] = 0  # left padding, as generation pads
+        mask[-1, :3] = 0  # left padding, as generation pads
     else:
-        mask[2, 7:] = 0
+        mask[-1, 7:] = 0
     inputs = {"input_ids": ids, "attention_mask": mask}
     if name in DECODERS:
         inputs["use_cache"] = False
@@ -192,6 +192,7 @@ def test_a_replaced_layer_is_noticed():
     layer = model.encoder.layer[0].intermediate.dense
     swapped = sp.SparseLinear.from_linear(torch.nn.Linear(layer.in_features, layer.out_features), format="dense",
                                           dtype="int8")
+    swapped.activation = layer.activation  # the GELU was fused into the layer it replaces
     model.encoder.layer[0].intermediate.dense = swapped
     before = forward.native_calls
     with torch.inference_mode():

@@ -8,8 +8,8 @@ Two call conventions cover the supported families (`BlockRoles.entry`):
            without a cache: embedding lookup, rotary embeddings and the causal mask by the model's own
            modules and functions, the blocks and the final norm natively.
 Whatever a runner does not cover exactly (hidden states or attentions asked for, a cache, 3-D/4-D
-masks, training, autograd, hooks on the blocks, torch.compile, an argument it does not know) goes to
-the model's own forward unchanged.
+masks, training, autograd, hooks on the blocks, torch.compile, activation sparsity switched on, an
+argument it does not know) goes to the model's own forward unchanged.
 
 `NativeForward` is the callable put in the base model's `forward` slot (the instance attribute
 accelerate's hooks use too); `NativeForward.original` is the class's forward.
@@ -77,7 +77,7 @@ class NativeForward:
     def _fits(self) -> bool:
         plan = self.plan
         return (not plan.entry.training and not _is_compiling() and plan.guard.current() and not plan.guard.hooked()
-                and not (_COLLECTOR is not None and _COLLECTOR.get()))
+                and not (_COLLECTOR is not None and _COLLECTOR.get()) and not plan.guard.sparsifies())
 
     def __deepcopy__(self, memo: dict) -> Any:
         entry = memo.get(id(self.plan.entry))

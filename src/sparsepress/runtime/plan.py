@@ -32,6 +32,7 @@ from ..kernels import activation_code, native_handle
 from ..models import find_layout
 from ..models.roles import BlockRoles, roles_for
 from ..nn import SparseLinear
+from ..nn.activation import active_threshold
 
 # transformers' activation names (config.hidden_act) -> the kernels' fused activation
 ACTIVATION_NAMES = {
@@ -49,6 +50,8 @@ class PlanGuard:
     modules: list[nn.Module] = field(default_factory=list, repr=False)  # hooked modules: the module path
     parameters: list[torch.Tensor] = field(default_factory=list, repr=False)
     _columns: tuple | None = field(default=None, repr=False)  # owners as three tuples, for current()
+    # layers with activation-sparsity thresholds (nn/activation.py): the Stack does not apply them
+    thresholded: list[nn.Module] = field(default_factory=list, repr=False)
 
     def watch(self, owner: dict, key: str) -> Any:
         """Record `owner[key]` (a module's `_modules`, `_parameters`, `_buffers` or `__dict__`); return it."""
@@ -70,6 +73,10 @@ class PlanGuard:
         if not (any(map(_FORWARD_HOOKS, self.modules)) or any(map(_PRE_HOOKS, self.modules))):
             return False
         return any(_active_hooks(m) for m in self.modules)
+
+    def sparsifies(self) -> bool:
+        """Whether a layer applies an activation-sparsity threshold in this call (its level is on)."""
+        return any(active_threshold(m) > 0.0 for m in self.thresholded)
 
     def wants_grad(self, *inputs: torch.Tensor) -> bool:
         """Whether autograd would record this call (the native path records nothing)."""
@@ -159,6 +166,9 @@ def _projection(lib: Any, module: nn.Module, name: str, guard: PlanGuard) -> Any
     if handle is None:
         raise _Refused(f"{name}: no native kernel for {packed.name} / {packed.dtype}")
     bias = guard.watch(module._buffers, "bias") if "bias" in module._buffers else None
+    if "act_thresholds" in module._buffers:  # thresholds installed later make the plan stale
+        if guard.watch(module._buffers, "act_thresholds") is not None:
+            guard.thresholded.append(module)
     return lib.Projection(handle, _float_tensor(bias, f"{name}.bias"))
 
 
@@ -214,7 +224,7 @@ def build_plan(model: nn.Module) -> StackPlan | str:
 def _build(lib: Any, model: nn.Module, config: Any, roles: BlockRoles) -> StackPlan:
     _check_config(config, roles)
     layout = find_layout(model)
-    if layout.adapter == "generic" or not layout.blocks or layout.blocks[0][0] == "":
+    if not layout.blocks or layout.blocks[0][0] == "":
         raise _Refused("the layout adapter found no transformer blocks")
     names = [name for name, _ in layout.blocks]
     guard = PlanGuard()
