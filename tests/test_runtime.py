@@ -259,3 +259,26 @@ def test_right_padding_is_refused_by_the_decoder(models):
     ids = torch.ones(1, 4, dtype=torch.long)
     with pytest.raises(sp.InputError, match="left padding"):
         generate(models["llama"], ids, max_new_tokens=2, attention_mask=torch.tensor([[1, 1, 0, 0]]))
+
+
+def test_cli_bench_reports_prefill_and_decode_tokens_per_second(tmp_path):
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    from sparsepress.cli import app
+
+    fixture = Path(__file__).parent / "fixtures" / "tiny-llama"
+    if not (fixture / "model.safetensors").is_file():
+        pytest.skip("tests/fixtures/tiny-llama is missing")
+    from sparsepress.sources import load_source
+
+    source = load_source(fixture)
+    model = sp.compress(source.model, {"stages": [{"quantize": {"method": "rtn"}},
+                                                  {"quantize_embeddings": {"bits": 8, "head": True}}]},
+                        tokenizer=source.tokenizer, samples=4, seq_len=32)
+    folder = sp.save(model, tmp_path / "tiny", tokenizer=source.tokenizer, source=fixture)
+    result = CliRunner().invoke(app, ["bench", str(folder), "--seq-len", "8", "--repeats", "3", "--new-tokens", "4",
+                                      "--reference", str(fixture)])
+    assert result.exit_code == 0, result.output
+    assert "prefill" in result.output and "decode" in result.output and "tokens/s" in result.output
