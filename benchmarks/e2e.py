@@ -200,8 +200,8 @@ def minilm_tables(args: argparse.Namespace) -> None:
         print_table(f"all-MiniLM-L6-v2, batch {batch} x {seq_len} tokens", rows)
 
 
-DECODER = dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=32, num_key_value_heads=4,
-               vocab_size=32000, max_position_embeddings=2048)
+DECODER = {"hidden_size": 2048, "intermediate_size": 5632, "num_attention_heads": 32, "num_key_value_heads": 4,
+           "vocab_size": 32000, "max_position_embeddings": 2048}
 
 
 def decoder_table(args: argparse.Namespace) -> None:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny import token_ids
 
 import sparsepress as sp
 from sparsepress.runtime.gpu import SemiStructuredLinear, is_two_four, to_cuda
-from tiny import token_ids
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -103,4 +103,4 @@ def roles_for(model_type: str | None) -> BlockRoles | None:
     return FAMILY_ROLES.get(model_type or "")
 
 
-__all__ = ["BlockRoles", "FAMILY_ROLES", "roles_for"]
+__all__ = ["FAMILY_ROLES", "BlockRoles", "roles_for"]

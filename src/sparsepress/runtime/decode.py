@@ -22,8 +22,9 @@ Example:
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -213,4 +214,4 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int = 32
         return decoder.generate(input_ids, max_new_tokens, **kwargs)
 
 
-__all__ = ["DecodeTiming", "NativeDecoder", "STATIC_ROPE", "generate"]
+__all__ = ["STATIC_ROPE", "DecodeTiming", "NativeDecoder", "generate"]

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import inspect
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -181,7 +182,7 @@ def causal_mask(entry: nn.Module, embeds: torch.Tensor, attention_mask: torch.Te
                 position_ids: torch.Tensor) -> torch.Tensor | None:
     """The mask a LLaMA-style base model builds for this call without a cache (its own module's
     `create_causal_mask`): None when plain causality covers it, else [batch, 1, q, k] (bool or float)."""
-    make = getattr(sys.modules[type(entry).__module__], "create_causal_mask")
+    make = sys.modules[type(entry).__module__].create_causal_mask
     cache = "cache" if "cache" in inspect.signature(make).parameters else "past_key_values"
     return make(config=entry.config, inputs_embeds=embeds, attention_mask=attention_mask, **{cache: None},
                 position_ids=position_ids)
@@ -218,4 +219,4 @@ def run_decoder(plan: StackPlan, call: dict[str, Any]) -> Any:
 
 RUNNERS: dict[str, Callable[[StackPlan, dict[str, Any]], Any]] = {"encoder": run_encoder, "decoder": run_decoder}
 
-__all__ = ["NativeForward", "RUNNERS", "causal_mask", "plain_forward"]
+__all__ = ["RUNNERS", "NativeForward", "causal_mask", "plain_forward"]

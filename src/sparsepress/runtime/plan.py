@@ -166,9 +166,9 @@ def _projection(lib: Any, module: nn.Module, name: str, guard: PlanGuard) -> Any
     if handle is None:
         raise _Refused(f"{name}: no native kernel for {packed.name} / {packed.dtype}")
     bias = guard.watch(module._buffers, "bias") if "bias" in module._buffers else None
-    if "act_thresholds" in module._buffers:  # thresholds installed later make the plan stale
-        if guard.watch(module._buffers, "act_thresholds") is not None:
-            guard.thresholded.append(module)
+    # thresholds installed later make the plan stale
+    if "act_thresholds" in module._buffers and guard.watch(module._buffers, "act_thresholds") is not None:
+        guard.thresholded.append(module)
     return lib.Projection(handle, _float_tensor(bias, f"{name}.bias"))
 
 
