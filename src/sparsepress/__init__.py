@@ -24,6 +24,10 @@ from .io import load, save  # noqa: E402
 from .nn import QuantizedEmbedding, SparseLinear, set_activation_sparsity  # noqa: E402
 from .pipeline import compress  # noqa: E402
 from .recipe import Recipe  # noqa: E402
+from .interop.hf.quantizer import register as _register_with_transformers  # noqa: E402
+from .interop.sentence_transformers import load_sentence_transformer  # noqa: E402
+
+_register_with_transformers()  # AutoModel*.from_pretrained reads sparsepress folders from here on
 
 __all__ = [
     "AdaptiveController",
@@ -42,6 +46,7 @@ __all__ = [
     "__version__",
     "compress",
     "load",
+    "load_sentence_transformer",
     "save",
     "set_activation_sparsity",
 ]

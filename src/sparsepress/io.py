@@ -182,6 +182,9 @@ def save(
         config = getattr(model, "config", None)
         if config is not None:
             config.save_pretrained(staging)
+            from .interop.hf.quantizer import stamp_config_
+
+            stamp_config_(staging / "config.json")  # routes AutoModel*.from_pretrained to sparsepress
         history = _history(model)
         source_path = source if source is not None else history["source"]
         for origin in (source_path, getattr(model, "sparsepress_folder", None)):
@@ -201,10 +204,11 @@ def save(
             "layers": layers,
             "embeddings": embeddings,
             "aliases": aliases,
-            "activation_sparsity": history["activation_sparsity"],
             "tensors_file": TENSORS,
             "tensors_sha256": sha256_of(staging / TENSORS),
         }
+        if history["activation_sparsity"] is not None:
+            manifest["activation_sparsity"] = history["activation_sparsity"]
         if (staging / "config.json").is_file():
             manifest["config_sha256"] = sha256_of(staging / "config.json")
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
@@ -242,6 +246,10 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     """The verified manifest of a folder: version known, tensors file present and matching its sha256."""
     folder = Path(folder)
     path = folder / MANIFEST
+    if _is_compressed_tensors(folder):
+        from .interop.compressed_tensors.read import load_compressed_tensors
+
+        return load_compressed_tensors(folder).sparsepress_manifest
     if folder.exists() and not folder.is_dir():
         raise InputError(folder, "not a folder; expected a sparsepress model folder")
     if not folder.is_dir():
@@ -270,6 +278,12 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
         if sha256_of(config) != config_sha:
             raise ChecksumError(config, "sha256 does not match the manifest: the file is damaged or was changed")
     return manifest
+
+
+def _is_compressed_tensors(folder: Path) -> bool:
+    from .interop.compressed_tensors.read import is_compressed_tensors_folder
+
+    return is_compressed_tensors_folder(folder)
 
 
 def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -337,9 +351,14 @@ def _take(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tens
 def load(folder: str | Path) -> nn.Module:
     """Rebuild the saved model (its original class, SparseLinear in place of packed layers), in eval mode.
 
-    Raises FormatError subclasses naming the file on any damage, foreign or newer content.
+    Raises FormatError subclasses naming the file on any damage, foreign or newer content. A
+    compressed-tensors folder (llm-compressor's layout) is read onto the packed formats.
     """
     folder = Path(folder)
+    if _is_compressed_tensors(folder):
+        from .interop.compressed_tensors.read import load_compressed_tensors
+
+        return load_compressed_tensors(folder)
     manifest = read_manifest(folder)
     cls, config = _config_and_class(folder, manifest)
     tensors = _read_tensors(folder)
@@ -448,7 +467,9 @@ def verify_folder(folder: str | Path) -> dict[str, Any]:
         ['adapter', 'aliases']
     """
     folder = Path(folder)
-    manifest = read_manifest(folder)
+    manifest = read_manifest(folder)  # a compressed-tensors folder is fully read (and so checked) here
+    if manifest.get("origin") is not None:
+        return manifest
     config = folder / "config.json"
     if config.exists():
         _read_json_object(config, "config")
