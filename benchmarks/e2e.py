@@ -27,9 +27,11 @@ import torch
 import sparsepress as sp
 from sparsepress.attention import use_native_attention
 from sparsepress.evaluate import dynamic_int8, forward_runner, interleaved_ms
+from sparsepress.runtime import native_blocks_of
 from sparsepress.sources import load_source, read_text, token_samples
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # llamacpp_runner beside this file
 
 
 def cpu_model() -> str:
@@ -116,13 +118,42 @@ PATTERN_RECIPES = {
 }
 
 
+def timing_recipe(recipe: sp.Recipe) -> sp.Recipe:
+    """The same sparsity, pattern, bits and format with data-light solvers (Wanda + RTN): the packed
+    layers run at the same speed, and compression takes seconds instead of minutes (--fast-compress)."""
+    stages = []
+    for stage in recipe.stages:
+        body = stage.model_dump(exclude_none=True)
+        if stage.kind == "prune":
+            body["method"] = "wanda"
+        if stage.kind == "quantize":
+            body["method"] = "rtn"
+            body.pop("act_order", None)
+        stages.append({stage.kind: body})
+    return sp.Recipe.model_validate({**recipe.model_dump(exclude_none=True), "stages": stages})
+
+
+def module_path(model: torch.nn.Module, run):
+    """`run` with the model's native Stack switched off for the call (the per-module path)."""
+    def wrapped() -> None:
+        forward = native_blocks_of(model)
+        forward.enabled = False
+        try:
+            run()
+        finally:
+            forward.enabled = True
+    return wrapped
+
+
 def minilm_tables(args: argparse.Namespace) -> None:
     source = load_source("minilm")
     dense = source.model
     ids = token_samples(source.tokenizer, read_text(None), args.samples, 128)
-    compressed = {name: sp.compress(copy.deepcopy(dense), sp.Recipe.from_yaml(HERE.parent / "recipes" / recipe),
-                                    calibration=ids, tokenizer=source.tokenizer)
-                  for name, recipe in PATTERN_RECIPES.items()}
+    recipes = {name: sp.Recipe.from_yaml(HERE.parent / "recipes" / recipe) for name, recipe in PATTERN_RECIPES.items()}
+    if args.fast_compress:
+        recipes = {name: timing_recipe(recipe) for name, recipe in recipes.items()}
+    compressed = {name: sp.compress(copy.deepcopy(dense), recipe, calibration=ids, tokenizer=source.tokenizer)
+                  for name, recipe in recipes.items()}
     for name, model in compressed.items():
         formats = Counter(m.packed.name for m in model.modules() if isinstance(m, sp.SparseLinear))
         print(f"{name}: block Linears stored as " + ", ".join(f"{n} x {c}" for n, c in formats.most_common()))
@@ -151,6 +182,9 @@ def minilm_tables(args: argparse.Namespace) -> None:
         batch_inputs = inputs_for(batch, seq_len)
         batch_inputs.pop("token_type_ids")
         runs = {name: forward_runner(model, batch_inputs) for name, model in models.items()}
+        last = list(compressed)[-1]
+        if native_blocks_of(compressed[last]) is not None:  # what the native Stack buys over the module path
+            runs[f"{last}, module path"] = module_path(compressed[last], forward_runner(compressed[last], batch_inputs))
         per_round = 5 if batch == 1 else 1
         # torch models timed round-robin: a slow phase of the machine hits every one alike
         rows = list(interleaved_ms(runs, rounds=args.repeats, per_round=per_round).items())
@@ -166,31 +200,43 @@ def minilm_tables(args: argparse.Namespace) -> None:
         print_table(f"all-MiniLM-L6-v2, batch {batch} x {seq_len} tokens", rows)
 
 
+DECODER = {"hidden_size": 2048, "intermediate_size": 5632, "num_attention_heads": 32, "num_key_value_heads": 4,
+           "vocab_size": 32000, "max_position_embeddings": 2048}
+
+
 def decoder_table(args: argparse.Namespace) -> None:
+    """Greedy decode tokens/s of a LLaMA-shaped decoder (TinyLlama-1.1B's shapes, GQA 32/4, vocab 32000,
+    random weights, `--decoder-layers` blocks): sparsepress 50% + int8 with an int8 50% lm_head and int8
+    embeddings on its native loop, against torch fp32 / dynamic int8 (transformers' generate) and
+    llama.cpp Q8_0 / Q4_0 of the same dense weights (each timed alone: its own pool spins)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from sparsepress.runtime.speed import generation_rates
+
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=2048, intermediate_size=5504, num_hidden_layers=args.decoder_layers,
-                         num_attention_heads=16, num_key_value_heads=16, vocab_size=4096, max_position_embeddings=512)
+    config = LlamaConfig(**DECODER, num_hidden_layers=args.decoder_layers, tie_word_embeddings=False)
     dense = LlamaForCausalLM(config).eval()
-    quantized = dynamic_int8(dense)
-    ids = [torch.randint(0, 4096, (64,), generator=torch.Generator().manual_seed(i)) for i in range(8)]
-    recipe = sp.Recipe.model_validate({"stages": [{"prune": {"method": "wanda", "sparsity": 0.5}},
-                                                  {"quantize": {"method": "rtn", "bits": 8}}]})
+    ids = [torch.randint(0, DECODER["vocab_size"], (64,), generator=torch.Generator().manual_seed(i)) for i in range(8)]
+    recipe = {"stages": [{"prune": {"method": "wanda", "sparsity": 0.5}}, {"quantize": {"method": "rtn", "bits": 8}},
+                         {"quantize_embeddings": {"bits": 8, "head": True, "head_sparsity": 0.5}}]}
     compressed = sp.compress(copy.deepcopy(dense), recipe, calibration=ids)
-    prompt = torch.randint(0, 4096, (1, 8), generator=torch.Generator().manual_seed(1))
-    new_tokens = args.decode_tokens
+    models = {"torch fp32 (dense)": dense, "torch dynamic int8 (dense)": dynamic_int8(dense),
+              "sparsepress 50% + int8 incl. lm_head, native decode loop": compressed}
+    rows = generation_rates(models, prompt=args.prompt_tokens, new_tokens=args.decode_tokens, rounds=3)
+    if args.llamacpp:
+        from llamacpp_runner import llamacpp_rates
 
-    def generate(model: torch.nn.Module):
-        def run() -> None:
-            with torch.inference_mode():
-                model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-        return run
-
-    runs = {"torch fp32 (dense)": generate(dense), "torch dynamic int8 (dense)": generate(quantized),
-            "sparsepress 50% + int8 (Wanda + RTN)": generate(compressed)}
-    rows = [(name, ms / new_tokens) for name, ms in interleaved_ms(runs, rounds=3, warmup=1).items()]
-    print_table(f"LLaMA-shaped decoder ({args.decoder_layers} layers, hidden 2048), batch-1 decode, ms per token", rows)
+        rows += llamacpp_rates(dense, prompt=args.prompt_tokens, new_tokens=args.decode_tokens,
+                               threads=torch.get_num_threads())
+    base = {name: decode for name, _, decode in rows}
+    print(f"\n### LLaMA-shaped decoder ({args.decoder_layers} layers, hidden 2048, FFN 5632, GQA 32/4, vocab 32000), "
+          f"batch 1, prompt {args.prompt_tokens}, {args.decode_tokens} greedy tokens\n")
+    print("| runtime | prefill tokens/s | decode tokens/s | decode vs torch fp32 | decode vs torch dynamic int8 |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for name, prefill, decode in rows:
+        print(f"| {name} | {prefill:.1f} | {decode:.1f} | {decode / base['torch fp32 (dense)']:.2f}x | "
+              f"{decode / base['torch dynamic int8 (dense)']:.2f}x |")
+    sys.stdout.flush()
 
 
 def print_table(title: str, rows: list[tuple[str, float]]) -> None:
@@ -214,6 +260,11 @@ def main() -> None:
     parser.add_argument("--skip-decoder", action="store_true")
     parser.add_argument("--decoder-layers", type=int, default=4)
     parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--prompt-tokens", type=int, default=16)
+    parser.add_argument("--fast-compress", action="store_true",
+                        help="Wanda + RTN instead of the recipes' SparseGPT + GPTQ (same packed layers, same speed)")
+    parser.add_argument("--llamacpp", action="store_true", help="llama.cpp rows (llama-cpp-python and gguf installed)")
+    parser.add_argument("--skip-minilm", action="store_true")
     args = parser.parse_args()
     args.repeats = 10 if args.quick else 30
     args.samples = 32 if args.quick else 128
@@ -221,7 +272,8 @@ def main() -> None:
 
     print(f"CPU: {cpu_model()}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"sparsepress kernels: {native.active_isa()}")
-    minilm_tables(args)
+    if not args.skip_minilm:
+        minilm_tables(args)
     if not args.skip_decoder:
         decoder_table(args)
 

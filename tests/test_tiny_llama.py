@@ -79,3 +79,14 @@ def test_magnitude_is_worse_than_sparsegpt_at_half_and_at_seventy(tiny_llama):
     }
     assert ppl["magnitude", 0.5] > ppl["sparsegpt", 0.5]
     assert ppl["magnitude", 0.7] > 1.08 * ppl["sparsegpt", 0.7]  # measured 195.5 vs 170.8
+
+
+def test_int8_head_keeps_perplexity_within_one_percent_of_the_float_head(tiny_llama):
+    model, tokenizer, heldout = tiny_llama
+    stages = [{"quantize": {"method": "rtn", "bits": 8}}]
+    float_head = _compress(model, stages, tokenizer)
+    int8_head = _compress(model, [*stages, {"quantize_embeddings": {"bits": 8, "head": True}}], tokenizer)
+    assert isinstance(int8_head.lm_head, sp.SparseLinear) and int8_head.lm_head.packed.dtype == "int8"
+    assert not isinstance(float_head.lm_head, sp.SparseLinear)
+    reference, ours = _ppl(float_head, tokenizer, heldout[:8]), _ppl(int8_head, tokenizer, heldout[:8])
+    assert abs(ours - reference) <= 0.01 * reference

@@ -233,11 +233,13 @@ def bench_command(
     seq_len: int = typer.Option(16, "--seq-len", min=1),
     reference: Optional[str] = typer.Option(None, "--reference", help="dense reference model (default: the recorded source)"),
     repeats: int = typer.Option(10, "--repeats", min=1),
+    new_tokens: int = typer.Option(32, "--new-tokens", min=2, help="causal LMs: greedy tokens per decode run"),
 ) -> None:
     """Latency of FOLDER against the dense reference in torch fp32 and torch dynamic int8, side by side,
-    and joules per inference (RAPL where readable, else a labelled estimate)."""
+    and joules per inference (RAPL where readable, else a labelled estimate); for causal LMs also
+    prefill and greedy-decode tokens/s (sparsepress on its native decode loop)."""
     from .energy import energy_per_inference
-    from .evaluate import forward_runner, models_ms
+    from .evaluate import forward_runner, is_causal_lm, models_ms
     from .report import kv_table, latency_table
 
     models, inputs = bench_models(folder, reference, batch, seq_len)
@@ -246,6 +248,12 @@ def bench_command(
     energy = [(name, energy_per_inference(forward_runner(models[name], inputs), models[name], batch * seq_len,
                                           ms / 1000).label) for name, ms in rows]
     console.print(kv_table("energy per inference", energy))
+    if is_causal_lm(models["sparsepress"]):
+        from .runtime.speed import generation_rates
+
+        rates = generation_rates(models, prompt=seq_len, new_tokens=new_tokens, rounds=max(1, repeats // 3), batch=batch)
+        console.print(kv_table(f"generation, batch {batch}, prompt {seq_len} tokens, {new_tokens} new tokens", [
+            (name, f"prefill {prefill:.1f} tokens/s, decode {decode:.1f} tokens/s") for name, prefill, decode in rates]))
 
 
 @app.command("demo")

@@ -35,6 +35,7 @@ from .fusion import fuse_activations
 from .models import convert_conv1d_, replace_module
 from .nn import QuantizedEmbedding, SparseLinear
 from .nn.activation import install_thresholds
+from .runtime import use_native_blocks
 
 FORMAT_VERSION = 1
 MANIFEST = "sparsepress.json"
@@ -74,8 +75,15 @@ def _collect_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[st
     embeddings: dict[str, Any] = {}
     history = _history(model)
     packed_prefixes = []
+    # a QuantizedEmbedding reading a packed head's own integers (a tied pair) is stored once, as the head
+    heads = {m.packed.values.data_ptr(): n for n, m in model.named_modules()
+             if isinstance(m, SparseLinear) and m.packed.name == "dense"}
     for name, module in model.named_modules():
-        if isinstance(module, SparseLinear):
+        if isinstance(module, QuantizedEmbedding) and module.codes.data_ptr() in heads:
+            embeddings[name] = {"bits": module.bits, "shape": [module.num_embeddings, module.embedding_dim],
+                                "padding_idx": module.padding_idx, "tied_to": heads[module.codes.data_ptr()]}
+            packed_prefixes.append(name + ".")
+        elif isinstance(module, SparseLinear):
             for suffix, tensor in module.packed.tensors().items():
                 tensors[f"{name}.{suffix}"] = tensor
             if module.bias is not None:
@@ -412,6 +420,7 @@ def load(folder: str | Path) -> nn.Module:
     model.sparsepress_folder = folder  # type: ignore[attr-defined]
     fuse_activations(model)
     use_native_attention(model)
+    use_native_blocks(model)
     return model
 
 
@@ -453,6 +462,10 @@ def _embedding_parts(folder: Path, tensors: dict[str, torch.Tensor], name: Any, 
     except (KeyError, TypeError, ValueError):
         raise TensorLayoutError(folder / MANIFEST, f"embedding '{name}': bad entry {meta!r}") from None
     own = _take(tensors, name + ".")
+    if meta.get("tied_to") is not None:  # the head's tensors, checked with the head
+        if not isinstance(meta["tied_to"], str) or own:
+            raise TensorLayoutError(folder / MANIFEST, f"embedding '{name}': bad tied_to {meta['tied_to']!r}")
+        return torch.empty(0), torch.empty(0), bits, rows, dim, padding_idx
     codes, scales = own.get("codes"), own.get("scales")
     width = dim if bits == 8 else (dim + 1) // 2
     dtype = torch.int8 if bits == 8 else torch.uint8
@@ -542,4 +555,16 @@ def _install_embedding(folder: Path, model: nn.Module, tensors: dict[str, torch.
         target = None
     if not isinstance(target, nn.Embedding) or (target.num_embeddings, target.embedding_dim) != (rows, dim):
         raise TensorLayoutError(folder / TENSORS, f"embedding '{name}': shape [{rows}, {dim}] does not fit the model")
-    replace_module(model, name, QuantizedEmbedding(codes, scales, bits, dim, padding_idx))
+    if meta.get("tied_to") is None:
+        replace_module(model, name, QuantizedEmbedding(codes, scales, bits, dim, padding_idx))
+        return
+    try:
+        head = model.get_submodule(meta["tied_to"])
+    except AttributeError:
+        head = None
+    try:
+        if not isinstance(head, SparseLinear) or head.packed.shape != (rows, dim) or head.packed.dtype != f"int{bits}":
+            raise ValueError(f"{meta['tied_to']!r} is not a packed int{bits} [{rows}, {dim}] layer")
+        replace_module(model, name, QuantizedEmbedding.from_packed(head.packed, padding_idx))
+    except ValueError as exc:
+        raise TensorLayoutError(folder / MANIFEST, f"embedding '{name}': tied_to: {exc}") from None

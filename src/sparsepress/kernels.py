@@ -254,6 +254,22 @@ def release_plan(packed: PackedWeight) -> None:
     packed.__dict__.pop(_PLAN_ATTR, None)
 
 
+def native_handle(packed: PackedWeight) -> Any | None:
+    """The prepared native handle (`_native.NativeLinear`) that runs this weight, or None (reference path).
+
+    The runtime's block plans call these same handles from native code (one per weight, shared with
+    `packed_linear`).
+
+    Example:
+        >>> from sparsepress.formats import DenseWeight
+        >>> handle = native_handle(DenseWeight.pack(torch.ones(3, 2), dtype="int8"))
+        >>> handle is None or (handle.in_features, handle.out_features) == (2, 3)
+        True
+    """
+    plan = _plan_of(packed)
+    return plan.handle if plan is not None else None
+
+
 def _plan_of(packed: PackedWeight) -> _Plan | None:
     plan = getattr(packed, _PLAN_ATTR, None)
     if plan is not None and plan.source is packed.values:  # type: ignore[attr-defined]
@@ -370,6 +386,7 @@ __all__ = [
     "ACTIVATIONS",
     "activation_code",
     "dense_int8_available",
+    "native_handle",
     "native_supports",
     "packed_linear",
     "quantize_activations",

@@ -31,6 +31,7 @@ from .models import convert_conv1d_
 from .passes import CompressionContext, plan_passes
 from .passes.context import Progress
 from .recipe import Recipe
+from .runtime import use_native_blocks
 
 NONFINITE_POLICIES = ("error", "skip")
 
@@ -71,4 +72,5 @@ def compress(
     model.sparsepress_record = ctx.record  # type: ignore[attr-defined]
     fuse_activations(model)
     use_native_attention(model)
+    use_native_blocks(model)
     return model

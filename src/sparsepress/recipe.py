@@ -207,16 +207,35 @@ class QuantizeStage(_TargetedStage):
 
 
 class QuantizeEmbeddingsStage(BaseModel):
-    """Quantize embedding tables row-wise (one scale per row).
+    """Quantize embedding tables row-wise (one scale per row); with `head`, the output embeddings too.
+
+    `head: true` quantizes the LM head (the model's `get_output_embeddings()`) with the same bits, one
+    scale per output row, run by the int8 kernels; a head tied to the input embedding is quantized
+    once and both share it. `head_sparsity` (with `head`) first prunes that fraction of each head row
+    by Wanda's score (|weight| x input norm over the calibration's final hidden states); a tied head
+    cannot be pruned (its rows are the input embeddings too).
 
     Example:
-        >>> QuantizeEmbeddingsStage(bits=8).bits
-        8
+        >>> QuantizeEmbeddingsStage(bits=8, head=True, head_sparsity=0.5).head_sparsity
+        0.5
     """
 
     model_config = _STRICT
     kind: ClassVar[str] = "quantize_embeddings"
     bits: Literal[8, 4] = 8
+    head: bool = False
+    head_sparsity: float = 0.0
+
+    @field_validator("head_sparsity")
+    @classmethod
+    def _fraction(cls, value: float) -> float:
+        return _check_fraction(value, "head_sparsity")
+
+    @model_validator(mode="after")
+    def _sparsity_needs_head(self) -> "QuantizeEmbeddingsStage":
+        if self.head_sparsity > 0 and not self.head:
+            raise ValueError("head_sparsity prunes the LM head: set head: true as well")
+        return self
 
 
 class ActivationSparsityStage(_TargetedStage):

@@ -79,10 +79,11 @@ def _resolve(model: nn.Module, path: str) -> nn.Module | None:
     for prefix in ("base_model", getattr(model, "base_model_prefix", "")):
         inner = getattr(model, prefix, None) if prefix else None
         if isinstance(inner, nn.Module) and inner is not model:
-            try:
-                return inner.get_submodule(path.split(".", 1)[1] if path.count(".") else path)
-            except AttributeError:
-                continue
+            for relative in dict.fromkeys((path, path.split(".", 1)[1] if path.count(".") else path)):
+                try:  # the path as given (BERT's encoder.layer under a classifier), or without its first part
+                    return inner.get_submodule(relative)
+                except AttributeError:
+                    continue
     return None
 
 

@@ -11,6 +11,8 @@ Example:
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -41,6 +43,26 @@ class QuantizedEmbedding(nn.Module):
         """
         q, scales = quantize_rows(embedding.weight, bits)
         return cls(cls.encode(q, bits), scales, bits, embedding.embedding_dim, embedding.padding_idx)
+
+    @classmethod
+    def from_packed(cls, packed: Any, padding_idx: int | None = None) -> "QuantizedEmbedding":
+        """A table reading a dense int8 / int4 packed weight's own integers and row scales (no copy):
+        the input side of an LM head tied to its embedding.
+
+        Example:
+            >>> from sparsepress.formats import DenseWeight
+            >>> head = DenseWeight.pack(torch.randn(5, 4), dtype="int8")
+            >>> QuantizedEmbedding.from_packed(head).codes.data_ptr() == head.values.data_ptr()
+            True
+        """
+        rows, dim = packed.shape
+        if packed.name != "dense" or packed.dtype not in ("int8", "int4") or packed.group_size not in (None, dim):
+            raise ValueError(f"a shared table needs a dense int8 / int4 weight with one scale per row, got "
+                             f"{packed.name} {packed.dtype} (group_size {packed.group_size})")
+        if packed.dtype == "int4" and dim % 2:
+            raise ValueError("an int4 table shared with a head needs an even embedding width")
+        codes = packed.values if packed.dtype == "int8" else packed.values.view(rows, dim // 2)
+        return cls(codes, packed.scales.view(rows), int(packed.dtype[3:]), dim, padding_idx)
 
     @staticmethod
     def encode(q: torch.Tensor, bits: int) -> torch.Tensor:

@@ -1,0 +1,150 @@
+// The Python-facing handle of one packed weight (sparsepress._native.NativeLinear) and the small
+// argument helpers of the bindings: shared by bind.cpp (which registers them) and the runtime's block
+// plans (csrc/runtime/), which call the same handles from native code.
+#pragma once
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/optional.h>
+
+#include <atomic>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "dispatch.h"
+#include "plan.h"
+
+namespace sp {
+namespace py {
+
+namespace nb = nanobind;
+
+using Array = nb::ndarray<nb::ro, nb::c_contig, nb::device::cpu>;
+using F32In = nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
+using F32Out = nb::ndarray<float, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
+using Vec = nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+
+inline void require(bool ok, const std::string& what) {
+  if (!ok) throw std::invalid_argument(what);
+}
+
+template <typename T>
+inline bool is(const Array& a) { return a.dtype() == nb::dtype<T>(); }
+
+inline sp::Activation to_activation(int code) {
+  require(code >= 0 && code <= int(sp::Activation::Silu),
+          "activation must be 0 (none), 1 (gelu), 2 (gelu_tanh), 3 (relu) or 4 (silu), got " + std::to_string(code));
+  return sp::Activation(code);
+}
+
+class NativeLinear {
+ public:
+  // panel_limit: layers of fewer weights get GEMM panels now; lazy_panels: bigger ones get them on
+  // their first call of kLazyMin..kLazyMax tokens (where packing per call costs most).
+  NativeLinear(sp::Kind kind, sp::LinearArgs args, std::vector<Array> keep, int64_t panel_limit = 0,
+               bool lazy_panels = false)
+      : kind_(kind), args_(args), keep_(std::move(keep)), lazy_(std::make_unique<Lazy>()) {
+    if (panel_limit > 0) lazy_->panels = sp::prepare_panels(kind, args, panel_limit);
+    lazy_->ready.store(lazy_->panels.data != nullptr, std::memory_order_release);
+    lazy_->allowed.store(lazy_panels && !lazy_->ready.load(std::memory_order_relaxed), std::memory_order_relaxed);
+  }
+
+  bool has_panels() const { return lazy_->ready.load(std::memory_order_acquire); }
+  int64_t panel_bytes() const {
+    return has_panels() ? lazy_->panels.offsets[(args_.out + sp::kGemmRows - 1) / sp::kGemmRows] : 0;
+  }
+
+  // Prepared tiles per layout: (dense, fixed-window quads, sliding-window quads).
+  std::vector<int64_t> panel_tiles() const {
+    std::vector<int64_t> n(3, 0);
+    if (!has_panels()) return n;
+    for (int64_t t = 0; t < (args_.out + sp::kGemmRows - 1) / sp::kGemmRows; ++t)
+      ++n[size_t(lazy_->panels.data[lazy_->panels.offsets[t]])];
+    return n;
+  }
+
+  // y[B, out] = x[B, in] W^T (+ bias)
+  void call(const F32In& x, F32Out& y, std::optional<Vec> bias, int n_threads, int activation) {
+    require(x.shape(1) == size_t(args_.in), "x has " + std::to_string(x.shape(1)) +
+                                                  " features, the weight expects " + std::to_string(args_.in));
+    require(y.shape(0) == x.shape(0) && y.shape(1) == size_t(args_.out), "y must be [batch, out]");
+    sp::LinearArgs a = args_;
+    a.batch = int64_t(x.shape(0));
+    a.x = x.data();
+    a.y = y.data();
+    if (bias) {
+      require(bias->shape(0) == size_t(args_.out), "bias must have out elements");
+      a.bias = bias->data();
+    }
+    a.activation = to_activation(activation);
+    if (a.batch == 0) return;
+    nb::gil_scoped_release unlocked;
+    attach_panels(a, n_threads);
+    sp::run_linear(kind_, a, n_threads);
+  }
+
+  // Same as call() on raw addresses (what packed_linear uses: converting three tensors through
+  // DLPack costs microseconds per call). The caller guarantees x is float32 [batch, in] and y float32
+  // [batch, out], both C-contiguous, and bias (0: none) float32 [out].
+  void call_raw(uintptr_t x, int64_t batch, uintptr_t y, uintptr_t bias, int n_threads, int activation) {
+    require(batch >= 0 && (batch == 0 || (x != 0 && y != 0)), "x and y must be non-null");
+    const sp::Activation act = to_activation(activation);
+    if (batch == 0) return;
+    sp::LinearArgs a = args_;
+    a.batch = batch;
+    a.x = reinterpret_cast<const float*>(x);
+    a.y = reinterpret_cast<float*>(y);
+    a.bias = reinterpret_cast<const float*>(bias);
+    a.activation = act;
+    nb::gil_scoped_release unlocked;
+    attach_panels(a, n_threads);
+    sp::run_linear(kind_, a, n_threads);
+  }
+
+  // One call from native code (the runtime's block plans): `a` is args() with batch, x, y, bias and
+  // activation filled in by the caller; must run without the GIL.
+  void run(sp::LinearArgs a, int n_threads) {
+    if (a.batch == 0) return;
+    attach_panels(a, n_threads);
+    sp::run_linear(kind_, a, n_threads);
+  }
+
+  const sp::LinearArgs& args() const { return args_; }
+
+  int64_t in_features() const { return args_.in; }
+  int64_t out_features() const { return args_.out; }
+
+ private:
+  sp::Kind kind_;
+  sp::LinearArgs args_;
+  std::vector<Array> keep_;  // owns the buffers args_ points into
+
+  static constexpr int64_t kLazyMin = 12, kLazyMax = 64;
+  struct Lazy {
+    std::mutex mu;                 // one builder at a time
+    std::atomic<bool> ready{false};  // panels complete and readable (release / acquire)
+    std::atomic<bool> allowed{false};  // read unlocked by every call, so atomic
+    sp::PreparedPanels panels;
+  };
+  std::unique_ptr<Lazy> lazy_;  // behind a pointer so NativeLinear stays movable
+
+  void attach_panels(sp::LinearArgs& a, int n_threads) {
+    Lazy& l = *lazy_;
+    if (!l.ready.load(std::memory_order_acquire) && l.allowed.load(std::memory_order_relaxed) &&
+        a.batch >= kLazyMin && (a.batch < kLazyMax || sp::active_table().panels_for_long_calls)) {
+      std::lock_guard<std::mutex> lock(l.mu);
+      if (!l.ready.load(std::memory_order_relaxed)) {
+        l.panels = sp::prepare_panels(kind_, args_, int64_t(1) << 62, n_threads);
+        l.allowed.store(false, std::memory_order_relaxed);  // built, or not possible here: never try again
+        l.ready.store(l.panels.data != nullptr, std::memory_order_release);
+      }
+    }
+    if (l.ready.load(std::memory_order_acquire)) sp::use_panels(l.panels, a);
+  }
+};
+
+}  // namespace py
+}  // namespace sp

@@ -1,0 +1,267 @@
+// Python bindings of the runtime's block plans: sparsepress._native.{Norm, Projection, Stack, KVCache,
+// CausalLM}. Objects built once per model (sparsepress.runtime builds them from the model's modules);
+// each keeps the arrays and handles it points into alive.
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/vector.h>
+
+#include <string>
+#include <vector>
+
+#include "native_linear.h"
+#include "runtime/decoder.h"
+#include "runtime/stack.h"
+
+namespace nb = nanobind;
+
+namespace sp {
+namespace runtime {
+
+namespace {
+
+using py::NativeLinear;
+using py::require;
+using F32Vec = nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+using F32Mat = nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
+using Table = nb::ndarray<nb::ro, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
+using Ids = nb::ndarray<const int64_t, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
+using IdsOut = nb::ndarray<int64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+using Logits = nb::ndarray<float, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
+
+struct PyNorm {
+  Norm norm;
+  F32Vec weight;
+  std::optional<F32Vec> bias;
+  int64_t width;
+  PyNorm(F32Vec w, std::optional<F32Vec> b, float eps, bool rms) : weight(w), bias(b), width(int64_t(w.shape(0))) {
+    require(!b || b->shape(0) == w.shape(0), "norm bias and weight must have one length");
+    norm.weight = w.data();
+    norm.bias = b ? b->data() : nullptr;
+    norm.eps = eps;
+    norm.rms = rms;
+  }
+};
+
+struct PyProjection {
+  Projection proj;
+  nb::object linear;
+  std::optional<F32Vec> bias;
+  int64_t in, out;
+  PyProjection(nb::object handle, std::optional<F32Vec> b) : linear(handle), bias(b) {
+    NativeLinear& l = nb::cast<NativeLinear&>(handle);
+    in = l.in_features(), out = l.out_features();
+    require(!b || int64_t(b->shape(0)) == out, "projection bias must have out_features elements");
+    proj.linear = &l;
+    proj.bias = b ? b->data() : nullptr;
+  }
+};
+
+class PyStack {
+ public:
+  PyStack(int64_t hidden, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t intermediate, bool pre_norm,
+          float scale) {
+    require(hidden > 0 && heads > 0 && kv_heads > 0 && head_dim > 0 && intermediate > 0, "sizes must be positive");
+    require(heads % kv_heads == 0, "heads must be a multiple of kv_heads");
+    Shape s;
+    s.hidden = hidden, s.heads = heads, s.kv_heads = kv_heads, s.head_dim = head_dim, s.intermediate = intermediate;
+    s.pre_norm = pre_norm, s.scale = scale;
+    stack_ = std::make_unique<Stack>(s);
+  }
+
+  void add_block(PyNorm& norm1, PyNorm& norm2, PyProjection& q, PyProjection& k, PyProjection& v, PyProjection& o,
+                 PyProjection& up, PyProjection& down, PyProjection* gate, PyNorm* q_norm, PyNorm* k_norm,
+                 int activation) {
+    const Shape& s = stack_->shape();
+    const int64_t hq = s.heads * s.head_dim, hk = s.kv_heads * s.head_dim;
+    require(norm1.width == s.hidden && norm2.width == s.hidden, "block norms must have hidden_size weights");
+    auto fits = [&](const PyProjection& p, int64_t in, int64_t out, const char* name) {
+      require(p.in == in && p.out == out, std::string(name) + " projection is " + std::to_string(p.out) + " x " +
+                                              std::to_string(p.in) + ", the block needs " + std::to_string(out) +
+                                              " x " + std::to_string(in));
+    };
+    fits(q, s.hidden, hq, "query");
+    fits(k, s.hidden, hk, "key");
+    fits(v, s.hidden, hk, "value");
+    fits(o, hq, s.hidden, "output");
+    fits(up, s.hidden, s.intermediate, "up");
+    fits(down, s.intermediate, s.hidden, "down");
+    if (gate) fits(*gate, s.hidden, s.intermediate, "gate");
+    require(!gate || s.pre_norm, "gated MLPs are supported in pre-norm blocks only");
+    require(!q_norm || q_norm->width == s.head_dim, "q_norm must have head_dim weights");
+    require(!k_norm || k_norm->width == s.head_dim, "k_norm must have head_dim weights");
+    Block b;
+    b.norm1 = norm1.norm, b.norm2 = norm2.norm;
+    if (q_norm) b.q_norm = q_norm->norm;
+    if (k_norm) b.k_norm = k_norm->norm;
+    b.q = q.proj, b.k = k.proj, b.v = v.proj, b.o = o.proj, b.up = up.proj, b.down = down.proj;
+    if (gate) b.gate = gate->proj;
+    b.act = py::to_activation(activation);
+    stack_->add_block(b);
+    for (nb::handle h : {nb::find(norm1), nb::find(norm2), nb::find(q), nb::find(k), nb::find(v), nb::find(o),
+                         nb::find(up), nb::find(down)})
+      keep_.push_back(nb::borrow(h));
+    if (gate) keep_.push_back(nb::find(*gate));
+    if (q_norm) keep_.push_back(nb::find(*q_norm));
+    if (k_norm) keep_.push_back(nb::find(*k_norm));
+  }
+
+  void set_final_norm(PyNorm& n) {
+    require(n.width == stack_->shape().hidden, "the final norm must have hidden_size weights");
+    stack_->set_final_norm(n.norm);
+    keep_.push_back(nb::find(n));
+  }
+
+  // Unchecked: x, out float32 [batch * seq, hidden]; mask float32 with strides [b, h, s] in floats (0:
+  // none); cos, sin float32 [batch * seq, head_dim] (0: no rotary embedding).
+  void forward_raw(uintptr_t x, uintptr_t out, int64_t batch, int64_t seq, uintptr_t mask,
+                   const std::vector<int64_t>& mask_strides, bool causal, uintptr_t cos, uintptr_t sin,
+                   bool final_norm, int threads) {
+    require(batch >= 0 && seq >= 0 && x && out, "forward_raw: bad sizes or null pointers");
+    require(mask_strides.size() == 3, "forward_raw: three mask strides");
+    require((cos == 0) == (sin == 0), "forward_raw: cos and sin go together");
+    MaskView m{reinterpret_cast<const float*>(mask), mask_strides[0], mask_strides[1], mask_strides[2]};
+    nb::gil_scoped_release unlocked;
+    stack_->forward(reinterpret_cast<const float*>(x), reinterpret_cast<float*>(out), batch, seq, m, causal,
+                    reinterpret_cast<const float*>(cos), reinterpret_cast<const float*>(sin), nullptr, final_norm,
+                    threads);
+  }
+
+  // Unchecked as forward_raw, with the cache: the tokens are its next `seq` positions.
+  void forward_cached_raw(uintptr_t x, uintptr_t out, int64_t seq, uintptr_t cos, uintptr_t sin, KVCache& cache,
+                          bool final_norm, int threads) {
+    require(cache.layers == stack_->layers(), "the cache was made for another stack");
+    require(cache.length + seq <= cache.capacity, "the cache is full (" + std::to_string(cache.capacity) +
+                                                      " positions)");
+    nb::gil_scoped_release unlocked;
+    stack_->forward(reinterpret_cast<const float*>(x), reinterpret_cast<float*>(out), cache.batch, seq, MaskView{},
+                    false, reinterpret_cast<const float*>(cos), reinterpret_cast<const float*>(sin), &cache,
+                    final_norm, threads);
+  }
+
+  Stack& stack() { return *stack_; }
+
+ private:
+  std::unique_ptr<Stack> stack_;
+  std::vector<nb::object> keep_;
+};
+
+class PyCausalLM {
+ public:
+  PyCausalLM(nb::object stack, Table table, std::optional<F32Vec> scales, int bits, PyProjection& head, F32Mat cos,
+             F32Mat sin)
+      : stack_obj_(stack), table_(table), scales_(scales), cos_(cos), sin_(sin) {
+    PyStack& s = nb::cast<PyStack&>(stack);
+    const Shape& sh = s.stack().shape();
+    require(bits == 32 || bits == 8 || bits == 4, "embedding bits must be 32, 8 or 4");
+    const int64_t vocab = int64_t(table.shape(0)), width = int64_t(table.shape(1));
+    const int64_t want = bits == 4 ? (sh.hidden + 1) / 2 : sh.hidden;
+    require(width == want, "the embedding table has " + std::to_string(width) + " columns, expected " +
+                               std::to_string(want));
+    const bool dtype_ok = bits == 32 ? table.dtype() == nb::dtype<float>()
+                                     : bits == 8 ? table.dtype() == nb::dtype<int8_t>() : table.dtype() == nb::dtype<uint8_t>();
+    require(dtype_ok, "embedding table dtype does not match its bits");
+    require(bits == 32 || (scales && int64_t(scales->shape(0)) == vocab), "quantized embeddings need [vocab] scales");
+    require(head.in == sh.hidden, "the head must take hidden_size inputs");
+    require(cos.shape(1) == size_t(sh.head_dim) && sin.shape(1) == size_t(sh.head_dim) &&
+                cos.shape(0) == sin.shape(0) && cos.shape(0) > 0,
+            "rotary tables must be [positions, head_dim]");
+    Embedding e;
+    e.table = table.data(), e.scales = scales ? scales->data() : nullptr, e.bits = bits, e.vocab = vocab, e.dim = sh.hidden;
+    head_obj_ = nb::find(head);
+    vocab_ = vocab;
+    lm_ = std::make_unique<CausalLM>(&s.stack(), e, head.proj, cos.data(), sin.data(), int64_t(cos.shape(0)));
+  }
+
+  // ids int64 [batch, seq] as the cache's next positions; next int64 [batch] gets each row's argmax;
+  // logits float32 [batch, vocab] (optional) the last token's logits.
+  void step(Ids ids, KVCache& cache, IdsOut next, std::optional<Logits> logits, int threads) {
+    const int64_t batch = int64_t(ids.shape(0)), seq = int64_t(ids.shape(1));
+    require(batch == cache.batch, "ids have " + std::to_string(batch) + " rows, the cache " + std::to_string(cache.batch));
+    require(cache.layers == lm_->stack().layers(), "the cache was made for another model");
+    require(int64_t(next.shape(0)) == batch, "next must have one entry per row");
+    require(!logits || (int64_t(logits->shape(0)) == batch && int64_t(logits->shape(1)) == lm_->vocab()),
+            "logits must be [batch, vocab]");
+    require(cache.length + seq <= cache.capacity, "the cache is full (" + std::to_string(cache.capacity) + " positions)");
+    require(cache.length + seq <= lm_->positions(), "past the rotary table's " + std::to_string(lm_->positions()) +
+                                                        " positions");
+    const int64_t* p = ids.data();
+    for (int64_t i = 0; i < batch * seq; ++i)
+      require(p[i] >= 0 && p[i] < vocab_, "token id " + std::to_string(p[i]) + " outside the vocabulary");
+    float* out = logits ? logits->data() : nullptr;
+    nb::gil_scoped_release unlocked;
+    lm_->step(p, batch, seq, cache, out, next.data(), threads);
+  }
+
+  int64_t vocab() const { return lm_->vocab(); }
+
+ private:
+  nb::object stack_obj_, head_obj_;
+  Table table_;
+  std::optional<F32Vec> scales_;
+  F32Mat cos_, sin_;
+  int64_t vocab_ = 0;
+  std::unique_ptr<CausalLM> lm_;
+};
+
+nb::ndarray<nb::pytorch, float> cache_view(nb::handle self, KVCache& c, int64_t layer, bool keys) {
+  require(layer >= 0 && layer < c.layers, "layer out of range");
+  size_t shape[4] = {size_t(c.batch), size_t(c.kv_heads), size_t(c.capacity), size_t(c.head_dim)};
+  float* data = keys ? c.keys(layer) : c.values(layer);
+  return nb::ndarray<nb::pytorch, float>(data, 4, shape, self);
+}
+
+}  // namespace
+
+void bind(nb::module_& m) {
+  nb::class_<PyNorm>(m, "Norm", "A LayerNorm (rms=False) or RMSNorm's weights for a native Stack.")
+      .def(nb::init<F32Vec, std::optional<F32Vec>, float, bool>(), nb::arg("weight"), nb::arg("bias").none(),
+           nb::arg("eps"), nb::arg("rms"));
+  nb::class_<PyProjection>(m, "Projection", "A NativeLinear (and bias) as one of a block's projections.")
+      .def(nb::init<nb::object, std::optional<F32Vec>>(), nb::arg("linear"), nb::arg("bias").none());
+  nb::class_<PyStack>(m, "Stack", "Transformer blocks run natively, one call for all of them (csrc/runtime/stack.h).")
+      .def(nb::init<int64_t, int64_t, int64_t, int64_t, int64_t, bool, float>(), nb::arg("hidden"), nb::arg("heads"),
+           nb::arg("kv_heads"), nb::arg("head_dim"), nb::arg("intermediate"), nb::arg("pre_norm"), nb::arg("scale"))
+      .def("add_block", &PyStack::add_block, nb::arg("norm1"), nb::arg("norm2"), nb::arg("q"), nb::arg("k"),
+           nb::arg("v"), nb::arg("o"), nb::arg("up"), nb::arg("down"), nb::arg("gate").none() = nb::none(),
+           nb::arg("q_norm").none() = nb::none(), nb::arg("k_norm").none() = nb::none(), nb::arg("activation") = 0)
+      .def("set_final_norm", &PyStack::set_final_norm, nb::arg("norm"))
+      .def_prop_ro("layers", [](PyStack& s) { return s.stack().layers(); })
+      .def("forward_raw", &PyStack::forward_raw, nb::arg("x_ptr"), nb::arg("out_ptr"), nb::arg("batch"), nb::arg("seq"),
+           nb::arg("mask_ptr"), nb::arg("mask_strides"), nb::arg("causal"), nb::arg("cos_ptr"), nb::arg("sin_ptr"),
+           nb::arg("final_norm"), nb::arg("n_threads") = 1,
+           "Unchecked: out[T, hidden] = blocks(x[T, hidden]) for T = batch * seq tokens.")
+      .def("forward_cached_raw", &PyStack::forward_cached_raw, nb::arg("x_ptr"), nb::arg("out_ptr"), nb::arg("seq"),
+           nb::arg("cos_ptr"), nb::arg("sin_ptr"), nb::arg("cache"), nb::arg("final_norm"), nb::arg("n_threads") = 1,
+           "Unchecked pointers: the next `seq` positions of every row of `cache`.");
+  nb::class_<KVCache>(m, "KVCache", "Keys and values of every layer of a Stack for a batch of sequences.")
+      .def("__init__",
+           [](KVCache* self, PyStack& s, int64_t batch, int64_t capacity) {
+             require(batch > 0 && capacity > 0, "batch and capacity must be positive");
+             const Shape& sh = s.stack().shape();
+             new (self) KVCache(s.stack().layers(), batch, sh.kv_heads, capacity, sh.head_dim);
+           },
+           nb::arg("stack"), nb::arg("batch"), nb::arg("capacity"))
+      .def_ro("batch", &KVCache::batch)
+      .def_ro("capacity", &KVCache::capacity)
+      .def_ro("layers", &KVCache::layers)
+      .def_prop_ro("length", [](KVCache& c) { return c.length; }, "Positions filled so far.")
+      .def("set_padding", [](KVCache& c, int64_t b, int64_t pads) {
+             require(b >= 0 && b < c.batch && pads >= 0 && pads <= c.capacity, "bad row or padding");
+             require(c.length == 0, "padding is set before the prompt runs");
+             c.set_padding(b, pads);
+           }, nb::arg("row"), nb::arg("pads"), "Row `row`'s first `pads` positions are left padding.")
+      .def("keys", [](nb::handle self, int64_t layer) { return cache_view(self, nb::cast<KVCache&>(self), layer, true); },
+           nb::arg("layer"), "Layer `layer`'s keys as a torch view [batch, kv_heads, capacity, head_dim].")
+      .def("values", [](nb::handle self, int64_t layer) { return cache_view(self, nb::cast<KVCache&>(self), layer, false); },
+           nb::arg("layer"), "Layer `layer`'s values as a torch view [batch, kv_heads, capacity, head_dim].");
+  nb::class_<PyCausalLM>(m, "CausalLM", "Embedding + Stack + final norm + LM head: one native call per decode step.")
+      .def(nb::init<nb::object, Table, std::optional<F32Vec>, int, PyProjection&, F32Mat, F32Mat>(), nb::arg("stack"),
+           nb::arg("table"), nb::arg("scales").none(), nb::arg("bits"), nb::arg("head"), nb::arg("cos"), nb::arg("sin"))
+      .def("step", &PyCausalLM::step, nb::arg("ids"), nb::arg("cache"), nb::arg("next"),
+           nb::arg("logits").none() = nb::none(), nb::arg("n_threads") = 1,
+           "Runs ids [batch, seq] as the cache's next positions; next[b] = argmax of row b's last logits.")
+      .def_prop_ro("vocab", &PyCausalLM::vocab);
+}
+
+}  // namespace runtime
+}  // namespace sp

@@ -1,0 +1,131 @@
+"""Turning the native block path on and off for one model (and for the process, by environment).
+
+Example:
+    >>> import torch
+    >>> use_native_blocks(torch.nn.Linear(2, 2)), disable_native_blocks(torch.nn.Linear(2, 2))
+    (False, False)
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..fusion import probe_inputs
+from .entries import NativeForward
+from .plan import build_plan
+
+ENV_SWITCH = "SPARSEPRESS_NATIVE_BLOCKS"
+# Native and module paths differ by float rounding in the norms and softmax, which flips a few int8
+# activation roundings downstream: ~1e-3 of the output's norm on MiniLM (measured). A wrong plan (a
+# mis-read family, a missed option) moves it by tens of percent.
+TOLERANCE = 2e-2
+
+
+def native_blocks_allowed() -> bool:
+    """False when `SPARSEPRESS_NATIVE_BLOCKS` is 0 / false / no / off (then no model gets native blocks).
+
+    Example:
+        >>> isinstance(native_blocks_allowed(), bool)
+        True
+    """
+    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def native_blocks_of(model: nn.Module) -> NativeForward | None:
+    """The native forward installed in `model` (None: it runs on its modules).
+
+    Example:
+        >>> native_blocks_of(torch.nn.Linear(2, 2)) is None
+        True
+    """
+    for module in model.modules():
+        forward = module.__dict__.get("forward")
+        if isinstance(forward, NativeForward):
+            return forward
+    return None
+
+
+def use_native_blocks(model: nn.Module, *, check: bool = True) -> bool:
+    """Run `model`'s transformer blocks natively where its family and layers allow it; True if they now do.
+
+    With `check` (default) the native and module paths are compared on a probe input first, and a
+    disagreement leaves the model on its modules. Safe to call again.
+    """
+    if not native_blocks_allowed():
+        return False
+    if native_blocks_of(model) is not None:
+        return True
+    plan = build_plan(model)
+    if isinstance(plan, str):
+        return False
+    forward = NativeForward(plan, plan.entry.forward)
+    plan.entry.forward = forward
+    if check and not _agrees(model, forward):
+        disable_native_blocks(model)
+        return False
+    return True
+
+
+def disable_native_blocks(model: nn.Module) -> bool:
+    """Put `model` back on its modules; True if it had native blocks.
+
+    Example:
+        >>> disable_native_blocks(torch.nn.Linear(2, 2))
+        False
+    """
+    found = False
+    for module in model.modules():
+        if isinstance(module.__dict__.get("forward"), NativeForward):
+            del module.__dict__["forward"]
+            found = True
+    return found
+
+
+def _outputs(model: nn.Module, probe: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    with torch.inference_mode():
+        out = model(**probe)
+    first = out[0] if isinstance(out, (tuple, list)) else next(iter(out.values()), None)
+    return first if isinstance(first, torch.Tensor) else None
+
+
+def _agrees(model: nn.Module, forward: NativeForward) -> bool:
+    """Whether the native path runs on a probe input and gives the module path's outputs."""
+    probe: Any = probe_inputs(model)
+    if probe is None:
+        return False
+    if "use_cache" in _parameters(model):
+        probe["use_cache"] = False
+    was_training = model.training
+    model.eval()
+    try:
+        forward.enabled = False
+        reference = _outputs(model, probe)
+        forward.enabled, forward.native_calls = True, 0
+        native = _outputs(model, probe)
+    except Exception:  # noqa: BLE001 - a model the probe cannot drive stays on its modules
+        return False
+    finally:
+        forward.enabled = True
+        model.train(was_training)
+    if reference is None or native is None or forward.native_calls == 0 or reference.shape != native.shape:
+        return False
+    if not bool(torch.isfinite(native).all()):
+        return False
+    scale = float(reference.norm()) or 1.0
+    return float((native - reference).norm()) <= TOLERANCE * scale
+
+
+def _parameters(model: nn.Module) -> set[str]:
+    import inspect
+
+    try:
+        return set(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+__all__ = ["ENV_SWITCH", "disable_native_blocks", "native_blocks_allowed", "native_blocks_of", "use_native_blocks"]
