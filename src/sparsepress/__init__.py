@@ -21,7 +21,7 @@ from .errors import (  # noqa: E402
     VersionError,
 )
 from .io import load, save  # noqa: E402
-from .nn import QuantizedEmbedding, SparseLinear, set_activation_sparsity  # noqa: E402
+from .nn import QuantizedEmbedding, SparseLinear, set_activation_sparsity, set_sparsity  # noqa: E402
 from .pipeline import compress  # noqa: E402
 from .recipe import Recipe  # noqa: E402
 
@@ -44,4 +44,5 @@ __all__ = [
     "load",
     "save",
     "set_activation_sparsity",
+    "set_sparsity",
 ]
