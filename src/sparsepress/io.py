@@ -112,10 +112,11 @@ def _history(model: nn.Module) -> dict[str, Any]:
     if record is not None:
         return {"recipe": record.recipe.to_dict(), "adapter": record.adapter, "layers": record.layers,
                 "source": getattr(model, "sparsepress_source", None),
-                "activation_sparsity": record.extra.get("activation_sparsity")}
+                "activation_sparsity": record.extra.get("activation_sparsity"), "budget": record.extra.get("budget")}
     manifest = getattr(model, "sparsepress_manifest", None) or {}
     return {"recipe": manifest.get("recipe"), "adapter": manifest.get("adapter"), "layers": manifest.get("layers", {}),
-            "source": manifest.get("source"), "activation_sparsity": manifest.get("activation_sparsity")}
+            "source": manifest.get("source"), "activation_sparsity": manifest.get("activation_sparsity"),
+            "budget": manifest.get("budget")}
 
 
 def _atomic_folder(out: Path, overwrite: bool) -> Path:
@@ -196,6 +197,7 @@ def save(
             "aliases": aliases,
             "activation_sparsity": history["activation_sparsity"],
             "elastic": {"levels": sparsity_levels(model)} if sparsity_levels(model) else None,
+            "budget": history["budget"],
             "tensors_file": TENSORS,
             "tensors_sha256": sha256_of(staging / TENSORS),
         }

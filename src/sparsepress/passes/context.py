@@ -34,7 +34,8 @@ class LayerTarget:
 
     `sparsity`: the layer's target; `levels`: nested elastic sparsities (two or more, increasing) instead
     of one; `pattern`, `bits`, `format`: per-layer overrides of the prune pattern, the quantization bits
-    and the packed format (what a budget's allocation chooses).
+    and the packed format (what a budget's allocation chooses); with `bits` set, `group_size` is the
+    scale group of those bits (None: one scale per row).
 
     Example:
         >>> LayerTarget(levels=(0.5, 0.7)).elastic, LayerTarget(sparsity=0.5).elastic
@@ -45,6 +46,7 @@ class LayerTarget:
     levels: tuple[float, ...] = ()
     pattern: str | None = None
     bits: int | None = None
+    group_size: int | None = None
     format: str | None = None
 
     @property

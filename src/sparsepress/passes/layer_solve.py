@@ -182,7 +182,8 @@ class BlockSolver:
             prune = None  # kept dense
         if target.bits is not None:
             method = quant.method if quant is not None else ("gptq" if self.needs_stats else "rtn")
-            quant = (quant or QuantizeStage(method=method)).model_copy(update={"bits": target.bits})
+            quant = (quant or QuantizeStage(method=method)).model_copy(
+                update={"bits": target.bits, "group_size": target.group_size})
         return prune, quant
 
     def _compress_layer(self, name: str, layer: nn.Linear, stats: LayerStats | None) -> None:
