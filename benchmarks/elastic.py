@@ -92,6 +92,8 @@ def run_quality(args: argparse.Namespace) -> None:
     for key, label, kind, (method, quant) in ROWS:
         if args.rows and key not in args.rows:
             continue
+        if args.method:  # every row with this method (e.g. magnitude + RTN: data-free folders for `speed`)
+            method, quant, label = args.method, "rtn" if args.method == "magnitude" else quant, f"{label} ({args.method})"
         saved = nested.LEVEL_WEIGHTS
         if kind == "elastic-lowest":
             nested.LEVEL_WEIGHTS = (1.0, 0.0)
@@ -150,8 +152,9 @@ def held_bytes(model: torch.nn.Module) -> tuple[int, int]:
 
 
 def run_speed(args: argparse.Namespace) -> None:
-    elastic_dir = args.out / "elastic-sparsegpt"
-    singles = {s: args.out / f"single-sparsegpt-{s}" for s in LEVELS}
+    method = args.method or "sparsegpt"
+    elastic_dir = args.out / f"elastic-{method}"
+    singles = {s: args.out / f"single-{method}-{s}" for s in LEVELS}
     elastic = sp.load(elastic_dir)
     models = {f"single {s:g}": sp.load(folder) for s, folder in singles.items() if folder.is_dir()}
     gen = torch.Generator().manual_seed(0)
@@ -199,6 +202,7 @@ def main() -> None:
     parser.add_argument("--rows", nargs="*", default=None, help=f"only these rows: {', '.join(r[0] for r in ROWS)}")
     parser.add_argument("--levels", type=float, nargs="*", default=LEVELS, help="single-level rows to run")
     parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--method", default=None, help="override every row's method (magnitude: with RTN)")
     args = parser.parse_args()
     args.samples = args.samples or (32 if args.quick else 128)
     args.pairs = args.pairs or (256 if args.quick else 1024)

@@ -133,6 +133,9 @@ def _sparsegpt_step(current: torch.Tensor, support: torch.Tensor, stats: LayerSt
     return keep, result.weight * keep
 
 
+# Methods whose nesting step compensates the weights it keeps (their level weights are near-optimal).
+COMPENSATING = ("sparsegpt",)
+
 NEST_STEPS: dict[str, NestStep] = {
     "magnitude": _scored_step(score_magnitude),
     "wanda": _scored_step(score_wanda),
@@ -150,13 +153,20 @@ def nested_keeps(first: torch.Tensor, keep: torch.Tensor, stats: LayerStats | No
         >>> [k.tolist() for k in nested_keeps(w, w != 0, None, PruneStage(method="magnitude", sparsity=[0.25, 0.75]), [0.25, 0.75])]
         [[[True, True, True, False]], [[True, False, False, False]]]
     """
+    return nested_levels(first, keep, stats, prune, levels)[0]
+
+
+def nested_levels(first: torch.Tensor, keep: torch.Tensor, stats: LayerStats | None, prune: PruneStage,
+                  levels: Sequence[float]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """`nested_keeps`, and each level's weight as the nesting step left it (SparseGPT: compensated)."""
     keeps = [keep.bool()]
-    current = first * keeps[0]
+    weights = [first * keeps[0]]
     for sparsity in levels[1:]:
         spec = MaskSpec.from_stage(prune, sparsity)
-        level_keep, current = NEST_STEPS[prune.method](current, keeps[-1], stats, spec, prune)
+        level_keep, current = NEST_STEPS[prune.method](weights[-1], keeps[-1], stats, spec, prune)
         keeps.append(level_keep)
-    return keeps
+        weights.append(current)
+    return keeps, weights
 
 
 def _weights_for(levels: int) -> list[float]:
@@ -257,12 +267,15 @@ def compress_nested(weight: torch.Tensor, stats: LayerStats | None, prune: Prune
     plan = build_prune_plan(weight, stats, prune, levels[0], refit=refit, mask_search=mask_search)
     assert plan is not None
     first, keep = plan.prune(weight, stats)
-    keeps = nested_keeps(first, keep, stats, prune, levels)
+    keeps, swept = nested_levels(first, keep, stats, prune, levels)
     values = first
     if refit and stats is not None:
         hessian = stats.hessian
-        errors = [layer_error(weight, first if i == 0 else refit_kept(weight, hessian, k, dampening=prune.dampening),
-                              hessian) for i, k in enumerate(keeps)]
+        # each level's own best error: the OBS sweep's compensated weight approximates its refit closely
+        # (and costs nothing more); the scored methods' masked weights need the refit
+        own = swept if prune.method in COMPENSATING else [
+            first if i == 0 else refit_kept(weight, hessian, k, dampening=prune.dampening) for i, k in enumerate(keeps)]
+        errors = [layer_error(weight, w, hessian) for w in own]
         weights = [w / max(e, 1e-30) for w, e in zip(_weights_for(len(keeps)), errors)]
         values = fit_shared_values(weight, hessian, keeps, weights, dampening=prune.dampening, start=first)
     dampening = plan.dampening if plan.dampening is not None else prune.dampening
