@@ -1,4 +1,4 @@
-"""The `sparsepress` command line (DESIGN section 2): compress, inspect, eval, bench, demo.
+"""The `sparsepress` command line (DESIGN section 2): compress, inspect, eval, bench, demo, sweep, report.
 
 Example:
     >>> from typer.testing import CliRunner
@@ -173,23 +173,18 @@ def _reference_for(manifest: dict[str, Any], reference: str | None) -> str:
 
 def evaluate_folder(folder: Path, reference: str | None, text: Path | None, samples: int = 64, seq_len: int = 128) -> dict[str, float]:
     """Fidelity (and perplexity for causal LMs) of a folder against its dense reference."""
-    from .evaluate import fidelity, is_causal_lm, perplexity
+    from .evaluate import heldout_samples, quality
     from .io import load, read_manifest
-    from .sources import load_source, read_text, token_samples
+    from .sources import load_source, read_text
 
     manifest = read_manifest(folder)
     model = load(folder)
     source = load_source(_reference_for(manifest, reference))
     if source.tokenizer is None:
         raise InputError(source.path, "no tokenizer files found")
-    ids = token_samples(source.tokenizer, read_text(text, "heldout"), samples, seq_len, seed=1234,
-                        source=str(text or "bundled held-out text"))
-    pad = source.tokenizer.pad_token_id or 0
-    result = {"fidelity": fidelity(model, source.model, ids, pad_id=pad)}
-    if is_causal_lm(model):
-        result["perplexity"] = perplexity(model, ids, pad_id=pad)
-        result["reference perplexity"] = perplexity(source.model, ids, pad_id=pad)
-    return result
+    ids = heldout_samples(source.tokenizer, read_text(text, "heldout"), samples, seq_len,
+                          source=str(text or "bundled held-out text"))
+    return quality(model, source.model, ids, pad_id=source.tokenizer.pad_token_id or 0)
 
 
 @app.command("eval")
@@ -213,19 +208,14 @@ TORCH_BASELINES = ("torch fp32 (dense)", "torch dynamic int8 (dense)")
 
 def bench_models(folder: Path, reference: str | None, batch: int, seq_len: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """The models `bench` compares (torch fp32, torch dynamic int8, the folder) and one batch of inputs."""
-    import torch
-
-    from .evaluate import dynamic_int8
+    from .evaluate import dynamic_int8, random_batch
     from .io import load, read_manifest
     from .sources import load_source
 
     manifest = read_manifest(folder)
     model = load(folder)
     dense = load_source(_reference_for(manifest, reference)).model
-    vocab = int(getattr(dense.config, "vocab_size", 1000))
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(1000 if vocab > 2000 else 0, min(vocab, 2000 if vocab > 2000 else vocab), (batch, seq_len), generator=gen)
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    inputs = random_batch(dense, batch, seq_len)
     return {"torch fp32 (dense)": dense, "torch dynamic int8 (dense)": dynamic_int8(dense), "sparsepress": model}, inputs
 
 
@@ -293,6 +283,12 @@ def demo_command(
     for batch, seq_len in ((1, 16), (8, 64)):
         rows = bench_rows(out, None, batch, seq_len, repeats=10)
         console.print(latency_table(f"latency, batch {batch} x {seq_len} tokens", rows, baselines=TORCH_BASELINES))
+
+
+from .sweep.commands import report_command, sweep_command  # noqa: E402
+
+app.command("sweep")(_clean_errors(sweep_command))
+app.command("report")(_clean_errors(report_command))
 
 
 def _describe(recipe: Any) -> str:

@@ -47,6 +47,19 @@ class InputError(SparsepressError, ValueError):
         super().__init__(f"{path}: {problem}")
 
 
+class GridError(SparsepressError, ValueError):
+    """A sweep grid is invalid: names the dotted path (or top-level key) at fault and why.
+
+    Example:
+        >>> str(GridError("vary.stages.0.prune.sparsty", "unknown key"))
+        "grid 'vary.stages.0.prune.sparsty': unknown key"
+    """
+
+    def __init__(self, path: str, problem: str):
+        self.path, self.problem = path, problem
+        super().__init__(f"grid '{path}': {problem}")
+
+
 class FormatError(SparsepressError, ValueError):
     """A stored model folder or tensor is damaged, foreign or from a newer format version.
 

@@ -59,6 +59,42 @@ def fidelity(model: nn.Module, reference: nn.Module, samples: list[torch.Tensor]
     return sum(scores) / len(samples)
 
 
+HELDOUT_SEED = 1234  # the held-out windows `sparsepress eval` and every sweep trial score on
+
+
+def heldout_samples(tokenizer: Any, text: str, samples: int = 64, seq_len: int = 128,
+                    source: str = "bundled held-out text") -> list[torch.Tensor]:
+    """The held-out windows quality is measured on: `samples` x `seq_len` tokens of `text`, fixed seed.
+
+    Example:
+        >>> from sparsepress.sources import bundled_text, resolve_model_path
+        >>> from transformers import AutoTokenizer
+        >>> tok = AutoTokenizer.from_pretrained(str(resolve_model_path("minilm")))
+        >>> [t.shape[0] for t in heldout_samples(tok, bundled_text("heldout"), 2, 16)]
+        [16, 16]
+    """
+    from .sources import token_samples
+
+    return token_samples(tokenizer, text, samples, seq_len, seed=HELDOUT_SEED, source=source)
+
+
+def quality(model: nn.Module, reference: nn.Module, samples: list[torch.Tensor], pad_id: int = 0) -> dict[str, float]:
+    """What `sparsepress eval` reports: fidelity to `reference`, and perplexities for causal LMs.
+
+    Example:
+        >>> from transformers import BertConfig, BertModel
+        >>> m = BertModel(BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        ...                          intermediate_size=32, vocab_size=50)).eval()
+        >>> round(quality(m, m, [torch.randint(1, 50, (6,)) for _ in range(2)])["fidelity"], 4)
+        1.0
+    """
+    result = {"fidelity": fidelity(model, reference, samples, pad_id=pad_id)}
+    if is_causal_lm(model):
+        result["perplexity"] = perplexity(model, samples, pad_id=pad_id)
+        result["reference perplexity"] = perplexity(reference, samples, pad_id=pad_id)
+    return result
+
+
 def perplexity(model: nn.Module, samples: list[torch.Tensor], batch_size: int = 8, pad_id: int = 0) -> float:
     """exp(mean next-token negative log-likelihood) of a causal LM on `samples`."""
     total, count = 0.0, 0
@@ -140,6 +176,23 @@ def models_ms(models: dict[str, nn.Module], batch: dict[str, torch.Tensor], roun
         ['echo']
     """
     return interleaved_ms({name: forward_runner(model, batch) for name, model in models.items()}, rounds=rounds)
+
+
+def random_batch(model: nn.Module, batch: int, seq_len: int) -> dict[str, torch.Tensor]:
+    """Seeded random token ids (ids 1000..1999 where the vocabulary allows) and a full mask: what `bench` times.
+
+    Example:
+        >>> from transformers import BertConfig, BertModel
+        >>> m = BertModel(BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        ...                          intermediate_size=32, vocab_size=50))
+        >>> random_batch(m, 2, 8)["input_ids"].shape
+        torch.Size([2, 8])
+    """
+    vocab = int(getattr(getattr(model, "config", None), "vocab_size", 1000))
+    gen = torch.Generator().manual_seed(0)
+    low, high = (1000, 2000) if vocab > 2000 else (0, vocab)
+    ids = torch.randint(low, high, (batch, seq_len), generator=gen)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
 def dynamic_int8(model: nn.Module) -> nn.Module:

@@ -195,12 +195,15 @@ def save(
             "layers": layers,
             "embeddings": embeddings,
             "aliases": aliases,
-            "activation_sparsity": history["activation_sparsity"],
-            "elastic": {"levels": sparsity_levels(model)} if sparsity_levels(model) else None,
-            "budget": history["budget"],
             "tensors_file": TENSORS,
             "tensors_sha256": sha256_of(staging / TENSORS),
         }
+        if history["activation_sparsity"] is not None:
+            manifest["activation_sparsity"] = history["activation_sparsity"]
+        if sparsity_levels(model):
+            manifest["elastic"] = {"levels": sparsity_levels(model)}
+        if history["budget"] is not None:
+            manifest["budget"] = history["budget"]
         if (staging / "config.json").is_file():
             manifest["config_sha256"] = sha256_of(staging / "config.json")
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
