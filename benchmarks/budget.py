@@ -73,7 +73,7 @@ def report(folder: Path, model: Any, source: Any, args: argparse.Namespace, seco
     manifest = json.loads((folder / "sparsepress.json").read_text())
     row = {"folder": str(folder), "tensors_bytes": size, "fidelity": fid, "spearman": rho,
            "score": {k: 82.05 - 15.5 * (1 - v) for k, v in rho.items()}, "seconds": seconds,
-           "budget": {k: manifest["budget"][k] for k in ("targets", "predicted", "achieved", "layers", "embeddings")}
+           "budget": {k: manifest["budget"][k] for k in ("target", "predicted", "achieved", "layers", "embeddings")}
            if manifest.get("budget") else None}
     print(json.dumps({k: v for k, v in row.items() if k != "budget"}, indent=1), flush=True)
     if row["budget"]:

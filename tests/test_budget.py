@@ -101,13 +101,18 @@ def test_size_budget_is_met_and_recorded(cache, tmp_path):
     model = sp.compress(copy.deepcopy(dense), _recipe({"size_mb": limit}), calibration=token_ids(8, 16))
     record = model.sparsepress_record.extra["budget"]
     assert _tensors_bytes(model) <= limit * 1e6
-    assert record["achieved"]["size_mb"] <= limit and record["targets"]["size_mb"] == limit
+    assert record["achieved"]["size_mb"] <= limit and record["target"] == {"size_mb": limit}
     assert set(record["layers"]) == {n for n, m in model.named_modules() if isinstance(m, sp.SparseLinear)}
-    assert record["sensitivity"]["layers"] and record["sensitivity"]["embeddings"]
+    curves = model.sparsepress_record.extra["sensitivity"]["curves"]
+    assert {c["layer"] for c in curves} == set(record["layers"]) | set(record["embeddings"])
+    assert sum(c["chosen"] is not None for c in curves) == len(record["layers"]) + len(record["embeddings"])
     folder = sp.save(model, tmp_path / "m")
     assert (folder / "sparsepress.safetensors").stat().st_size <= limit * 1e6
     manifest = json.loads((folder / "sparsepress.json").read_text())
     assert manifest["budget"]["achieved"]["size_mb"] <= limit
+    from sparsepress.sweep.sensitivity import read_budget, read_sensitivity
+
+    assert read_budget(manifest)["target"] == {"size_mb": limit} and read_sensitivity(manifest).curves
     small = sp.compress(copy.deepcopy(dense), _recipe({"size_mb": 0.025}), calibration=token_ids(8, 16))
     assert _tensors_bytes(small) <= min(0.025e6, _tensors_bytes(model))
     tight = small.sparsepress_record.extra["budget"]["predicted"]["fidelity"]

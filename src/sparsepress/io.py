@@ -112,11 +112,12 @@ def _history(model: nn.Module) -> dict[str, Any]:
     if record is not None:
         return {"recipe": record.recipe.to_dict(), "adapter": record.adapter, "layers": record.layers,
                 "source": getattr(model, "sparsepress_source", None),
-                "activation_sparsity": record.extra.get("activation_sparsity"), "budget": record.extra.get("budget")}
+                "activation_sparsity": record.extra.get("activation_sparsity"), "budget": record.extra.get("budget"),
+                "sensitivity": record.extra.get("sensitivity")}
     manifest = getattr(model, "sparsepress_manifest", None) or {}
     return {"recipe": manifest.get("recipe"), "adapter": manifest.get("adapter"), "layers": manifest.get("layers", {}),
             "source": manifest.get("source"), "activation_sparsity": manifest.get("activation_sparsity"),
-            "budget": manifest.get("budget")}
+            "budget": manifest.get("budget"), "sensitivity": manifest.get("sensitivity")}
 
 
 def _atomic_folder(out: Path, overwrite: bool) -> Path:
@@ -202,8 +203,9 @@ def save(
             manifest["activation_sparsity"] = history["activation_sparsity"]
         if sparsity_levels(model):
             manifest["elastic"] = {"levels": sparsity_levels(model)}
-        if history["budget"] is not None:
-            manifest["budget"] = history["budget"]
+        for key in ("budget", "sensitivity"):  # budgeted folders only (passes/budget.py)
+            if history[key] is not None:
+                manifest[key] = history[key]
         if (staging / "config.json").is_file():
             manifest["config_sha256"] = sha256_of(staging / "config.json")
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")

@@ -93,7 +93,7 @@ def budget_tables(manifest: dict[str, Any]) -> list[Table]:
     budget = manifest.get("budget")
     if not budget:
         return []
-    targets, achieved, predicted = budget.get("targets", {}), budget.get("achieved") or {}, budget.get("predicted") or {}
+    targets, achieved, predicted = budget.get("target", {}), budget.get("achieved") or {}, budget.get("predicted") or {}
     table = Table(title="budget")
     for column in ("target", "asked", "predicted", "achieved", "met"):
         table.add_column(column, justify="right" if column != "target" else "left")

@@ -9,8 +9,10 @@ model (tensors-file bytes, latency on this machine, fidelity as `sparsepress eva
 when a prediction was wrong (a target missed, or a fidelity target overshot by much), scales the
 prediction by what it measured, allocates again and reruns the passes in between on the dense layers.
 
-The record (`ctx.record.extra["budget"]`, written to the manifest under `budget`) holds the targets,
-the predicted and achieved figures, each round, every layer's choice and the sensitivity curves.
+The record lands in the manifest under two keys (the shapes `sparsepress.sweep.sensitivity` reads):
+`budget` (`target`, `achieved`, `predicted`, the allowed `options`, every layer's and table's choice,
+each correction round) and `sensitivity` (`metric` and `curves`: per layer and pattern/bits, the loss
+against sparsity; per embedding table, the loss against bits; the chosen points marked).
 
 Example:
     >>> from sparsepress.recipe import Recipe
@@ -275,13 +277,44 @@ class BudgetPass(CompressionPass):
                               f"the highest fidelity the allowed options are predicted to reach within the other "
                               f"targets is {best:.4f}")
         apply_choice(ctx, state, choice)
+        targets = budget.model_dump(mode="json", exclude_none=True)
         ctx.record.extra["budget"] = {
-            "targets": budget.model_dump(mode="json", exclude_none=True),
+            "target": {k: targets[k] for k in ("size_mb", "latency_ms", "batch", "seq_len", "min_fidelity") if k in targets
+                       and (k not in ("batch", "seq_len") or budget.latency_ms is not None)},
+            "options": {k: targets[k] for k in ("sparsities", "patterns", "bits", "embedding_bits", "verify_rounds")},
             **describe(state, choice),
-            "sensitivity": {"metric": "1 - fidelity on calibration samples, one layer (or table) compressed at a time",
-                            "layers": state.curves.layers, "embeddings": state.curves.embeddings},
             "rounds": [],
         }
+        ctx.record.extra["sensitivity"] = sensitivity_record(state, choice)
+
+
+SENSITIVITY_METRIC = "fidelity loss (1 - mean cosine to the dense model on calibration samples, one layer compressed)"
+
+
+def sensitivity_record(state: BudgetState, choice: list[int]) -> dict[str, Any]:
+    """The curves in the manifest's `sensitivity` shape (sparsepress.sweep.sensitivity): per layer and
+    pattern/bits option, loss against sparsity; per embedding table, loss against bits; chosen points marked."""
+    assert state.curves is not None
+    curves: list[dict[str, Any]] = []
+    picked = dict(zip(state.layer_names, choice))
+    for name in state.layer_names:
+        chosen_option = state.options[picked[name]]
+        families: dict[tuple[str, int], list[LayerOption]] = {}
+        for option in state.options:
+            pattern = "unstructured" if option.sparsity == 0.0 else option.pattern
+            families.setdefault((pattern, option.bits), []).append(option)
+        for (pattern, bits), members in families.items():
+            if pattern != "unstructured":  # dense (0) belongs on every pattern's curve
+                members = [o for o in state.options if o.bits == bits and o.sparsity == 0.0] + members
+            chosen_family = ("unstructured" if chosen_option.sparsity == 0.0 else chosen_option.pattern) == pattern
+            curves.append({"layer": name, "option": f"{pattern} int{bits}", "x": "sparsity",
+                           "points": [[o.sparsity, state.curves.layers[name][o.label]] for o in members],
+                           "chosen": chosen_option.sparsity if chosen_family and chosen_option.bits == bits else None})
+    for name, index in zip(state.embedding_names, choice[len(state.layer_names):]):
+        bits = state.budget.embedding_bits
+        curves.append({"layer": name, "option": "embedding rows", "x": "bits",
+                       "points": [[b, state.curves.embeddings[name][str(b)]] for b in bits], "chosen": bits[index]})
+    return {"metric": SENSITIVITY_METRIC, "curves": curves}
 
 
 def _with_losses(problem: Problem, state: BudgetState) -> Problem:
@@ -354,6 +387,7 @@ class BudgetCheckPass(CompressionPass):
             achieved = passing[3]
         record.update(describe(state, state.choice))
         record["achieved"] = achieved.as_record()
+        ctx.record.extra["sensitivity"] = sensitivity_record(state, state.choice)
 
     # --- measuring ---------------------------------------------------------------------------------------
     def measure(self, ctx: CompressionContext) -> Achieved:
