@@ -11,6 +11,9 @@ Every SIMD tree this CPU runs is measured, each in a process of its own with SPA
 tree below the CPU's best (AVX2 on an AVX-512 machine) is measured against fbgemm held to the same
 level (FBGEMM_ENABLE_INSTRUCTIONS=AVX2, ATEN_CPU_CAPABILITY=avx2): the ratios are indicative of an
 AVX2-only CPU, not measured on one (the cores, caches and memory are still this machine's).
+`--elastic` adds one nested elastic weight (levels 0.5 / 0.7 / 0.9 in one packed form, formats/elastic.py)
+run at each of its levels: its speed should follow the level, and each level's row shows its ratio to the
+single-level bitmask weight of the same sparsity (bytes/weight: what the elastic weight holds in memory).
 
 Usage:
     python benchmarks/kernels.py               # every tree, full run (~3 minutes per tree on 2 cores)
@@ -33,7 +36,7 @@ import torch.nn.functional as F
 
 from sparsepress import kernels, native
 from sparsepress.evaluate import interleaved_ms
-from sparsepress.formats import BBSWeight, BitmaskWeight, NMWeight, PackedWeight
+from sparsepress.formats import BBSWeight, BitmaskWeight, ElasticWeight, NMWeight, PackedWeight
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 CONFIGS = [  # label, format, sparsity
@@ -117,6 +120,19 @@ def copies(packed: PackedWeight, count: int) -> list[PackedWeight]:
     return out
 
 
+ELASTIC_LEVELS = [0.5, 0.7, 0.9]
+
+
+def elastic_stack(shape: tuple[int, int], gen: torch.Generator, llc: int) -> list[ElasticWeight]:
+    """Distinct elastic weights (levels 0.5 / 0.7 / 0.9, random nesting) filling twice the last-level cache."""
+    w = torch.randn(shape, generator=gen) * 0.02
+    score = torch.rand(shape, generator=gen)
+    keeps = [score >= level for level in ELASTIC_LEVELS]
+    first = ElasticWeight.pack(w * keeps[0], dtype="int8", keeps=keeps, levels=ELASTIC_LEVELS)
+    return [first] + [ElasticWeight.pack(w * keeps[0], dtype="int8", keeps=keeps, levels=ELASTIC_LEVELS)
+                      for _ in range(layers_needed(first.resident_nbytes, llc) - 1)]
+
+
 def stack_runner(step, n_layers: int):
     """A callable running `step(i)` over the whole stack; its time / n_layers is ms per layer."""
     def run() -> None:
@@ -165,6 +181,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--no-csr", action="store_true", help="skip the (slow) torch.sparse CSR baseline")
+    parser.add_argument("--elastic", action="store_true", help="add a nested elastic weight run at each level")
     parser.add_argument("--panels", choices=list(kernels.PANEL_POLICIES), default=kernels.PANELS,
                         help="which layers get prepared GEMM panels (SPARSEPRESS_PANELS; default auto)")
     parser.add_argument("--isa", choices=native.ISA_LEVELS, default=None,
@@ -192,7 +209,9 @@ def main() -> None:
     with torch.inference_mode():
         for shape in shapes:
             packs = {}
-            for label, fmt, sparsity in CONFIGS:
+            elastic = elastic_stack(shape, gen, llc) if args.elastic else []
+            extra = [("bitmask int8 70%", "bitmask", 0.7)] if args.elastic else []
+            for label, fmt, sparsity in CONFIGS + extra:
                 w = sparse_weight(fmt, shape, sparsity, gen)
                 packed = pack(fmt, w)
                 packs[label] = (w, packed, copies(packed, layers_needed(packed.nbytes, llc)))
@@ -202,6 +221,9 @@ def main() -> None:
                 for label, (_, _, stack) in packs.items():
                     runners[label] = (stack_runner(lambda i, s=stack, x=x: kernels.packed_linear(x, s[i], None),
                                                    len(stack)), len(stack))
+                for index, level in enumerate(ELASTIC_LEVELS if elastic else []):
+                    runners[f"elastic level {level:g}"] = (stack_runner(
+                        lambda i, x=x, j=index: kernels.elastic_linear(x, elastic[i], j), len(elastic)), len(elastic))
                 # every runtime timed round-robin, so a slow phase of the machine hits all alike
                 total = interleaved_ms({k: run for k, (run, _) in runners.items()}, rounds=reps, warmup=1)
                 ms = {k: total[k] / layers for k, (_, layers) in runners.items()}
@@ -215,6 +237,14 @@ def main() -> None:
                         bpw += f" (+{panel_bytes / weights:.3f} panels)"
                     print(f"| {shape[0]}x{shape[1]} | {batch} | {label} | {ms[label]:.3f} | {fp32_ms / ms[label]:.2f}x "
                           f"| {int8_ms / ms[label]:.2f}x | {csr} | {bpw} |", flush=True)
+                for level in ELASTIC_LEVELS if elastic else []:
+                    label = f"elastic level {level:g}"
+                    single = ms.get(f"bitmask int8 {round(level * 100)}%")
+                    vs_single = f"; {single / ms[label]:.2f}x the single-level {level:.0%}" if single else ""
+                    bpw = f"{elastic[0].resident_nbytes / (shape[0] * shape[1]):.3f} (all levels)"
+                    print(f"| {shape[0]}x{shape[1]} | {batch} | {label} | {ms[label]:.3f} | {fp32_ms / ms[label]:.2f}x "
+                          f"| {int8_ms / ms[label]:.2f}x | level 0.5 / this: {ms['elastic level 0.5'] / ms[label]:.2f}x"
+                          f"{vs_single} | {bpw} |", flush=True)
                 print(f"| {shape[0]}x{shape[1]} | {batch} | torch fp32 / dyn int8 | {fp32_ms:.3f} / {int8_ms:.3f} "
                       f"| | | | 4.0 / 1.0 |", flush=True)
                 del runners

@@ -17,6 +17,7 @@
 #include "attention.h"
 #include "native_linear.h"
 #include "dispatch.h"
+#include "elastic.h"
 #include "openmp_team.h"
 #include "output_cache.h"
 #include "plan.h"
@@ -152,6 +153,7 @@ void attention_raw(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t mask, uintpt
 
 NB_MODULE(_native, m) {
   m.doc() = "Native CPU kernels of sparsepress (torch-free; DLPack arrays in and out).";
+  sp::bind_elastic(m);
   m.def("detect_isa", &sp::detect_isa, "Best ISA level of this CPU: 'avx512', 'avx2' or 'scalar'.");
   m.def("supported_isas", &sp::supported_isas, "ISA levels usable on this CPU, best last.");
   m.def("set_isa", &sp::set_isa, nb::arg("name"), "Force an ISA level (ValueError if unsupported).");

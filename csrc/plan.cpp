@@ -158,7 +158,7 @@ void use_panels(const PreparedPanels& p, LinearArgs& a) {
   }
 }
 
-void run_linear(Kind kind, LinearArgs a, int n_threads) {
+void run_linear(Kind kind, LinearArgs a, int n_threads, const Replicas& rep) {
   const KernelTable& table = active_table();
   RowKernel kernel = pick(table, kind);
   thread_local std::vector<int8_t> xq;
@@ -193,7 +193,7 @@ void run_linear(Kind kind, LinearArgs a, int n_threads) {
     const int64_t elems = a.batch * a.in;
     const int q_tasks = threads > 1 && elems >= (64 << 10) ? int(std::min<int64_t>(a.batch, threads * 4)) : 1;
     const float* x = a.x;
-    const int64_t in = a.in, stride = a.x_stride, batch = a.batch;
+    const int64_t in = rep.active() ? rep.x_in : a.in, stride = a.x_stride, batch = a.batch;
     const bool want_i16 = gemm && table.gemm_wants_i16;
     if (want_i16 && xw.size() < n) xw.resize(n);
     // the caller's thread_local buffers, by pointer: the pool's threads have their own
@@ -205,6 +205,11 @@ void run_linear(Kind kind, LinearArgs a, int n_threads) {
     pool.run(q_tasks, threads, [&](int t) {
       const int64_t b0 = batch * t / q_tasks, b1 = batch * (t + 1) / q_tasks;
       table.quantize(x, b0, b1, in, stride, q, u, s);
+      for (int64_t b = b0; b < b1 && rep.active(); ++b)  // the row's segments: copies of segment 0
+        for (int64_t c = 1; c < rep.copies; ++c) {
+          std::copy(u + b * stride, u + b * stride + rep.seg, u + b * stride + c * rep.seg);
+          if (q) std::copy(q + b * stride, q + b * stride + rep.seg, q + b * stride + c * rep.seg);
+        }
       if (w)  // (q is set: a table that wants xw does not read xu only)
         for (int64_t i = b0 * stride; i < b1 * stride; ++i) w[i] = q[i];
     });
@@ -212,6 +217,14 @@ void run_linear(Kind kind, LinearArgs a, int n_threads) {
     a.xu = u;
     a.sx = s;
     a.xw = w;
+  } else if (rep.active()) {
+    a.x_stride = odd_lines(a.in, 16);
+    if (xf.size() < size_t(a.batch * a.x_stride)) xf.resize(size_t(a.batch * a.x_stride));
+    std::fill(xf.begin(), xf.begin() + a.batch * a.x_stride, 0.f);
+    for (int64_t b = 0; b < a.batch; ++b)
+      for (int64_t c = 0; c < rep.copies; ++c)
+        std::copy(a.x + b * rep.x_in, a.x + (b + 1) * rep.x_in, xf.data() + b * a.x_stride + c * rep.seg);
+    a.x = xf.data();
   } else if (a.batch > 1 && a.x_stride != odd_lines(a.in, 16)) {
     a.x_stride = odd_lines(a.in, 16);
     if (xf.size() < size_t(a.batch * a.x_stride)) xf.resize(size_t(a.batch * a.x_stride));

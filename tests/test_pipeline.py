@@ -122,7 +122,18 @@ def test_quantize_embeddings_replaces_tables():
     assert model.embeddings.word_embeddings.bits == 4
 
 
-def test_unavailable_stage_is_a_clear_recipe_error():
-    with pytest.raises(sp.RecipeError, match="budget"):
-        sp.compress(tiny_bert(), {"stages": [{"quantize": {"method": "rtn"}}], "budget": {"size_mb": 12}},
-                    calibration=_ids())
+def test_every_recipe_stage_and_the_budget_have_a_registered_pass():
+    from sparsepress.passes import PASSES
+    from sparsepress.recipe import STAGE_TYPES
+
+    handled = {kind for cls in PASSES for kind in cls.handles}
+    assert set(STAGE_TYPES) | {"budget"} <= handled
+
+
+def test_a_stage_no_pass_handles_is_a_clear_recipe_error(monkeypatch):
+    from sparsepress.passes import PASSES, plan_passes
+    from sparsepress.recipe import Recipe
+
+    monkeypatch.setattr("sparsepress.passes.base.PASSES", [cls for cls in PASSES if "distill" not in cls.handles])
+    with pytest.raises(sp.RecipeError, match="distill is not available"):
+        plan_passes(Recipe.model_validate({"stages": [{"distill": {"steps": 1}}]}))

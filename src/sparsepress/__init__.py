@@ -22,7 +22,7 @@ from .errors import (  # noqa: E402
     VersionError,
 )
 from .io import load, save  # noqa: E402
-from .nn import QuantizedEmbedding, SparseLinear, set_activation_sparsity  # noqa: E402
+from .nn import QuantizedEmbedding, SparseLinear, set_activation_sparsity, set_sparsity  # noqa: E402
 from .pipeline import compress  # noqa: E402
 from .recipe import Recipe  # noqa: E402
 from .interop.hf.quantizer import register as _register_with_transformers  # noqa: E402
@@ -51,4 +51,5 @@ __all__ = [
     "load_sentence_transformer",
     "save",
     "set_activation_sparsity",
+    "set_sparsity",
 ]

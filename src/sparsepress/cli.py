@@ -130,12 +130,14 @@ def compress_command(
 ) -> None:
     """Compress MODEL with a recipe and write a packed model folder."""
     from .io import read_manifest
-    from .report import folder_bytes, human_bytes, layer_table
+    from .report import extra_tables, folder_bytes, human_bytes, layer_table
 
     source, _ = run_compression(model, recipe, out, calibration, samples, seq_len, overwrite,
                                 resume=resume, nonfinite=on_nonfinite)
     manifest = read_manifest(out)
     console.print(layer_table(manifest, title=f"{out}"))
+    for extra in extra_tables(manifest):
+        console.print(extra)
     dense = sum(p.stat().st_size for p in Path(source.path).glob("model*.safetensors"))
     tensors = (out / "sparsepress.safetensors").stat().st_size
     console.print(f"tensors {human_bytes(tensors)} vs dense weights {human_bytes(dense)}: "
@@ -147,10 +149,12 @@ def compress_command(
 def inspect_command(folder: Path = typer.Argument(..., help="a sparsepress model folder")) -> None:
     """Per-layer table of a packed model folder: shape, pattern, sparsity, format, dtype, bytes."""
     from .io import verify_folder
-    from .report import folder_bytes, human_bytes, kv_table, layer_table
+    from .report import extra_tables, folder_bytes, human_bytes, kv_table, layer_table
 
     manifest = verify_folder(folder)
     console.print(layer_table(manifest, title=str(folder)))
+    for extra in extra_tables(manifest):
+        console.print(extra)
     console.print(kv_table("folder", [
         ("model class", manifest["model_class"]),
         ("format version", str(manifest["format_version"])),

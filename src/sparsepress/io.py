@@ -30,12 +30,13 @@ from torch import nn
 from . import __version__
 from .attention import use_native_attention
 from .errors import ChecksumError, FormatError, InputError, TensorLayoutError, VersionError
-from .formats import FORMATS, LayoutMismatch
+from .formats import LAYOUTS, LayoutMismatch
 from .fusion import fuse_activations
 from .models import convert_conv1d_, replace_module
 from .nn import QuantizedEmbedding, SparseLinear
 from .nn.activation import install_thresholds
 from .runtime import use_native_blocks
+from .nn.elastic import ElasticLinear, install_levels, linear_module, sparsity_levels
 
 FORMAT_VERSION = 1
 MANIFEST = "sparsepress.json"
@@ -51,7 +52,7 @@ SIDE_FOLDERS = ("1_Pooling", "2_Normalize")
 # per-block shapes of a structurally pruned model, and whether config.json alone expresses them:
 # `plain_config`), `distill` (steps and losses of the recovery fine-tuning), `activation_sparsity`
 # (the calibrated activation thresholds' levels).
-MANIFEST_EXTRAS = ("structured", "distill", "activation_sparsity")
+MANIFEST_EXTRAS = ("structured", "distill", "activation_sparsity", "budget", "sensitivity")
 
 
 def sha256_of(path: Path) -> str:
@@ -215,6 +216,8 @@ def save(
             # only for folders that have them (older manifests unchanged)
             **{key: history[key] for key in MANIFEST_EXTRAS if key in history},
         }
+        if sparsity_levels(model):
+            manifest["elastic"] = {"levels": sparsity_levels(model)}
         if (staging / "config.json").is_file():
             manifest["config_sha256"] = sha256_of(staging / "config.json")
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
@@ -369,9 +372,11 @@ def _take(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tens
     return {k[len(prefix):]: tensors.pop(k) for k in [k for k in tensors if k.startswith(prefix)]}
 
 
-def load(folder: str | Path) -> nn.Module:
+def load(folder: str | Path, *, sparsity: float | None = None) -> nn.Module:
     """Rebuild the saved model (its original class, SparseLinear in place of packed layers), in eval mode.
 
+    A folder with nested elastic levels opens at its lowest sparsity, or at `sparsity` (ValueError
+    listing the stored levels when it is not one; `sp.set_sparsity` switches later).
     Raises FormatError subclasses naming the file on any damage, foreign or newer content. A
     compressed-tensors folder (llm-compressor's layout) is read onto the packed formats.
     """
@@ -395,6 +400,7 @@ def load(folder: str | Path) -> nn.Module:
     for name, meta in manifest["layers"].items():
         _install_linear(folder, model, tensors, name, meta)
     _install_activation_levels(folder, model, manifest.get("activation_sparsity"))
+    _install_elastic_levels(folder, model, manifest.get("elastic"), sparsity)
     for name, meta in manifest["embeddings"].items():
         _install_embedding(folder, model, tensors, name, meta)
     for alias, original in manifest["aliases"].items():
@@ -432,7 +438,7 @@ def _packed_layer(folder: Path, tensors: dict[str, torch.Tensor], name: Any,
     fmt = meta.get("format") if isinstance(meta, dict) else None
     if not isinstance(name, str) or not name:
         raise TensorLayoutError(folder / MANIFEST, f"layer name {name!r} is not a module path")
-    if not isinstance(fmt, str) or fmt not in FORMATS:
+    if not isinstance(fmt, str) or fmt not in LAYOUTS:
         raise TensorLayoutError(folder / MANIFEST, f"layer '{name}': unknown format {fmt if isinstance(meta, dict) else meta!r}")
     own = _take(tensors, name + ".")
     bias = own.pop("bias", None)
@@ -440,7 +446,7 @@ def _packed_layer(folder: Path, tensors: dict[str, torch.Tensor], name: Any,
     if thresholds is not None and (thresholds.dtype != torch.float32 or thresholds.dim() != 1):
         raise TensorLayoutError(where, f"layer '{name}': act_thresholds must be a float32 vector")
     try:
-        packed = FORMATS[fmt].from_tensors(own, meta)
+        packed = LAYOUTS[fmt].from_tensors(own, meta)
     except LayoutMismatch as exc:
         raise TensorLayoutError(where, f"layer '{name}': {exc}") from None
     if bias is not None and (bias.dtype != torch.float32 or tuple(bias.shape) != (packed.out_features,)):
@@ -528,10 +534,29 @@ def _install_linear(folder: Path, model: nn.Module, tensors: dict[str, torch.Ten
     if not isinstance(target, nn.Linear) or (packed.out_features, packed.in_features) != (target.out_features, target.in_features):
         fits = [target.out_features, target.in_features] if isinstance(target, nn.Linear) else type(target).__name__
         raise TensorLayoutError(folder / TENSORS, f"layer '{name}': shape {list(packed.shape)} does not fit the model's {fits}")
-    layer = SparseLinear(packed, bias)
+    layer = linear_module(packed, bias)
     replace_module(model, name, layer)
     if thresholds is not None:
         layer.act_thresholds = thresholds
+
+
+def _install_elastic_levels(folder: Path, model: nn.Module, entry: Any, sparsity: float | None) -> None:
+    """Make the elastic layers follow the model's stored levels, at `sparsity` (default: the lowest)."""
+    layers = [m for m in model.modules() if isinstance(m, ElasticLinear)]
+    if entry is None and not layers:
+        if sparsity is not None:
+            raise ValueError(f"{folder} stores no elastic sparsity levels; open it without sparsity=")
+        return
+    try:
+        levels = [float(v) for v in entry["levels"]]
+        if not layers or any(len(layer.levels) != len(levels) for layer in layers):
+            raise ValueError("the layers store other levels")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise TensorLayoutError(folder / MANIFEST, f"elastic entry does not fit the stored layers: {exc}") from None
+    if sparsity is not None and not any(abs(float(sparsity) - v) < 1e-9 for v in levels):
+        raise ValueError(f"sparsity level {sparsity!r} is not stored in {folder}; stored levels: "
+                         + ", ".join(f"{v:g}" for v in levels))
+    install_levels(model, levels, active=sparsity)
 
 
 def _install_activation_levels(folder: Path, model: nn.Module, entry: Any) -> None:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from . import native
 from .formats.base import PackedWeight, mask_to_bits
+from .formats.elastic import ElasticWeight, level_scales, segment_sums
 from .formats.values import is_integer
 
 _PLAN_ATTR = "_sparsepress_native_plan"
@@ -365,6 +366,115 @@ def packed_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | No
     return y.reshape(*lead, out_features)
 
 
+_ELASTIC_ATTR = "_sparsepress_elastic_plan"
+
+
+@dataclass(frozen=True)
+class _ElasticPlan:
+    """An elastic weight prepared for the native kernels (csrc/elastic.h): one handle, every level."""
+
+    source: torch.Tensor  # the packed.values it was built from
+    tensors: tuple[Any, ...]  # what the handle points into
+    handle: Any
+
+
+def _build_elastic_plan(packed: ElasticWeight) -> _ElasticPlan | None:
+    if not native.native_available():
+        return None
+    values = packed.values.view(torch.int16) if packed.values.dtype == torch.bfloat16 else packed.values
+    scales: list[torch.Tensor] = []
+    rowsums: list[torch.Tensor] = []
+    if is_integer(packed.dtype):
+        sums = segment_sums(packed)
+        scales = [level_scales(packed, i) for i in range(packed.n_levels)]
+        rowsums = [sums[:, i:].reshape(packed.shape[0], -1).contiguous() for i in range(packed.n_levels)]
+        if packed.group_size is None:  # one scale per row: one sum per row over the level's segments
+            rowsums = [r.sum(dim=1, keepdim=True, dtype=torch.int32) for r in rowsums]
+    limit, lazy = PANEL_POLICIES[PANELS]
+    masks, offsets = packed.masks.contiguous(), packed.offsets.contiguous()
+    handle = native.module().elastic_linear(  # type: ignore[union-attr]
+        masks, values.contiguous(), offsets, packed.shape[1], packed.seg, scales, rowsums,
+        group_size=packed.group_size or 0, panel_limit=limit, lazy_panels=lazy)
+    plan = _ElasticPlan(packed.values, (masks, values, offsets, scales, rowsums), handle)
+    packed.__dict__[_ELASTIC_ATTR] = plan
+    return plan
+
+
+def elastic_native_plan(packed: ElasticWeight) -> Any:
+    """The native handle of an elastic weight (built once and cached on it), or None without the extension.
+
+    Example:
+        >>> w = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+        >>> p = ElasticWeight.pack(w, dtype="int8", keeps=[w != 0, w > 1], levels=[0.5, 0.75])
+        >>> plan = elastic_native_plan(p)
+        >>> plan is None or plan.levels == 2
+        True
+    """
+    plan = packed.__dict__.get(_ELASTIC_ATTR)
+    if plan is None or plan.source is not packed.values:
+        plan = _build_elastic_plan(packed)
+    return None if plan is None else plan.handle
+
+
+def reference_elastic_linear(x2d: torch.Tensor, packed: ElasticWeight, level: int,
+                             bias: torch.Tensor | None) -> torch.Tensor:
+    """Pure-torch y = x W_level^T (+ bias) with the activation quantization of int dtypes.
+
+    Example:
+        >>> w = torch.tensor([[1.0, 0.5]])
+        >>> p = ElasticWeight.pack(w, keeps=[w != 0, w > 0.6], levels=[0.0, 0.5])
+        >>> reference_elastic_linear(torch.ones(1, 2), p, 1, None).tolist()
+        [[1.0]]
+    """
+    x2d = x2d.float()
+    if is_integer(packed.dtype):
+        xq, sx = quantize_activations(x2d)
+        x2d = xq * sx
+    return F.linear(x2d, packed.unpack(level), None if bias is None else bias.float())
+
+
+def elastic_linear(x: torch.Tensor, packed: ElasticWeight, level: int, bias: torch.Tensor | None = None,
+                   activation: str | None = None) -> torch.Tensor:
+    """y[..., out] = act(x[..., in] W_level^T (+ bias)) at level index `level` (0: the lowest sparsity).
+
+    One native call skips exactly that level's zeros (csrc/elastic.h); else the reference path.
+
+    Example:
+        >>> w = torch.tensor([[2.0, 1.0]])
+        >>> p = ElasticWeight.pack(w, keeps=[w != 0, w > 1.5], levels=[0.0, 0.5])
+        >>> elastic_linear(torch.ones(1, 2), p, 0).tolist(), elastic_linear(torch.ones(1, 2), p, 1).tolist()
+        ([[3.0]], [[2.0]])
+    """
+    code = activation_code(activation)
+    if not 0 <= level < packed.n_levels:
+        raise IndexError(f"level index {level} out of range for {packed.n_levels} levels")
+    in_features, out_features = packed.shape[1], packed.shape[0]
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x has {x.shape[-1]} features, the weight expects {in_features}")
+    handle = elastic_native_plan(packed)
+    if (handle is not None and x.dtype == torch.float32 and x.is_cpu and not _is_compiling()
+            and not (x.requires_grad and torch.is_grad_enabled())):
+        if not x.is_contiguous():
+            x = x.contiguous()
+        bias_ptr = 0
+        if bias is not None:
+            if bias.dtype != torch.float32 or not bias.is_contiguous() or not bias.is_cpu:
+                bias = bias.float().contiguous().cpu()
+            if bias.numel() != out_features:
+                raise ValueError(f"bias has {bias.numel()} elements, the weight has {out_features} outputs")
+            bias_ptr = bias.data_ptr()
+        y = native.output_tensor(*x.shape[:-1], out_features)
+        rows = x.numel() // in_features
+        handle.call_raw(x.data_ptr(), rows, y.data_ptr(), bias_ptr,
+                        threads_for(rows * in_features * out_features), code, level)
+        return y
+    lead = x.shape[:-1]
+    y = reference_elastic_linear(x.reshape(-1, in_features), packed, level, bias)
+    if code:
+        y = ACTIVATIONS[activation][1](y)  # type: ignore[index]
+    return y.reshape(*lead, out_features)
+
+
 # With sparsepress's own pool, calls below this many multiply-adds run on the calling thread: waking
 # the pool's helper costs more than it saves, and its spinning competes with torch's threads between
 # our layers (MiniLM at 16 tokens: end to end 8.7 -> 7.3 ms). On torch's OpenMP team (the default)
@@ -387,9 +497,12 @@ __all__ = [
     "activation_code",
     "dense_int8_available",
     "native_handle",
+    "elastic_linear",
+    "elastic_native_plan",
     "native_supports",
     "packed_linear",
     "quantize_activations",
+    "reference_elastic_linear",
     "reference_linear",
     "release_plan",
 ]

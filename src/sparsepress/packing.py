@@ -22,7 +22,7 @@ from .nn import SparseLinear
 from .prune.solve import CompressedWeight
 from .recipe import PruneStage
 
-_DTYPE_OF_BITS = {8: "int8", 4: "int4", None: "fp32"}
+DTYPE_OF_BITS = {8: "int8", 4: "int4", None: "fp32"}
 
 
 def _format_params(name: str, prune: PruneStage | None) -> dict[str, int]:
@@ -124,7 +124,7 @@ def choose_packing(
     `auto` keeps the smallest candidate unless a larger one's native kernel is measured at least
     `AUTO_SPEEDUP_TO_GROW` times faster (without native kernels: the smallest).
     """
-    dtype = _DTYPE_OF_BITS[result.bits]
+    dtype = DTYPE_OF_BITS[result.bits]
     packs: list[PackedWeight] = []
     errors = []
     for name in candidate_formats(result, prune, requested):

@@ -148,9 +148,9 @@ class PruneStage(_TargetedStage):
                 raise RecipeError("sparsity", self.sparsity, f"omit it or {implied:g} (pattern {self.pattern} implies {implied:g})")
             if self.allocation != "uniform":
                 raise RecipeError("allocation", self.allocation, f"uniform (the fixed pattern {self.pattern} cannot vary sparsity per layer)")
-        elif self.sparsity is None:
-            raise RecipeError("sparsity", None, f"a fraction in [0, 1) (pattern {self.pattern} needs one)")
         if pattern.is_structured:
+            if self.sparsity is None:
+                raise RecipeError("sparsity", None, f"a fraction in [0, 1) (pattern {self.pattern} needs one)")
             self._check_structured(pattern.kind)
         elif self.score is not None:
             raise RecipeError("score", self.score, f"omit it (scores choose channels, heads or layers; pattern {self.pattern} uses method {self.method})")
@@ -186,6 +186,8 @@ class PruneStage(_TargetedStage):
         pattern = self.parsed_pattern
         if pattern.kind == "nm":
             return [1.0 - pattern.n / pattern.m]
+        if self.sparsity is None:  # a budget's allocation chooses it
+            return []
         return list(self.sparsity) if isinstance(self.sparsity, list) else [float(self.sparsity)]
 
 
@@ -325,11 +327,17 @@ STAGE_TYPES: dict[str, type[BaseModel]] = {
 
 
 class Budget(BaseModel):
-    """What the allocator must meet: a size, a latency or a minimum fidelity.
+    """What the allocator must meet (all given targets at once), and the options it may choose from.
+
+    `size_mb`: bytes of the tensors file / 1e6; `latency_ms`: one forward of `batch` x `seq_len` tokens on
+    this machine; `min_fidelity`: fidelity to the dense model as `sparsepress eval` reports it (the
+    smallest model meeting it is chosen). Each targeted Linear gets one of `sparsities` x `patterns` x
+    `bits`, each embedding table one of `embedding_bits` (32: left unquantized). `verify_rounds`: how
+    often a measured miss (or, for `min_fidelity`, a clear overshoot) is corrected by compressing again.
 
     Example:
-        >>> Budget(size_mb=12).size_mb
-        12.0
+        >>> Budget(size_mb=12).size_mb, Budget(size_mb=12).bits
+        (12.0, [8, 4])
     """
 
     model_config = _STRICT
@@ -338,6 +346,37 @@ class Budget(BaseModel):
     batch: int = Field(1, ge=1)
     seq_len: int = Field(128, ge=1)
     min_fidelity: float | None = Field(None, gt=0, le=1)
+    sparsities: list[float] = Field(default_factory=lambda: [0.0, 0.5, 0.6, 0.7, 0.8, 0.9])
+    patterns: list[str] = Field(default_factory=lambda: ["unstructured"])
+    bits: list[Literal[8, 4]] = Field(default_factory=lambda: [8, 4])
+    embedding_bits: list[Literal[32, 8, 4]] = Field(default_factory=lambda: [8, 4])
+    verify_rounds: int = Field(2, ge=0, le=10)
+
+    @field_validator("sparsities")
+    @classmethod
+    def _fractions(cls, value: list[float]) -> list[float]:
+        if not value:
+            raise ValueError("at least one sparsity option")
+        for level in value:
+            _check_fraction(level, "each sparsity option")
+        return sorted(set(value))
+
+    @field_validator("patterns")
+    @classmethod
+    def _patterns_parse(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("at least one pattern option")
+        for pattern in value:
+            if Pattern.parse(pattern).kind not in ("unstructured", "nm", "bbs"):
+                raise ValueError(f"budget patterns are unstructured | N:M | bbs, got {pattern!r}")
+        return value
+
+    @field_validator("bits", "embedding_bits")
+    @classmethod
+    def _some(cls, value: list[int]) -> list[int]:
+        if not value:
+            raise ValueError("at least one option")
+        return sorted(set(value), reverse=True)
 
     @model_validator(mode="after")
     def _one_target(self) -> "Budget":
@@ -428,6 +467,12 @@ class Recipe(BaseModel):
             if count > 1:
                 raise RecipeError("stages", kind.split()[0], f"each stage kind at most once, plus one prune stage per structured pattern ({kind!r} appears {count} times)")
         prune = self.prune
+        if prune is not None and prune.sparsity is None and prune.parsed_pattern.kind != "nm" and self.budget is None:
+            raise RecipeError(f"stages[{self.stages.index(prune)}].prune.sparsity", None,
+                              f"a fraction in [0, 1) (pattern {prune.pattern} needs one, unless a budget chooses it)")
+        if self.budget is not None and prune is not None and prune.sparsity is not None:
+            raise RecipeError(f"stages[{self.stages.index(prune)}].prune.sparsity", prune.sparsity,
+                              "no value with a budget (its allocation chooses each layer's sparsity)")
         if self.format == "nm" and (prune is None or prune.parsed_pattern.kind != "nm"):
             raise RecipeError("format", self.format, "auto | dense | bitmask | csr (format nm needs a prune stage with an N:M pattern such as '2:4')")
         if self.format == "bbs" and (prune is None or prune.parsed_pattern.kind != "bbs"):

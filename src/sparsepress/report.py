@@ -51,7 +51,8 @@ def layer_table(manifest: dict[str, Any], title: str = "layers") -> Table:
         total_weights += rows * cols
         total_zeros += meta.get("sparsity", 0.0) * rows * cols
         table.add_row(name, f"{rows}x{cols}", str(meta.get("pattern") or "-"), f"{meta.get('sparsity', 0.0):.1%}",
-                      meta["format"], meta["dtype"], human_bytes(nbytes))
+                      meta["format"] if meta["format"] != "elastic" else f"elastic/{meta.get('base')}",
+                      meta["dtype"], human_bytes(nbytes))
     for name, meta in manifest.get("embeddings", {}).items():
         rows, cols = meta["shape"]
         table.add_row(name, f"{rows}x{cols}", "-", "-", "rows", f"int{meta['bits']}", "")
@@ -59,6 +60,71 @@ def layer_table(manifest: dict[str, Any], title: str = "layers") -> Table:
         table.add_row("[bold]total (Linear)", "", "", f"[bold]{total_zeros / total_weights:.1%}", "", "",
                       f"[bold]{human_bytes(total_bytes)}")
     return table
+
+
+def level_table(manifest: dict[str, Any]) -> Table | None:
+    """Elastic folders: one row per stored level (sparsity of the Linear layers, values and masks they run).
+
+    Example:
+        >>> level_table({"layers": {}}) is None
+        True
+    """
+    levels = (manifest.get("elastic") or {}).get("levels")
+    if not levels:
+        return None
+    table = Table(title="elastic sparsity levels (sp.load(dir, sparsity=...), sp.set_sparsity)")
+    for column in ("level", "Linear sparsity", "kept weights", "default"):
+        table.add_column(column, justify="right")
+    elastic = [m for m in manifest["layers"].values() if m.get("format") == "elastic"]
+    total = sum(m["shape"][0] * m["shape"][1] for m in elastic) or 1
+    for index, level in enumerate(levels):
+        zeros = sum(m["level_sparsity"][index] * m["shape"][0] * m["shape"][1] for m in elastic)
+        table.add_row(f"{level:g}", f"{zeros / total:.1%}", f"{int(total - zeros):,}", "yes" if index == 0 else "")
+    return table
+
+
+def budget_tables(manifest: dict[str, Any]) -> list[Table]:
+    """Folders made to a budget: targets against predicted and achieved figures, and the allocation chosen.
+
+    Example:
+        >>> budget_tables({})
+        []
+    """
+    budget = manifest.get("budget")
+    if not budget:
+        return []
+    targets, achieved, predicted = budget.get("target", {}), budget.get("achieved") or {}, budget.get("predicted") or {}
+    table = Table(title="budget")
+    for column in ("target", "asked", "predicted", "achieved", "met"):
+        table.add_column(column, justify="right" if column != "target" else "left")
+    checks = (("size_mb", "size MB", lambda got, asked: got <= asked),
+              ("latency_ms", f"latency ms (batch {targets.get('batch', 1)} x {targets.get('seq_len', 128)})",
+               lambda got, asked: got <= asked),
+              ("min_fidelity", "fidelity", lambda got, asked: got >= asked))
+    names = {"size_mb": "size_mb", "latency_ms": "latency_ms", "min_fidelity": "fidelity"}
+    for key, label, ok in checks:
+        if key not in targets:
+            continue
+        got, guess = achieved.get(names[key]), predicted.get(names[key])
+        table.add_row(label, f"{targets[key]:g}", "-" if guess is None else f"{guess:.4g}",
+                      "-" if got is None else f"{got:.4g}", "-" if got is None else ("yes" if ok(got, targets[key]) else "NO"))
+    choices = Table(title="allocation")
+    choices.add_column("layer or table")
+    choices.add_column("choice")
+    for name, choice in {**budget.get("layers", {}), **budget.get("embeddings", {})}.items():
+        choices.add_row(name, choice)
+    return [table, choices]
+
+
+def extra_tables(manifest: dict[str, Any]) -> list[Table]:
+    """The elastic-level and budget tables a folder has (inspect and compress print them).
+
+    Example:
+        >>> extra_tables({"layers": {}})
+        []
+    """
+    levels = level_table(manifest)
+    return ([levels] if levels is not None else []) + budget_tables(manifest)
 
 
 def kv_table(title: str, rows: list[tuple[str, str]]) -> Table:

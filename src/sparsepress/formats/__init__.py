@@ -11,11 +11,14 @@ from .bbs import BBSWeight
 from .bitmask import BitmaskWeight
 from .csr import CSRWeight
 from .dense import DenseWeight
+from .elastic import ElasticWeight
 from .nm import NMWeight
 
 FORMATS: dict[str, type[PackedWeight]] = {
     cls.name: cls for cls in (DenseWeight, BitmaskWeight, NMWeight, BBSWeight, CSRWeight)
 }
+# What a folder's layer entry may name: a format, or nested elastic levels over one (formats/elastic.py).
+LAYOUTS: dict[str, type[PackedWeight]] = {**FORMATS, ElasticWeight.name: ElasticWeight}
 
 
 def get_format(name: str) -> type[PackedWeight]:
@@ -37,6 +40,8 @@ __all__ = [
     "BitmaskWeight",
     "CSRWeight",
     "DenseWeight",
+    "ElasticWeight",
+    "LAYOUTS",
     "LayoutMismatch",
     "NMWeight",
     "PackedWeight",

@@ -80,15 +80,20 @@ class SparseLinear(nn.Module):
 
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected inputs with {self.in_features} features, got shape {tuple(x.shape)}")
-        if self.act_thresholds is not None:
-            threshold = active_threshold(self)
-            if threshold > 0.0:
-                x = sparsify_inputs(x, threshold)
+        x = self._sparsify_inputs(x)
         if x.dtype == torch.float32:  # the common case: packed_linear keeps the leading dims itself
             return packed_linear(x, self.packed, self.bias, self.activation)
         lead = x.shape[:-1]
         y = packed_linear(x.reshape(-1, self.in_features).to(torch.float32), self.packed, self.bias, self.activation)
         return y.reshape(*lead, self.out_features).to(x.dtype)
+
+    def _sparsify_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """x with the current activation-sparsity level's small inputs zeroed (x itself when off)."""
+        if self.act_thresholds is not None:
+            threshold = active_threshold(self)
+            if threshold > 0.0:
+                return sparsify_inputs(x, threshold)
+        return x
 
     @property
     def weight(self) -> torch.Tensor:

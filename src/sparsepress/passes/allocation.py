@@ -13,7 +13,7 @@ Example:
     >>> recipe = Recipe.model_validate({"stages": [{"prune": {"method": "magnitude", "sparsity": 0.5}}]})
     >>> ctx = CompressionContext(model, recipe)
     >>> AllocationPass.plan(recipe)[0].run(ctx)
-    >>> sorted(set(ctx.sparsity.values()))
+    >>> sorted({t.sparsity for t in ctx.targets.values()})
     [0.5]
 """
 
@@ -28,7 +28,7 @@ from ..prune.allocation import LayerSummary, allocate_sparsity
 from ..recipe import Recipe
 from .base import ORDER_ALLOCATION, CompressionPass, register_pass
 from .blocks import finite_rows, forward_kwargs, real_tokens, warn_dropped
-from .context import CompressionContext
+from .context import CompressionContext, LayerTarget
 
 
 def input_norms(ctx: CompressionContext, names: list[str]) -> dict[str, torch.Tensor]:
@@ -61,28 +61,47 @@ def input_norms(ctx: CompressionContext, names: list[str]) -> dict[str, torch.Te
 
 @register_pass
 class AllocationPass(CompressionPass):
-    """Sets `ctx.sparsity[name]` for every layer the prune stage targets."""
+    """Sets `ctx.targets[name]` (its sparsity, or its nested elastic levels) for every layer the prune stage
+    targets; with elastic levels each level is allocated around its own mean."""
 
     name = "allocation"
     order = ORDER_ALLOCATION
 
     @classmethod
     def plan(cls, recipe: Recipe) -> list[CompressionPass]:
-        return [cls()] if recipe.prune is not None else []
+        return [cls()] if recipe.prune is not None and recipe.budget is None else []
 
     def run(self, ctx: CompressionContext) -> None:
         prune = ctx.recipe.prune
         assert prune is not None
-        mean = prune.layer_sparsity_levels[0]
+        means = prune.layer_sparsity_levels
         targets = sorted(ctx.selection.prune_targets)
         if prune.allocation == "uniform":
-            ctx.sparsity = {name: mean for name in targets}
-            return
-        norms = input_norms(ctx, targets)
-        layout = ctx.layout
-        summaries = [
-            LayerSummary(name=name, weight=ctx.selection.layers[name].weight.detach(),
-                         act_norm_sq=norms[name].float(), block=layout.block_of(name))
-            for name in targets
-        ]
-        ctx.sparsity = allocate_sparsity(prune.allocation, summaries, mean, prune)
+            per_level = [{name: mean for name in targets} for mean in means]
+        else:
+            norms = input_norms(ctx, targets)
+            layout = ctx.layout
+            summaries = [
+                LayerSummary(name=name, weight=ctx.selection.layers[name].weight.detach(),
+                             act_norm_sq=norms[name].float(), block=layout.block_of(name))
+                for name in targets
+            ]
+            per_level = [allocate_sparsity(prune.allocation, summaries, mean, prune) for mean in means]
+        if len(means) == 1:
+            ctx.targets = {name: LayerTarget(sparsity=per_level[0][name]) for name in targets}
+        else:
+            ctx.targets = {name: LayerTarget(levels=increasing([level[name] for level in per_level]))
+                           for name in targets}
+
+
+def increasing(values: list[float], step: float = 1e-3) -> tuple[float, ...]:
+    """`values` made strictly increasing (each at least `step` above the one before), below 1.
+
+    Example:
+        >>> increasing([0.5, 0.5, 0.7])
+        (0.5, 0.501, 0.7)
+    """
+    out: list[float] = []
+    for value in values:
+        out.append(min(max(value, out[-1] + step) if out else value, 0.999))
+    return tuple(out)

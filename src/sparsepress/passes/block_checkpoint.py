@@ -29,8 +29,9 @@ import torch
 
 from ..checkpoint import Checkpoint
 from ..errors import FormatError
-from ..formats import FORMATS, LayoutMismatch
+from ..formats import LAYOUTS, LayoutMismatch
 from ..nn import SparseLinear
+from ..nn.elastic import linear_module
 
 
 @dataclass
@@ -110,8 +111,8 @@ class BlockCheckpoint:
             try:
                 own = {suffix: tensors[f"{name}.{suffix}"] for suffix in entry["tensors"]}
                 bias = own.pop("bias", None)
-                packed = FORMATS[entry["packed"]["format"]].from_tensors(own, entry["packed"])
-                layers[name] = (SparseLinear(packed, bias), dict(entry["record"]))
+                packed = LAYOUTS[entry["packed"]["format"]].from_tensors(own, entry["packed"])
+                layers[name] = (linear_module(packed, bias), dict(entry["record"]))
             except (KeyError, TypeError, ValueError, LayoutMismatch) as exc:
                 raise FormatError(self.checkpoint.folder / layers_file,
                                   f"layer '{name}' cannot be restored: {exc}; rerun without --resume") from None

@@ -28,6 +28,32 @@ from .selection import LayerSelection, select_layers
 Progress = Callable[[str, int, int], None]
 
 
+@dataclass(frozen=True)
+class LayerTarget:
+    """What the layer solve makes of one Linear; None / empty fields mean "as the recipe says".
+
+    `sparsity`: the layer's target; `levels`: nested elastic sparsities (two or more, increasing) instead
+    of one; `pattern`, `bits`, `format`: per-layer overrides of the prune pattern, the quantization bits
+    and the packed format (what a budget's allocation chooses); with `bits` set, `group_size` is the
+    scale group of those bits (None: one scale per row).
+
+    Example:
+        >>> LayerTarget(levels=(0.5, 0.7)).elastic, LayerTarget(sparsity=0.5).elastic
+        (True, False)
+    """
+
+    sparsity: float | None = None
+    levels: tuple[float, ...] = ()
+    pattern: str | None = None
+    bits: int | None = None
+    group_size: int | None = None
+    format: str | None = None
+
+    @property
+    def elastic(self) -> bool:
+        return len(self.levels) > 1
+
+
 @dataclass
 class CompressionRecord:
     """What a compression did, kept on the model (`model.sparsepress_record`) for save and inspect.
@@ -53,10 +79,11 @@ class CompressionContext:
     """The state one `sp.compress` run hands from pass to pass (see the module example).
 
     Calibration token ids and batches are made on first use, so data-free recipes never tokenize.
-    `sparsity` holds each pruned layer's target sparsity once an allocation pass has chosen it;
-    `masks` the keep-masks of layers pruned but not yet packed (kept fixed by distillation and the
-    quantize solve after it); `teacher` a copy of the model as it was before any pass changed it,
-    when a pass (distillation) asked for one.
+    `targets` holds each compressed layer's `LayerTarget` once an allocation pass has chosen it;
+    `embedding_bits` the bits an allocation chose per embedding table (by module name); `masks` the
+    keep-masks of layers pruned but not yet packed (kept fixed by distillation and the quantize solve
+    after it); `teacher` a copy of the model as it was before any pass changed it, when a pass
+    (distillation) asked for one.
     """
 
     model: nn.Module
@@ -69,7 +96,8 @@ class CompressionContext:
     progress: Progress | None = None
     nonfinite: str = "error"
     checkpoint: Any = None
-    sparsity: dict[str, float] = field(default_factory=dict)
+    targets: dict[str, LayerTarget] = field(default_factory=dict)
+    embedding_bits: dict[str, int] = field(default_factory=dict)
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
     teacher: nn.Module | None = None
     dropped: dict[str, int] = field(default_factory=dict)

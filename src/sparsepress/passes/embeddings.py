@@ -36,9 +36,36 @@ from .context import CompressionContext
 from .selection import zero_nonfinite_
 
 
+def quantizable_embeddings(model: nn.Module) -> tuple[dict[str, nn.Embedding], dict[str, str]]:
+    """The plain embedding tables a quantize_embeddings stage replaces, and why the others stay as they are.
+
+    Example:
+        >>> tables, skipped = quantizable_embeddings(torch.nn.Sequential(torch.nn.Embedding(4, 2)))
+        >>> sorted(tables), skipped
+        (['0'], {})
+    """
+    tied = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    tables: dict[str, nn.Embedding] = {}
+    skipped: dict[str, str] = {}
+    for name, embedding in model.named_modules():
+        if not isinstance(embedding, nn.Embedding):
+            continue
+        if id(embedding.weight) in tied:
+            # Tied to an output head: quantizing one copy would silently untie them.
+            skipped[name] = "tied to an output Linear"
+        elif type(embedding).forward is not nn.Embedding.forward:
+            # Subclasses with their own forward (OPT's learned positions take an offset and
+            # position_ids) would lose that behaviour inside a plain lookup table.
+            skipped[name] = f"custom forward ({type(embedding).__name__})"
+        else:
+            tables[name] = embedding
+    return tables, skipped
+
+
 @register_pass
 class EmbeddingsPass(CompressionPass):
-    """Replaces each plain nn.Embedding by a QuantizedEmbedding of the stage's bits."""
+    """Replaces each plain nn.Embedding by a QuantizedEmbedding of the stage's bits (or of the bits a
+    budget's allocation chose for it, in `ctx.embedding_bits`; 32 leaves it unquantized)."""
 
     name = "embeddings"
     handles = ("quantize_embeddings",)
@@ -50,36 +77,33 @@ class EmbeddingsPass(CompressionPass):
     @classmethod
     def plan(cls, recipe: Recipe) -> list[CompressionPass]:
         stage = recipe.stage("quantize_embeddings")
+        if stage is None and recipe.budget is not None:
+            stage = QuantizeEmbeddingsStage()  # the allocation chooses each table's bits
         return [cls(stage)] if stage is not None else []  # type: ignore[arg-type]
 
     def run(self, ctx: CompressionContext) -> None:
         model = ctx.model
         shared = self._compress_head(ctx) if self.stage.head else {}
-        tied = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
-        for name, embedding in list(model.named_modules()):
-            if not isinstance(embedding, nn.Embedding):
-                continue
-            if id(embedding.weight) in shared:
+        tables, skipped = quantizable_embeddings(model)
+        for name, why in skipped.items():
+            ctx.record.embeddings[name] = {"bits": None, "skipped": why}
+        for name, embedding in tables.items():
+            if id(embedding.weight) in shared:  # tied to the head just packed: read the head's own codes
                 head_name, head = shared[id(embedding.weight)]
                 replace_module(model, name, QuantizedEmbedding.from_packed(head.packed, embedding.padding_idx))
                 ctx.record.embeddings[name] = {"bits": self.stage.bits, "shape": list(embedding.weight.shape),
                                                "tied_to": head_name}
                 continue
-            if id(embedding.weight) in tied:
-                # Tied to an output head: quantizing one copy would silently untie them.
-                ctx.record.embeddings[name] = {"bits": None, "skipped": "tied to an output Linear"}
-                continue
-            if type(embedding).forward is not nn.Embedding.forward:
-                # Subclasses with their own forward (OPT's learned positions take an offset and
-                # position_ids) would lose that behaviour inside a plain lookup table.
-                ctx.record.embeddings[name] = {"bits": None, "skipped": f"custom forward ({type(embedding).__name__})"}
+            bits = ctx.embedding_bits.get(name, self.stage.bits)
+            if bits == 32:
+                ctx.record.embeddings.pop(name, None)
                 continue
             if not torch.isfinite(embedding.weight).all():
                 if ctx.nonfinite != "skip":
                     raise PoisonedWeightError(name, "embedding table")
                 zero_nonfinite_(name, "embedding table", embedding.weight)
-            replace_module(model, name, QuantizedEmbedding.from_embedding(embedding, bits=self.stage.bits))
-            ctx.record.embeddings[name] = {"bits": self.stage.bits, "shape": list(embedding.weight.shape)}
+            replace_module(model, name, QuantizedEmbedding.from_embedding(embedding, bits=bits))
+            ctx.record.embeddings[name] = {"bits": bits, "shape": list(embedding.weight.shape)}
 
     def _compress_head(self, ctx: CompressionContext) -> dict[int, tuple[str, SparseLinear]]:
         """Quantize (and prune) the output head in place; id(weight) -> (name, head) when an input

@@ -35,9 +35,11 @@ from ..errors import InputError, PoisonedWeightError, RecipeError
 from ..memory import release_file_pages, trim_heap
 from ..models import replace_module
 from ..native import release_cached_outputs
-from ..formats import DenseWeight
+from ..formats import DenseWeight, ElasticWeight
 from ..nn import SparseLinear
-from ..packing import choose_packing
+from ..nn.elastic import ElasticLinear, install_levels
+from ..packing import DTYPE_OF_BITS, choose_packing
+from ..prune.nested import compress_nested
 from ..prune.solve import compress_weight
 from ..prune.stats import LayerStats
 from ..recipe import PruneStage, QuantizeStage, Recipe
@@ -57,7 +59,7 @@ from .blocks import (
     warn_dropped,
     with_hidden,
 )
-from .context import CompressionContext
+from .context import CompressionContext, LayerTarget
 
 # Methods that read the calibration inputs of each layer; the others need no forward pass per block.
 CALIBRATED_PRUNE_METHODS = ("wanda", "sparsegpt")
@@ -93,6 +95,24 @@ def gradual_order(round_: int, rounds: int, what: str) -> float:
         return float(ORDER_SOLVE if what == "prune" else ORDER_RECOVERY)
     step = (ORDER_RECOVERY - ORDER_SOLVE) / (rounds - 0.5)
     return ORDER_SOLVE + (round_ - 1) * step + (0.5 * step if what == "distill" else 0.0)
+
+
+
+# The base formats nested levels are stored in: what the recipe names, else by pattern.
+ELASTIC_BASES = ("bitmask", "bbs", "csr", "dense")
+
+
+def elastic_base(requested: str, prune: PruneStage) -> str:
+    """The format the lowest elastic level is stored in: `requested` when it is a base format, else the
+    pattern's natural one (bbs for bbs, bitmask otherwise).
+
+    Example:
+        >>> elastic_base("auto", PruneStage(method="wanda", sparsity=[0.5, 0.7], pattern="bbs"))
+        'bbs'
+    """
+    if requested in ELASTIC_BASES:
+        return requested
+    return "bbs" if prune.parsed_pattern.kind == "bbs" else "bitmask"
 
 
 def needs_statistics(prune: PruneStage | None, quant: QuantizeStage | None) -> bool:
@@ -200,11 +220,25 @@ class BlockSolver:
         warn_dropped(ctx.dropped)
         return stats
 
-    def _compress_layer(self, name: str, layer: nn.Linear, stats: LayerStats | None) -> None:
+    def _stages_for(self, name: str, target: LayerTarget) -> tuple[PruneStage | None, QuantizeStage | None]:
+        """The prune and quantize stages of layer `name`: the recipe's, with the target's overrides."""
         prune = self.prune if name in self.prune_targets else None
         quant = self.quant if name in self.quant_targets else None
+        if prune is not None and target.pattern is not None:
+            prune = prune.model_copy(update={"pattern": target.pattern})
+        if prune is not None and target.sparsity == 0.0 and not target.elastic and prune.parsed_pattern.kind != "nm":
+            prune = None  # kept dense
+        if target.bits is not None:
+            method = quant.method if quant is not None else ("gptq" if self.needs_stats else "rtn")
+            quant = (quant or QuantizeStage(method=method)).model_copy(
+                update={"bits": target.bits, "group_size": target.group_size})
+        return prune, quant
+
+    def _compress_layer(self, name: str, layer: nn.Linear, stats: LayerStats | None) -> None:
+        target = self.ctx.targets.get(name, LayerTarget())
+        prune, quant = self._stages_for(name, target)
         mask = self.ctx.masks.get(name) if self.mode == "finish" else None
-        sparsity = self.ctx.sparsity.get(name) if prune is not None else None
+        sparsity = target.sparsity if prune is not None else None
         if sparsity is not None and self.level != 1.0:
             sparsity *= self.level
         weight = layer.weight.detach().float()
@@ -212,27 +246,32 @@ class BlockSolver:
             weight = stats.dense_target(weight, self.recipe.solver.dense_target,
                                         (prune or quant).dampening)  # type: ignore[union-attr]
         refit = self.recipe.solver.refit and stats is not None
-        result = compress_weight(weight, stats, prune=prune, sparsity=sparsity, quant=quant, refit=refit,
-                                 mask_search=self.recipe.solver.mask_search, name=name, mask=mask)
-        if self.mode == "prune":
-            self._keep_trainable(name, layer, result.weight, result.mask, stats, prune, sparsity)
-            return
-        packing_stage = prune if prune is not None else (self.recipe.prune if mask is not None else None)
-        sparse_layer, meta = choose_packing(layer, result, packing_stage, self.recipe.format)
-        if stats is not None and stats.tracks_dense and self.recipe.solver.bias_correction and sparse_layer.bias is not None:
-            # A new tensor: the packed layer's bias may share the (possibly memory-mapped) dense one's storage.
-            sparse_layer.bias = sparse_layer.bias + stats.bias_gap(layer.weight.detach(), result.weight)
-            meta["bias_corrected"] = True
+        correct = stats is not None and stats.tracks_dense and self.recipe.solver.bias_correction and layer.bias is not None
+        if prune is not None and target.elastic:  # never in the prune / finish modes (LayerSolvePass.plan)
+            sparse_layer, meta = self._nested_layer(name, layer, weight, stats, prune, quant, target, refit, correct)
+            meta.update(method=prune.method, pattern=prune.pattern)
+        else:
+            result = compress_weight(weight, stats, prune=prune, sparsity=sparsity, quant=quant, refit=refit,
+                                     mask_search=self.recipe.solver.mask_search, name=name, mask=mask)
+            if self.mode == "prune":
+                self._keep_trainable(name, layer, result.weight, result.mask, stats, prune, sparsity)
+                return
+            packing_stage = prune if prune is not None else (self.recipe.prune if mask is not None else None)
+            sparse_layer, meta = choose_packing(layer, result, packing_stage, target.format or self.recipe.format)
+            if correct and sparse_layer.bias is not None:
+                # A new tensor: the packed layer's bias may share the (possibly memory-mapped) dense one's storage.
+                sparse_layer.bias = sparse_layer.bias + stats.bias_gap(layer.weight.detach(), result.weight)  # type: ignore[union-attr]
+                meta["bias_corrected"] = True
+            if mask is not None:  # the prune solve before distillation recorded how the mask came to be
+                meta.update({k: v for k, v in self.ctx.record.layers.get(name, {}).items()
+                             if k in ("method", "pattern", "target_sparsity", "bias_corrected")})
+            else:
+                meta.update(method=prune.method if prune else None, pattern=prune.pattern if prune else None,
+                            target_sparsity=sparsity)
         replace_module(self.ctx.model, name, sparse_layer)
         # Let the dense weight go now: keeping every dense Linear here until the run ends would hold
         # dense and packed copies of the whole model at once.
         self.layers[name] = sparse_layer
-        if mask is not None:  # the prune solve before distillation recorded how the mask came to be
-            meta.update({k: v for k, v in self.ctx.record.layers.get(name, {}).items()
-                         if k in ("method", "pattern", "target_sparsity", "bias_corrected")})
-        else:
-            meta.update(method=prune.method if prune else None, pattern=prune.pattern if prune else None,
-                        target_sparsity=sparsity)
         meta.update(quant_method=quant.method if quant else None, block=self.layout.block_of(name))
         self.ctx.record.layers[name] = meta
 
@@ -249,6 +288,29 @@ class BlockSolver:
         if keep is not None:
             self.ctx.masks[name] = keep.bool()
         self.ctx.record.layers[name] = meta
+
+    def _nested_layer(self, name: str, layer: nn.Linear, weight: torch.Tensor, stats: LayerStats | None,
+                      prune: PruneStage, quant: QuantizeStage | None, target: LayerTarget, refit: bool,
+                      correct: bool) -> tuple[ElasticLinear, dict[str, Any]]:
+        """Nested elastic levels of one layer (prune/nested.py), packed as an ElasticLinear."""
+        nested = compress_nested(weight, stats, prune, target.levels, quant, name=name, refit=refit,
+                                 mask_search=self.recipe.solver.mask_search)
+        base = elastic_base(target.format or self.recipe.format, prune)
+        bias, shifts = layer.bias, None
+        if correct:
+            dense = layer.weight.detach()
+            gaps = torch.stack([stats.bias_gap(dense, nested.level_weight(i))  # type: ignore[union-attr]
+                                for i in range(len(nested.keeps))])
+            bias, shifts = layer.bias.detach().float() + gaps[0], gaps - gaps[0]  # type: ignore[union-attr]
+        params = {"bank": prune.bank} if base == "bbs" else {}
+        packed = ElasticWeight.pack(nested.weight, dtype=DTYPE_OF_BITS[nested.bits], scales=nested.scales,
+                                    group_size=nested.group_size, keeps=list(nested.keeps), levels=target.levels,
+                                    base=base, gains=nested.gains, shifts=shifts, **params)
+        module = ElasticLinear(packed, bias)
+        meta = {"format": "elastic", "base": base, "dtype": packed.dtype, "levels": list(target.levels),
+                "sparsity": packed.sparsity, "level_sparsity": [packed.level_sparsity(i) for i in range(packed.n_levels)],
+                "nbytes": module.nbytes, "bias_corrected": correct}
+        return module, meta
 
     def block_layers(self, index: int) -> tuple[dict[str, nn.Module], dict[str, dict[str, Any]]]:
         """The compressed layers of block `index` and their record entries (for checkpoints); the prune
@@ -306,8 +368,8 @@ class LayerSolvePass(CompressionPass):
     @classmethod
     def plan(cls, recipe: Recipe) -> list[CompressionPass]:
         prune = recipe.prune
-        if prune is not None and len(prune.layer_sparsity_levels) > 1:
-            raise RecipeError("prune.sparsity", prune.sparsity, "one sparsity value (nested elastic levels are not available in this version)")
+        if prune is not None and len(prune.layer_sparsity_levels) > 1 and recipe.distill is not None:
+            raise RecipeError("prune.sparsity", prune.sparsity, "one sparsity value with a distill stage (nested elastic levels are compressed without distillation)")
         distill = recipe.distill
         if distill is None:
             return [cls()] if prune is not None or recipe.quantize is not None else []
@@ -355,3 +417,15 @@ class LayerSolvePass(CompressionPass):
                     checkpoint.save_block(index, *solver.block_layers(index),
                                           None if last else [hidden_in(i) for i in inputs], dense)
                 ctx.tick(PROGRESS_LABELS[self.mode], index + 1, len(blocks))
+        levels = elastic_levels(ctx)
+        if levels:
+            install_levels(ctx.model, levels, active=levels[0])
+            ctx.record.extra["elastic"] = {"levels": levels, "default": levels[0]}
+
+
+def elastic_levels(ctx: CompressionContext) -> list[float]:
+    """The model-level elastic sparsities of a run (the prune stage's list), or [] for one level."""
+    prune = ctx.recipe.prune
+    if prune is None or not any(target.elastic for target in ctx.targets.values()):
+        return []
+    return list(prune.layer_sparsity_levels)

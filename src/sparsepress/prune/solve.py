@@ -269,6 +269,29 @@ QUANT_FINISHERS: dict[str | None, Callable[..., CompressedWeight]] = {
 }
 
 
+def build_prune_plan(weight: torch.Tensor, stats: LayerStats | None, prune: PruneStage | None,
+                     sparsity: float | None, *, refit: bool = False, mask_search: int = 0) -> PrunePlan | None:
+    """How `prune` enters the solve of one weight at `sparsity` (None without a prune stage): the method's
+    plan, wrapped by the ADMM mask search (sparsegpt, `mask_search` > 0) or the least-squares refit.
+
+    Example:
+        >>> import torch
+        >>> from sparsepress.recipe import PruneStage
+        >>> plan = build_prune_plan(torch.ones(2, 4), None, PruneStage(method="magnitude", sparsity=0.5), None)
+        >>> type(plan).__name__
+        'FixedMaskPlan'
+    """
+    if prune is None:
+        return None
+    spec = MaskSpec.from_stage(prune, sparsity)
+    plan = PRUNE_PLANNERS[prune.method](weight, stats, spec, prune)
+    if mask_search and spec.sparsity > 0 and isinstance(plan, SweepPlan):
+        return MaskSearchPlan(plan, spec, mask_search, refit)
+    if refit:
+        return RefitPlan(plan, _need_stats(stats, "refit").hessian, prune.dampening)
+    return plan
+
+
 def compress_weight(
     weight: torch.Tensor,
     stats: LayerStats | None,
@@ -320,11 +343,6 @@ def compress_weight(
         plan = FixedMaskPlan(mask.bool())
         if refit:
             plan = RefitPlan(plan, _need_stats(stats, "refit").hessian, quant.dampening if quant is not None else 0.01)
-    elif prune is not None:
-        spec = MaskSpec.from_stage(prune, sparsity)
-        plan = PRUNE_PLANNERS[prune.method](weight, stats, spec, prune)
-        if mask_search and spec.sparsity > 0 and isinstance(plan, SweepPlan):
-            plan = MaskSearchPlan(plan, spec, mask_search, refit)
-        elif refit:
-            plan = RefitPlan(plan, _need_stats(stats, "refit").hessian, prune.dampening)
+    else:
+        plan = build_prune_plan(weight, stats, prune, sparsity, refit=refit, mask_search=mask_search)
     return QUANT_FINISHERS[quant.method if quant is not None else None](weight, stats, plan, quant)
