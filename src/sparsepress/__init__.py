@@ -20,6 +20,7 @@ from .errors import (  # noqa: E402
     TensorLayoutError,
     VersionError,
 )
+from .experts.adaptive import set_routing  # noqa: E402
 from .io import load, save  # noqa: E402
 from .nn import QuantizedEmbedding, SparseLinear  # noqa: E402
 from .pipeline import compress  # noqa: E402
@@ -43,4 +44,5 @@ __all__ = [
     "compress",
     "load",
     "save",
+    "set_routing",
 ]

@@ -30,6 +30,7 @@ from torch import nn
 from . import __version__
 from .attention import use_native_attention
 from .errors import ChecksumError, FormatError, InputError, TensorLayoutError, VersionError
+from .experts.record import experts_manifest, restore_experts_
 from .formats import FORMATS, LayoutMismatch
 from .fusion import fuse_activations
 from .models import convert_conv1d_, replace_module
@@ -107,10 +108,10 @@ def _history(model: nn.Module) -> dict[str, Any]:
     record = getattr(model, "sparsepress_record", None)
     if record is not None:
         return {"recipe": record.recipe.to_dict(), "adapter": record.adapter, "layers": record.layers,
-                "source": getattr(model, "sparsepress_source", None)}
+                "source": getattr(model, "sparsepress_source", None), "experts": record.extra.get("experts")}
     manifest = getattr(model, "sparsepress_manifest", None) or {}
     return {"recipe": manifest.get("recipe"), "adapter": manifest.get("adapter"), "layers": manifest.get("layers", {}),
-            "source": manifest.get("source")}
+            "source": manifest.get("source"), "experts": manifest.get("experts")}
 
 
 def _atomic_folder(out: Path, overwrite: bool) -> Path:
@@ -192,6 +193,9 @@ def save(
             "tensors_file": TENSORS,
             "tensors_sha256": sha256_of(staging / TENSORS),
         }
+        experts = experts_manifest(model, history["experts"])
+        if experts is not None:  # MoE: experts stored one matrix per expert (see sparsepress.experts.record)
+            manifest["experts"] = experts
         if (staging / "config.json").is_file():
             manifest["config_sha256"] = sha256_of(staging / "config.json")
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
@@ -295,6 +299,8 @@ def _check_fits_skeleton(folder: Path, cls: type[nn.Module], config: Any, manife
             skeleton = convert_conv1d_(cls(config))
     except Exception as exc:  # any config transformers cannot build from is a damaged folder here
         raise FormatError(folder / "config.json", f"cannot build {cls.__name__} from this config: {exc}") from None
+    if "experts" in manifest:
+        restore_experts_(skeleton, manifest["experts"], folder / MANIFEST)
     where = folder / TENSORS
     shapes = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
     for name, meta in manifest["layers"].items():
@@ -338,6 +344,8 @@ def load(folder: str | Path) -> nn.Module:
     with no_init_weights():
         model = cls(config)
     convert_conv1d_(model)
+    if "experts" in manifest:
+        restore_experts_(model, manifest["experts"], folder / MANIFEST)
     for name, meta in manifest["layers"].items():
         _install_linear(folder, model, tensors, name, meta)
     for name, meta in manifest["embeddings"].items():

@@ -11,7 +11,7 @@ Example:
     ['layer_solve', 'embeddings']
 """
 
-from . import allocation, embeddings, layer_solve  # noqa: F401  (registration)
+from . import allocation, embeddings, experts, layer_solve  # noqa: F401  (registration)
 from .base import PASSES, CompressionPass, plan_passes, register_pass
 from .context import CompressionContext, CompressionRecord
 
