@@ -46,12 +46,20 @@ class GroupedHandle:
     handle: Any
 
     def fits(self, modules: list[nn.Module]) -> bool:
-        return len(modules) == len(self.modules) and all(
-            a is b and a.packed.values is s for a, b, s in zip(modules, self.modules, self.sources))  # type: ignore[union-attr]
+        if len(modules) != len(self.modules):
+            return False
+        for a, b, s in zip(modules, self.modules, self.sources):
+            if a is not b or a.__dict__.get("packed") is None or a.packed.values is not s:  # type: ignore[union-attr]
+                return False
+        return True
 
 
-def _hooked(module: nn.Module) -> bool:
-    return bool(module._forward_pre_hooks or module._forward_hooks)
+
+def _any_hooked(modules: list[nn.Module]) -> bool:
+    for m in modules:
+        if m._forward_pre_hooks or m._forward_hooks:
+            return True
+    return False
 
 
 def native_handle(experts: RoutedExperts) -> Any:
@@ -67,11 +75,13 @@ def native_handle(experts: RoutedExperts) -> Any:
     if lib is None or experts.activation is None:
         return None
     modules = experts.projections()
-    if not all(isinstance(m, SparseLinear) and kernels.native_supports(m.packed) and not _hooked(m) for m in modules):
+    if _any_hooked(modules):
         return None
     cached: GroupedHandle | None = experts._grouped
-    if cached is not None and cached.fits(modules):
+    if cached is not None and cached.fits(modules):  # decode: checked on every call, so kept cheap
         return cached.handle
+    if not all(isinstance(m, SparseLinear) and kernels.native_supports(m.packed) for m in modules):
+        return None
     plans = [kernels._plan_of(m.packed) for m in modules]  # type: ignore[union-attr]
     if any(plan is None for plan in plans):
         return None

@@ -64,6 +64,12 @@ class Expert(nn.Module):
         self.gate_up_proj = gate_up_proj
         self.down_proj = down_proj
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        version = self.__dict__.get("_owner_version")
+        if version is not None and name in ("gate_up_proj", "down_proj"):
+            version[0] += 1  # the owning RoutedExperts' cached list of matrices is stale
+
     def intermediate(self, x: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """`act(gate) * up`: what `down_proj` receives."""
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -131,8 +137,12 @@ class RoutedExperts(nn.Module):
         super().__init__()
         if not experts:
             raise ValueError("a MoE layer needs at least one expert")
+        # bumped whenever an expert or one of its matrices is replaced (compression swaps them for packed
+        # ones): decode checks the matrices on every call, and rebuilding their list each time costs
+        self._version = [0]
+        self._projections: tuple[int, list[nn.Module]] | None = None
         for index, expert in enumerate(experts):
-            self.add_module(str(index), expert)
+            self._adopt(index, expert)
         first = experts[0].gate_up_proj
         self.hidden_size = int(first.in_features)
         self.intermediate_size = int(first.out_features) // 2
@@ -160,16 +170,26 @@ class RoutedExperts(nn.Module):
         # copies (the dense twin of a block) rebuild the native grouped handle on first use
         return {**self.__dict__, "_grouped": None}
 
+    def _adopt(self, index: int, expert: Expert) -> None:
+        expert.__dict__["_owner_version"] = self._version
+        self.add_module(str(index), expert)
+        self._version[0] += 1
+
     def projections(self) -> list[nn.Module]:
         """Every expert's gate_up_proj and down_proj, expert by expert."""
-        return [m for expert in self for m in (expert.gate_up_proj, expert.down_proj)]
+        cached = self._projections
+        if cached is not None and cached[0] == self._version[0]:
+            return cached[1]
+        modules = [m for expert in self for m in (expert.gate_up_proj, expert.down_proj)]
+        self._projections = (self._version[0], modules)
+        return modules
 
     def set_experts_(self, experts: Sequence[Expert]) -> None:
         """Replace the experts (after removal or merging), renumbered from 0."""
         for name in [n for n in self._modules if n.isdigit()]:
             del self._modules[name]
         for index, expert in enumerate(experts):
-            self.add_module(str(index), expert)
+            self._adopt(index, expert)
         self._grouped = None
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
