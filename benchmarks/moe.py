@@ -12,12 +12,13 @@ speed (random weights, a Qwen3-MoE-shaped decoder: hidden 2048, 16 experts top-2
 1408, 8 layers): greedy decode tokens/s of transformers' own fp32 model and of sparsepress dense int8 and
 50% + int8 (magnitude + RTN: data-free on random weights), measured round-robin in one process; the
 packed bytes read per token (counted by the grouped kernel) against what the selected experts hold.
-The fp32 model takes ~4.4 GB, so the two comparisons run one after the other, each side by side
-(peak ~5.5 GB).
+`prepare` builds and compresses the models into a folder (untimed); `speed` loads and times them. The fp32
+model takes ~4.4 GB, so the two comparisons run one after the other, each side by side (peak ~5.5 GB).
 
 Example:
-    PYTHONPATH=src python benchmarks/moe.py quality --windows 200
-    flock /work/bench.lock python benchmarks/moe.py speed --tokens 32
+    nice -n 19 python benchmarks/moe.py quality --windows 200
+    nice -n 19 python benchmarks/moe.py prepare --dir /tmp/moe-speed
+    flock /work/bench.lock python benchmarks/moe.py speed --dir /tmp/moe-speed --tokens 32
 """
 
 from __future__ import annotations
@@ -188,46 +189,69 @@ def expert_bytes(model: torch.nn.Module) -> float:
     return statistics.mean(sizes)
 
 
+def prepare(args: argparse.Namespace) -> None:
+    """Build and compress the MoE-shaped models into `args.dir` (not timed: run it under nice)."""
+    out = Path(args.dir)
+    # built apart from the same seed (a copy of the fp32 model would double its 4.4 GB)
+    sp.save(compressed(moe_shaped(args.layers), 0.5), out / "sparse-int8", overwrite=True)
+    gc.collect()
+    fp32 = moe_shaped(args.layers)
+    fp32.save_pretrained(out / "fp32")
+    sp.save(compressed(fp32, None), out / "dense-int8", overwrite=True)
+
+
+def _fp32_runner(model: torch.nn.Module, implementation: str, prompt: torch.Tensor, tokens: int | None):
+    def run() -> None:
+        model.set_experts_implementation(implementation)
+        (decode_runner(model, prompt, tokens) if tokens else prefill_runner(model, prompt))()
+    return run
+
+
 def speed(args: argparse.Namespace) -> None:
+    """Time the prepared models side by side (run it under the bench lock, at normal priority)."""
+    from transformers import AutoModelForCausalLM
+
+    folder = Path(args.dir)
     prompt = torch.randint(0, 4096, (1, 8), generator=torch.Generator().manual_seed(1))
     prefill = torch.randint(0, 4096, (1, args.prefill), generator=torch.Generator().manual_seed(2))
-    print(f"MoE-shaped decoder ({args.layers} layers, hidden 2048, 16 experts top-2, intermediate 1408), random weights; "
+    sparse = sp.load(folder / "sparse-int8")
+    layers = sparse.config.num_hidden_layers
+    print(f"MoE-shaped decoder ({layers} layers, hidden 2048, 16 experts top-2, intermediate 1408), random weights; "
           f"{cpu_model()}, {torch.get_num_threads()} threads; greedy decode of {args.tokens} tokens after 8")
     results: dict[str, Any] = {}
 
-    def table(title: str, runs: dict[str, Any], per: int) -> dict[str, float]:
+    def table(title: str, runs: dict[str, Any], per: int, tokens: int = 1) -> dict[str, float]:
+        """ms per `per` calls' worth (per token for decode), tokens/s counting `tokens` per that ms."""
         ms = {name: value / per for name, value in interleaved_ms(runs, rounds=args.rounds, warmup=1).items()}
         print(f"\n### {title}\n\n| model | ms | tokens/s |" + "".join(f" vs {n} |" for n in ms) + "\n|---|---|---|"
               + "---|" * len(ms))
         for name, value in ms.items():
-            print(f"| {name} | {value:.2f} | {1000 / value:.1f} |" + "".join(f" {ms[n] / value:.2f}x |" for n in ms))
+            print(f"| {name} | {value:.2f} | {tokens * 1000 / value:.1f} |"
+                  + "".join(f" {ms[n] / value:.2f}x |" for n in ms), flush=True)
         return ms
 
     sparse_name = "sparsepress 50% + int8 (bitmask)"
-    # 1: transformers' own fp32 model against 50% + int8 (built from the same weights)
-    # built apart from the same seed (a copy of the fp32 model would double its 4.4 GB)
-    sparse = compressed(moe_shaped(args.layers), 0.5)
-    gc.collect()
-    fp32 = moe_shaped(args.layers)
-    results["decode fp32"] = table("decode, ms per token: transformers fp32 vs sparsepress",
-                                   {"transformers fp32": decode_runner(fp32, prompt, args.tokens),
-                                    sparse_name: decode_runner(sparse, prompt, args.tokens)}, args.tokens)
-    results["prefill fp32"] = table(f"prefill of {args.prefill} tokens, ms",
-                                    {"transformers fp32": prefill_runner(fp32, prefill),
-                                     sparse_name: prefill_runner(sparse, prefill)}, 1)
-    # 2: our dense int8 against 50% + int8
-    dense_int8 = compressed(fp32, None)
+    fp32 = AutoModelForCausalLM.from_pretrained(folder / "fp32", dtype=torch.float32).eval()
+    results["decode fp32"] = table("decode, ms per token: transformers fp32 vs sparsepress", {
+        "transformers fp32 (grouped_mm, its default)": _fp32_runner(fp32, "grouped_mm", prompt, args.tokens),
+        "transformers fp32 (eager)": _fp32_runner(fp32, "eager", prompt, args.tokens),
+        sparse_name: decode_runner(sparse, prompt, args.tokens)}, args.tokens)
+    results["prefill fp32"] = table(f"prefill of {args.prefill} tokens, ms", {
+        "transformers fp32 (grouped_mm, its default)": _fp32_runner(fp32, "grouped_mm", prefill, None),
+        "transformers fp32 (eager)": _fp32_runner(fp32, "eager", prefill, None),
+        sparse_name: prefill_runner(sparse, prefill)}, 1, args.prefill)
     del fp32
     gc.collect()
+    dense_int8 = sp.load(folder / "dense-int8")
     results["decode int8"] = table("decode, ms per token: sparsepress dense int8 vs 50% + int8",
                                    {"sparsepress dense int8": decode_runner(dense_int8, prompt, args.tokens),
                                     sparse_name: decode_runner(sparse, prompt, args.tokens)}, args.tokens)
     results["prefill int8"] = table(f"prefill of {args.prefill} tokens, ms",
                                     {"sparsepress dense int8": prefill_runner(dense_int8, prefill),
-                                     sparse_name: prefill_runner(sparse, prefill)}, 1)
+                                     sparse_name: prefill_runner(sparse, prefill)}, 1, args.prefill)
     # bytes read per token: what the grouped kernel counted against top-k experts' packed bytes
-    print("\n### packed expert bytes read per decoded token (counted by the grouped kernel)\n")
-    print("| model | counted per token and layer | 2 selected experts | all 16 experts |\n|---|---|---|---|")
+    print("\n### packed expert bytes read per decoded token and MoE layer (counted by the grouped kernel)\n")
+    print("| model | counted | 2 selected experts | all 16 experts |\n|---|---|---|---|")
     for name, model in (("sparsepress dense int8", dense_int8), (sparse_name, sparse)):
         expert_counts(model, reset=True)
         prefill_runner(model, prompt)()  # what generate's first forward (the prompt) reads
@@ -238,7 +262,7 @@ def speed(args: argparse.Namespace) -> None:
         # decode steps only: generate's prompt forward taken out; tokens counted once per MoE layer
         counted = (counts.bytes_read - prompt_counts.bytes_read) / (counts.tokens - prompt_counts.tokens)
         results[f"bytes {name}"] = {"counted": counted, "two_experts": 2 * per_expert}
-        print(f"| {name} | {counted / 1e6:.2f} MB | {2 * per_expert / 1e6:.2f} MB | {16 * per_expert / 1e6:.2f} MB |")
+        print(f"| {name} | {counted / 1e6:.3f} MB | {2 * per_expert / 1e6:.3f} MB | {16 * per_expert / 1e6:.2f} MB |")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
 
@@ -255,14 +279,17 @@ def main() -> None:
     q.add_argument("--temperatures", type=float, nargs="+", default=[0.05])
     q.add_argument("--parts", nargs="+", default=["removal", "routing", "allocation"])
     q.add_argument("--json")
-    s = sub.add_parser("speed")
-    s.add_argument("--layers", type=int, default=8)
+    p = sub.add_parser("prepare", help="build and compress the MoE-shaped models (run under nice)")
+    p.add_argument("--dir", default="bench-out/moe-speed")
+    p.add_argument("--layers", type=int, default=8)
+    s = sub.add_parser("speed", help="time the prepared models (run under the bench lock)")
+    s.add_argument("--dir", default="bench-out/moe-speed")
     s.add_argument("--tokens", type=int, default=32)
     s.add_argument("--prefill", type=int, default=128)
     s.add_argument("--rounds", type=int, default=3)
     s.add_argument("--json")
     args = parser.parse_args()
-    {"quality": quality, "speed": speed}[args.command](args)
+    {"quality": quality, "prepare": prepare, "speed": speed}[args.command](args)
 
 
 if __name__ == "__main__":
