@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "dispatch.h"
+#include "experts.h"
 #include "plan.h"
 
 namespace sp {
@@ -40,7 +41,7 @@ inline sp::Activation to_activation(int code) {
   return sp::Activation(code);
 }
 
-class NativeLinear {
+class NativeLinear : public sp::ExpertLinear {
  public:
   // panel_limit: layers of fewer weights get GEMM panels now; lazy_panels: bigger ones get them on
   // their first call of kLazyMin..kLazyMax tokens (where packing per call costs most).
@@ -114,8 +115,25 @@ class NativeLinear {
 
   const sp::LinearArgs& args() const { return args_; }
 
-  int64_t in_features() const { return args_.in; }
-  int64_t out_features() const { return args_.out; }
+  int64_t in_features() const override { return args_.in; }
+  int64_t out_features() const override { return args_.out; }
+
+  // One expert projection of a grouped MoE call (experts.h): the caller holds no GIL.
+  void run_rows(const float* x, int64_t rows, float* y, const float* bias, int n_threads) override {
+    sp::LinearArgs a = args_;
+    a.batch = rows;
+    a.x = x;
+    a.y = y;
+    a.bias = bias;
+    attach_panels(a, n_threads);
+    sp::run_linear(kind_, a, n_threads);
+  }
+
+  int64_t weight_bytes() const override {
+    int64_t total = 0;
+    for (const Array& array : keep_) total += int64_t(array.nbytes());
+    return total;
+  }
 
  private:
   sp::Kind kind_;

@@ -21,6 +21,7 @@ from .errors import (  # noqa: E402
     UnsupportedModelError,
     VersionError,
 )
+from .experts.adaptive import set_routing  # noqa: E402
 from .io import load, save  # noqa: E402
 from .nn import QuantizedEmbedding, SparseLinear, set_activation_sparsity, set_sparsity  # noqa: E402
 from .pipeline import compress  # noqa: E402
@@ -52,4 +53,5 @@ __all__ = [
     "save",
     "set_activation_sparsity",
     "set_sparsity",
+    "set_routing",
 ]

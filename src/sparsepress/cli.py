@@ -146,8 +146,11 @@ def compress_command(
 
 @app.command("inspect")
 @_clean_errors
-def inspect_command(folder: Path = typer.Argument(..., help="a sparsepress model folder")) -> None:
-    """Per-layer table of a packed model folder: shape, pattern, sparsity, format, dtype, bytes."""
+def inspect_command(
+    folder: Path = typer.Argument(..., help="a sparsepress model folder"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="MoE models: write a routing figure (PNG) here"),
+) -> None:
+    """Per-layer table of a packed model folder: shape, pattern, sparsity, format, dtype, bytes (MoE: routing)."""
     from .io import verify_folder
     from .report import extra_tables, folder_bytes, human_bytes, kv_table, layer_table
 
@@ -164,6 +167,15 @@ def inspect_command(folder: Path = typer.Argument(..., help="a sparsepress model
         ("sha256 verified", "yes"),
         ("layer tensors verified", "yes"),
     ]))
+    if "experts" in manifest:
+        from .experts.report import plot_routing, routing_points_table, routing_table
+
+        console.print(routing_table(manifest["experts"]))
+        points = routing_points_table(manifest["experts"])
+        if points is not None:
+            console.print(points)
+        if plot is not None:
+            console.print(f"routing figure: {plot_routing(manifest['experts'], plot)}")
 
 
 def _reference_for(manifest: dict[str, Any], reference: str | None) -> str:

@@ -31,6 +31,7 @@ from . import __version__
 from .attention import use_native_attention
 from .errors import ChecksumError, FormatError, InputError, TensorLayoutError, VersionError
 from .formats import LAYOUTS, LayoutMismatch
+from .experts.record import experts_manifest, restore_experts_
 from .fusion import fuse_activations
 from .models import convert_conv1d_, replace_module
 from .nn import QuantizedEmbedding, SparseLinear
@@ -124,11 +125,11 @@ def _history(model: nn.Module) -> dict[str, Any]:
     record = getattr(model, "sparsepress_record", None)
     if record is not None:
         return {"recipe": record.recipe.to_dict(), "adapter": record.adapter, "layers": record.layers,
-                "source": getattr(model, "sparsepress_source", None),
+                "source": getattr(model, "sparsepress_source", None), "experts": record.extra.get("experts"),
                 **{key: record.extra[key] for key in MANIFEST_EXTRAS if record.extra.get(key) is not None}}
     manifest = getattr(model, "sparsepress_manifest", None) or {}
     return {"recipe": manifest.get("recipe"), "adapter": manifest.get("adapter"), "layers": manifest.get("layers", {}),
-            "source": manifest.get("source"),
+            "source": manifest.get("source"), "experts": manifest.get("experts"),
             **{key: manifest[key] for key in MANIFEST_EXTRAS if manifest.get(key) is not None}}
 
 
@@ -218,6 +219,9 @@ def save(
         }
         if sparsity_levels(model):
             manifest["elastic"] = {"levels": sparsity_levels(model)}
+        experts = experts_manifest(model, history["experts"])
+        if experts is not None:  # MoE: experts stored one matrix per expert (see sparsepress.experts.record)
+            manifest["experts"] = experts
         if (staging / "config.json").is_file():
             manifest["config_sha256"] = sha256_of(staging / "config.json")
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
@@ -332,6 +336,8 @@ def _check_fits_skeleton(folder: Path, cls: type[nn.Module], config: Any, manife
     except Exception as exc:  # any config transformers cannot build from is a damaged folder here
         raise FormatError(folder / "config.json", f"cannot build {cls.__name__} from this config: {exc}") from None
     _apply_structure(folder, skeleton, manifest)
+    if "experts" in manifest:
+        restore_experts_(skeleton, manifest["experts"], folder / MANIFEST)
     where = folder / TENSORS
     shapes = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
     for name, meta in manifest["layers"].items():
@@ -397,6 +403,8 @@ def load(folder: str | Path, *, sparsity: float | None = None) -> nn.Module:
         model = cls(config)
     convert_conv1d_(model)
     _apply_structure(folder, model, manifest)
+    if "experts" in manifest:
+        restore_experts_(model, manifest["experts"], folder / MANIFEST)
     for name, meta in manifest["layers"].items():
         _install_linear(folder, model, tensors, name, meta)
     _install_activation_levels(folder, model, manifest.get("activation_sparsity"))

@@ -27,7 +27,7 @@ from torch import nn
 from .attention import use_native_attention
 from .errors import InputError
 from .fusion import fuse_activations
-from .models import convert_conv1d_
+from .models import convert_conv1d_, unfuse_experts_
 from .passes import CompressionContext, plan_passes
 from .passes.context import Progress
 from .recipe import Recipe
@@ -65,6 +65,7 @@ def compress(
     torch.manual_seed(recipe.seed)
     model.eval()
     convert_conv1d_(model)
+    unfuse_experts_(model)  # MoE: one Linear per expert matrix, so every pass reaches each expert
     ctx = CompressionContext(model, recipe, calibration, tokenizer, samples=samples, seq_len=seq_len,
                              batch_size=batch_size, progress=progress, nonfinite=nonfinite, checkpoint=checkpoint)
     for step in passes:

@@ -319,10 +319,53 @@ class DistillStage(BaseModel):
         return self
 
 
-StageConfig = Union[PruneStage, QuantizeStage, QuantizeEmbeddingsStage, ActivationSparsityStage, DistillStage]
+class ExpertsStage(BaseModel):
+    """Mixture-of-experts models: remove or merge experts, allocate sparsity by expert usage, route adaptively.
+
+    `prune`: fraction of each MoE layer's experts removed (at least top-k kept), the least useful `by`
+    frequency (tokens routed), gate_mass (routing weight received), reap (router-weighted expert output
+    norm) or random (a baseline; seeded by the recipe's seed); `merge`: fold each removed expert into its
+    most similar kept one (router-logit correlation; neurons aligned, weights averaged by frequency)
+    instead of dropping it. `allocation: usage` spreads the prune stage's sparsity over a layer's experts
+    by their share of gate mass (`s_e = s - temperature * log(E * usage_e)`, recentred on the same
+    mean: hot experts keep more weights). `top_p` (adaptive routing): per token, the fewest of its top-k
+    experts whose share of the top-k gate mass reaches top_p; `auto` picks the lowest measured top_p whose
+    calibration loss rises by at most `max_loss_rise`. `min_tokens`: routed calibration tokens an expert
+    matrix needs before its statistics are its own alone (default: its input width; fewer are pooled
+    with the statistics of every token sent through that expert).
+
+    Example:
+        >>> ExpertsStage(prune=0.25, by="reap").merge
+        False
+    """
+
+    model_config = _STRICT
+    kind: ClassVar[str] = "experts"
+    prune: float = 0.0
+    by: Literal["frequency", "gate_mass", "reap", "random"] = "reap"
+    merge: bool = False
+    top_p: float | Literal["auto"] | None = None
+    max_loss_rise: float = Field(0.02, ge=0.0, lt=1.0)
+    allocation: Literal["uniform", "usage"] = "uniform"
+    usage_temperature: float = Field(0.05, gt=0.0, le=1.0)
+    min_tokens: int | None = Field(None, ge=1)
+
+    _fraction = field_validator("prune")(classmethod(lambda cls, v: _check_fraction(v, "prune")))
+
+    @field_validator("top_p")
+    @classmethod
+    def _top_p_in_range(cls, value: float | str | None) -> float | str | None:
+        if isinstance(value, float) and not 0.0 < value <= 1.0:
+            raise ValueError("top_p in (0, 1], auto or null")
+        return value
+
+
+StageConfig = Union[PruneStage, QuantizeStage, QuantizeEmbeddingsStage, ActivationSparsityStage, DistillStage,
+                    ExpertsStage]
 STAGE_TYPES: dict[str, type[BaseModel]] = {
     stage.kind: stage  # type: ignore[attr-defined]
-    for stage in (PruneStage, QuantizeStage, QuantizeEmbeddingsStage, ActivationSparsityStage, DistillStage)
+    for stage in (PruneStage, QuantizeStage, QuantizeEmbeddingsStage, ActivationSparsityStage, DistillStage,
+                  ExpertsStage)
 }
 
 

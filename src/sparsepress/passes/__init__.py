@@ -11,7 +11,7 @@ Example:
     ['layer_solve', 'embeddings']
 """
 
-from . import activation, allocation, budget, distill, embeddings, layer_solve, structured  # noqa: F401  (registration)
+from . import activation, allocation, budget, distill, embeddings, experts, layer_solve, structured  # noqa: F401  (registration)
 from .base import PASSES, CompressionPass, plan_passes, register_pass
 from .context import CompressionContext, CompressionRecord
 

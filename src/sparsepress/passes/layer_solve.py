@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError, PoisonedWeightError, RecipeError
+from ..experts.calibration import layer_calibration
 from ..memory import release_file_pages, trim_heap
 from ..models import replace_module
 from ..native import release_cached_outputs
@@ -152,6 +153,9 @@ class BlockSolver:
         self.follows_dense = self.needs_stats and ctx.recipe.solver.follows_dense_model
         # The dense model's inputs to the current block (a dense twin of each block produces the next).
         self.dense_inputs: list[BlockInputs] = []
+        # What the model family adds to the statistics (MoE: per-expert routing, pooling of cold experts).
+        experts = ctx.recipe.stage("experts")
+        self.calibration = layer_calibration(ctx.model, getattr(experts, "min_tokens", None))
 
     def compress_block(self, block_name: str, block: nn.Module, inputs: list[BlockInputs]) -> list[BlockInputs]:
         """Compress the targeted layers of `block`; returns the inputs of the next block."""
@@ -191,7 +195,7 @@ class BlockSolver:
         ordered = [[owner, *names] for owner, names in shared_inputs(seen).items()]
         called = {name for names in ordered for name in names}
         unseen = [name for name in members if name not in called]
-        return ordered + ([unseen] if unseen else [])
+        return self.calibration.solve_groups(ordered + ([unseen] if unseen else []))
 
     def _group_stats(self, prefix: str, block: nn.Module, dense_block: nn.Module | None, group: list[str],
                      inputs: list[BlockInputs]) -> dict[str, LayerStats]:
@@ -200,25 +204,28 @@ class BlockSolver:
         ctx = self.ctx
         layers = {name: ctx.model.get_submodule(name) for name in group}
         stats = {name: LayerStats(layer.in_features, name=name) for name, layer in layers.items()}
-        if dense_block is None:
-            running: list[torch.Tensor | None] = [None]
-            with collecting(layers, stats, ctx.nonfinite, ctx.dropped, lambda: running[0]):
-                for item in inputs:
-                    running[0] = item.tokens
-                    run_block(block, item)
-        else:
-            dense_layers = {n: dense_block.get_submodule(n[len(prefix):]) for n in group}
-            for item, dense_item in zip(inputs, self.dense_inputs):
-                seen = layer_inputs(block, layers, item)
-                dense_seen = layer_inputs(dense_block, dense_layers, dense_item)
-                for owner, names in shared_inputs(seen).items():
-                    x, dense_x = finite_rows(owner, [seen[owner], dense_seen[owner]], ctx.nonfinite, ctx.dropped,
-                                             item.tokens)
-                    stats[owner].add(x, dense_x)
-                    for name in names:
-                        stats[name] = stats[owner]
+        with self.calibration.pass_over(block, dense_block) as begin_batch:
+            if dense_block is None:
+                running: list[torch.Tensor | None] = [None]
+                with collecting(layers, stats, ctx.nonfinite, ctx.dropped, lambda: running[0]):
+                    for item in inputs:
+                        running[0] = item.tokens
+                        begin_batch(item.tokens)
+                        run_block(block, item)
+            else:
+                dense_layers = {n: dense_block.get_submodule(n[len(prefix):]) for n in group}
+                for item, dense_item in zip(inputs, self.dense_inputs):
+                    begin_batch(item.tokens)
+                    seen = layer_inputs(block, layers, item)
+                    dense_seen = layer_inputs(dense_block, dense_layers, dense_item)
+                    for owner, names in shared_inputs(seen).items():
+                        x, dense_x = finite_rows(owner, [seen[owner], dense_seen[owner]], ctx.nonfinite, ctx.dropped,
+                                                 item.tokens)
+                        stats[owner].add(x, dense_x)
+                        for name in names:
+                            stats[name] = stats[owner]
         warn_dropped(ctx.dropped)
-        return stats
+        return self.calibration.finish(block, stats, inputs)
 
     def _stages_for(self, name: str, target: LayerTarget) -> tuple[PruneStage | None, QuantizeStage | None]:
         """The prune and quantize stages of layer `name`: the recipe's, with the target's overrides."""

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..errors import NonFiniteWarning, PoisonedWeightError, RecipeError
 from ..memory import release_file_pages
-from ..models import find_layout, linear_layers
+from ..models import find_layout, linear_layers, router_names
 from ..recipe import PruneStage, QuantizeStage, Recipe
 
 
@@ -92,7 +92,8 @@ def check_weights_finite(layers: dict[str, nn.Linear], nonfinite: str = "error")
 def select_layers(model: nn.Module, recipe: Recipe, nonfinite: str = "error") -> LayerSelection:
     """The Linear layers inside `model`'s blocks that `recipe` prunes or quantizes, weights checked finite."""
     layout = find_layout(model)
-    in_blocks = [(n, layer) for n, layer in linear_layers(model) if layout.block_of(n) is not None]
+    routers = router_names(model)  # MoE routers and shared-expert gates stay dense
+    in_blocks = [(n, layer) for n, layer in linear_layers(model) if layout.block_of(n) is not None and n not in routers]
     names = [n for n, _ in in_blocks]
     prune_targets = stage_targets(recipe.prune, names)
     quant_targets = stage_targets(recipe.quantize, names)

@@ -130,6 +130,25 @@ class LayerStats:
         best = torch.linalg.solve(gram, self._cross @ weight.to(torch.float64).T).T
         return (weight.to(torch.float64) + strength * (best - weight.to(torch.float64))).to(weight.dtype)
 
+    def pooled(self, pool: "LayerStats", tokens: float) -> "LayerStats":
+        """These statistics topped up with `tokens` tokens' worth of `pool`'s (its mean second moment),
+        unpaired: what a layer that saw too few tokens of its own falls back on.
+
+        Example:
+            >>> import torch
+            >>> own, pool = LayerStats(1), LayerStats(1)
+            >>> own.add(torch.tensor([[2.0]])); pool.add(torch.tensor([[1.0], [1.0]]))
+            >>> mixed = own.pooled(pool, 3)
+            >>> mixed.n_tokens, mixed.xtx.item()
+            (4, 7.0)
+        """
+        mixed = LayerStats(self.in_features, name=self.name)
+        scale = tokens / pool.n_tokens if pool.n_tokens else 0.0
+        mixed._xtx = self.xtx + scale * pool.xtx
+        mixed._sum = self._sum + scale * pool._sum
+        mixed.n_tokens = self.n_tokens + (round(tokens) if pool.n_tokens else 0)
+        return mixed
+
     @property
     def act_norm_sq(self) -> torch.Tensor:
         """`sum_t x_tj^2` per input feature (float32 [in])."""

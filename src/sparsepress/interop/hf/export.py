@@ -55,6 +55,7 @@ def plain_model(model: nn.Module) -> nn.Module:
     InputError when the packed model's shapes differ from what its config builds (per-layer sizes a
     plain config cannot express).
     """
+    from ...models.moe import fold_expert_tensors
     from .quantizer import strip_quantization_
 
     config = getattr(model, "config", None)
@@ -69,7 +70,8 @@ def plain_model(model: nn.Module) -> nn.Module:
     with no_init_weights():
         fresh = type(model)(config)
     conv1d = {name for name, m in fresh.named_modules() if type(m).__name__ == "Conv1D"}
-    state = dense_state(model)
+    # Routed experts (one Linear per expert matrix here) go back into transformers' fused tensors.
+    state = fold_expert_tensors(dense_state(model), model)
     for name in conv1d:  # our Linear view of GPT-2's Conv1D, back to its [in, out] layout
         if f"{name}.weight" in state:
             state[f"{name}.weight"] = state[f"{name}.weight"].t().contiguous()

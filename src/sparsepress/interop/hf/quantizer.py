@@ -136,10 +136,12 @@ class SparsepressHfQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         from ...attention import use_native_attention
         from ...fusion import fuse_activations
+        from ...runtime import use_native_blocks
 
         model.eval()
         fuse_activations(model)
         use_native_attention(model)
+        use_native_blocks(model)  # the same native whole-stack path sp.load installs
         return model
 
     def is_serializable(self) -> bool:
