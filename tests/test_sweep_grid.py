@@ -54,7 +54,9 @@ def test_a_list_of_blocks_joins_their_products_and_drops_repeats():
 
 
 def test_budget_targets_and_top_level_keys_vary_like_any_path():
-    grid = _grid({"budget.size_mb": [8, 12], "format": ["bitmask", "csr"], "solver.mask_search": [0]})
+    budgeted = {**BASE, "stages": [{"prune": {"method": "wanda"}}, BASE["stages"][1]], "budget": {"size_mb": 20}}
+    grid = expand_grid({"recipe": budgeted, "vary": {"budget.size_mb": [8, 12], "format": ["bitmask", "csr"],
+                                                     "solver.mask_search": [0]}})
     assert [(t.recipe.budget.size_mb, t.recipe.format) for t in grid.trials] == [
         (8.0, "bitmask"),
         (8.0, "csr"),

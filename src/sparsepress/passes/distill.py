@@ -12,7 +12,7 @@ Example:
     >>> recipe = Recipe.model_validate({"stages": [{"prune": {"sparsity": 0.5}}, {"distill": {"steps": 2}},
     ...                                            {"quantize": {}}]})
     >>> from sparsepress.passes import plan_passes
-    >>> [(p.name, p.order) for p in plan_passes(recipe)]
+    >>> [(p.name, int(p.order)) for p in plan_passes(recipe)]
     [('teacher', 0), ('allocation', 30), ('layer_solve', 50), ('distill', 60), ('layer_solve', 70)]
 """
 
