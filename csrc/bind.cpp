@@ -265,18 +265,31 @@ NB_MODULE(_native, m) {
 
   nb::class_<NativeLinear>(m, "NativeLinear", "A packed weight prepared for the native kernels.")
       .def("__call__", &NativeLinear::call, nb::arg("x"), nb::arg("y"), nb::arg("bias").none(),
-           nb::arg("n_threads") = 1, nb::arg("activation") = 0,
+           nb::arg("n_threads") = 1, nb::arg("activation") = 0, nb::arg("threshold") = 0.f,
            "y[B, out] = act(x[B, in] @ W.T (+ bias)); x, y float32 C-contiguous; activation 0 none, 1 gelu,\n"
-           "2 gelu_tanh, 3 relu, 4 silu.")
+           "2 gelu_tanh, 3 relu, 4 silu; threshold > 0: inputs with |x| < threshold count as zero, and calls of\n"
+           "few tokens skip the weight columns no token needs (column chunks built on first need).")
       .def("call_raw", &NativeLinear::call_raw, nb::arg("x_ptr"), nb::arg("batch"), nb::arg("y_ptr"),
-           nb::arg("bias_ptr"), nb::arg("n_threads") = 1, nb::arg("activation") = 0,
+           nb::arg("bias_ptr"), nb::arg("n_threads") = 1, nb::arg("activation") = 0, nb::arg("threshold") = 0.f,
            "Unchecked fast path: addresses of float32 C-contiguous x [batch, in], y [batch, out], bias [out] or 0.")
       .def_prop_ro("has_panels", &NativeLinear::has_panels, "Whether GEMM panels were prepared.")
       .def_prop_ro("panel_bytes", &NativeLinear::panel_bytes, "Bytes of the prepared GEMM panels (0: none).")
       .def_prop_ro("panel_tiles", &NativeLinear::panel_tiles,
                    "Prepared 32-row tiles per layout: [dense, fixed-window quads, sliding-window quads].")
+      .def("prepare_colpanels", &NativeLinear::prepare_colpanels, nb::arg("n_threads") = 1,
+           "Builds the column chunks of activation sparsity now (else on the first thresholded call of few\n"
+           "tokens); whether this weight has them.")
+      .def_prop_ro("colpanel_bytes", &NativeLinear::colpanel_bytes, "Bytes of the column chunks (0: none yet).")
+      .def_prop_ro("colpanels_sparse", &NativeLinear::colpanels_sparse, "Whether the column chunks are sparse.")
+      .def_prop_ro("last_skipped", &NativeLinear::last_skipped,
+                   "Whether this thread's last thresholded call skipped weight columns.")
       .def_prop_ro("in_features", &NativeLinear::in_features)
       .def_prop_ro("out_features", &NativeLinear::out_features);
+  m.def("set_colskip_policy", &sp::set_colskip_policy, nb::arg("policy"),
+        "Which path thresholded calls take: 0 measured (default), 1 never skip columns, 2 always skip (up to\n"
+        "8 tokens).");
+  m.def("colskip_policy", &sp::colskip_policy, "The column-skip policy (see set_colskip_policy).");
+  m.attr("colskip_max_batch") = sp::kColSkipMaxBatch;
 
   nb::class_<NativeExperts>(m, "NativeExperts", "The packed experts of one MoE layer, run by one grouped call.")
       .def(nb::init<const nb::list&, const nb::list&, const std::vector<std::optional<Vec>>&,

@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "colskip.h"
 #include "dispatch.h"
 #include "experts.h"
 #include "plan.h"
@@ -68,7 +69,9 @@ class NativeLinear : public sp::ExpertLinear {
   }
 
   // y[B, out] = x[B, in] W^T (+ bias)
-  void call(const F32In& x, F32Out& y, std::optional<Vec> bias, int n_threads, int activation) {
+  // threshold > 0: inputs with |x| < threshold count as zero (activation sparsity, csrc/colskip.h).
+  void call(const F32In& x, F32Out& y, std::optional<Vec> bias, int n_threads, int activation,
+            float threshold = 0.f) {
     require(x.shape(1) == size_t(args_.in), "x has " + std::to_string(x.shape(1)) +
                                                   " features, the weight expects " + std::to_string(args_.in));
     require(y.shape(0) == x.shape(0) && y.shape(1) == size_t(args_.out), "y must be [batch, out]");
@@ -83,14 +86,14 @@ class NativeLinear : public sp::ExpertLinear {
     a.activation = to_activation(activation);
     if (a.batch == 0) return;
     nb::gil_scoped_release unlocked;
-    attach_panels(a, n_threads);
-    sp::run_linear(kind_, a, n_threads);
+    run(a, n_threads, threshold);
   }
 
   // Same as call() on raw addresses (what packed_linear uses: converting three tensors through
   // DLPack costs microseconds per call). The caller guarantees x is float32 [batch, in] and y float32
   // [batch, out], both C-contiguous, and bias (0: none) float32 [out].
-  void call_raw(uintptr_t x, int64_t batch, uintptr_t y, uintptr_t bias, int n_threads, int activation) {
+  void call_raw(uintptr_t x, int64_t batch, uintptr_t y, uintptr_t bias, int n_threads, int activation,
+                float threshold = 0.f) {
     require(batch >= 0 && (batch == 0 || (x != 0 && y != 0)), "x and y must be non-null");
     const sp::Activation act = to_activation(activation);
     if (batch == 0) return;
@@ -101,17 +104,36 @@ class NativeLinear : public sp::ExpertLinear {
     a.bias = reinterpret_cast<const float*>(bias);
     a.activation = act;
     nb::gil_scoped_release unlocked;
+    run(a, n_threads, threshold);
+  }
+
+  // One call from native code (the runtime's block plans): `a` is args() with batch, x, y, bias and
+  // activation filled in by the caller; must run without the GIL. threshold: as for call().
+  void run(sp::LinearArgs a, int n_threads, float threshold = 0.f) {
+    if (a.batch == 0) return;
+    if (threshold > 0.f) {
+      const sp::ColPanels* cp = attach_colpanels(a.batch, threshold, n_threads);
+      attach_panels(a, n_threads);
+      sp::run_linear_sparse_inputs(kind_, a, threshold, cp, n_threads, &last_skipped_);
+      return;
+    }
     attach_panels(a, n_threads);
     sp::run_linear(kind_, a, n_threads);
   }
 
-  // One call from native code (the runtime's block plans): `a` is args() with batch, x, y, bias and
-  // activation filled in by the caller; must run without the GIL.
-  void run(sp::LinearArgs a, int n_threads) {
-    if (a.batch == 0) return;
-    attach_panels(a, n_threads);
-    sp::run_linear(kind_, a, n_threads);
+  // Builds the column chunks now (normally on the first thresholded call of few tokens); whether
+  // this weight has them.
+  bool prepare_colpanels(int n_threads) {
+    nb::gil_scoped_release unlocked;
+    build_colpanels(n_threads);
+    return colpanel_bytes() > 0;
   }
+  int64_t colpanel_bytes() const {
+    return lazy_->col_ready.load(std::memory_order_acquire) ? lazy_->cols.total_bytes() : 0;
+  }
+  bool colpanels_sparse() const { return lazy_->col_ready.load(std::memory_order_acquire) && lazy_->cols.sparse; }
+  // Whether this thread's last thresholded call skipped columns (tests, benchmarks).
+  bool last_skipped() const { return last_skipped_; }
 
   const sp::LinearArgs& args() const { return args_; }
 
@@ -146,8 +168,30 @@ class NativeLinear : public sp::ExpertLinear {
     std::atomic<bool> ready{false};  // panels complete and readable (release / acquire)
     std::atomic<bool> allowed{false};  // read unlocked by every call, so atomic
     sp::PreparedPanels panels;
+    // column chunks for thresholded calls of few tokens (csrc/colskip.h), built once on first need
+    std::atomic<bool> col_ready{false}, col_tried{false};
+    sp::ColPanels cols;
   };
   std::unique_ptr<Lazy> lazy_;  // behind a pointer so NativeLinear stays movable
+
+  static inline thread_local bool last_skipped_ = false;
+
+  void build_colpanels(int n_threads) {
+    Lazy& l = *lazy_;
+    if (l.col_tried.load(std::memory_order_acquire)) return;
+    std::lock_guard<std::mutex> lock(l.mu);
+    if (l.col_tried.load(std::memory_order_relaxed)) return;
+    l.cols = sp::prepare_colpanels(kind_, args_, n_threads);
+    l.col_ready.store(l.cols.data != nullptr, std::memory_order_release);
+    l.col_tried.store(true, std::memory_order_release);  // built, or not possible here: never try again
+  }
+
+  // The column chunks a thresholded call of `batch` tokens may use (built on first need), or null.
+  const sp::ColPanels* attach_colpanels(int64_t batch, float threshold, int n_threads) {
+    if (!sp::wants_colpanels(threshold, batch) || !sp::colskip_supported(kind_, args_)) return nullptr;
+    build_colpanels(n_threads);
+    return lazy_->col_ready.load(std::memory_order_acquire) ? &lazy_->cols : nullptr;
+  }
 
   void attach_panels(sp::LinearArgs& a, int n_threads) {
     Lazy& l = *lazy_;

@@ -27,6 +27,7 @@ from . import native
 from .formats.base import PackedWeight, mask_to_bits
 from .formats.elastic import ElasticWeight, level_scales, segment_sums
 from .formats.values import is_integer
+from .nn.activation import sparsify_inputs
 
 _PLAN_ATTR = "_sparsepress_native_plan"
 _is_compiling = torch.compiler.is_compiling
@@ -304,10 +305,13 @@ def _(x, weight, kind, in_features, out_features, group_size, bias, activation=0
 
 
 def packed_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = None,
-                  activation: str | None = None) -> torch.Tensor:
+                  activation: str | None = None, threshold: float = 0.0) -> torch.Tensor:
     """y[..., out] = act(x[..., in] W^T (+ bias)) for a packed weight; native kernel where one exists.
 
     `activation` (one of ACTIVATIONS, or None) is applied to the outputs inside the same call.
+    `threshold` > 0: inputs of magnitude below it count as zero (activation sparsity: the result is
+    that of `sparsify_inputs(x, threshold)`); the native int8 kernels then skip the weight columns of
+    zero inputs at few tokens (csrc/colskip.h), where that is measured to pay.
 
     Example:
         >>> from sparsepress.formats import NMWeight
@@ -321,8 +325,12 @@ def packed_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | No
     plan = getattr(packed, _PLAN_ATTR, None)
     if plan is None or plan.source is not packed.values:  # type: ignore[attr-defined]
         plan = _build_plan(packed)
-    if (plan is not None and x.dtype == torch.float32 and x.is_cpu and not _is_compiling()
-            and not (x.requires_grad and torch.is_grad_enabled())):
+    fast = (plan is not None and x.dtype == torch.float32 and x.is_cpu and not _is_compiling()
+            and not (x.requires_grad and torch.is_grad_enabled()))
+    if threshold > 0.0 and not fast:
+        x = sparsify_inputs(x, threshold)
+    if fast:
+        assert plan is not None
         # Fast path (36 calls per MiniLM forward, ~10 us each at 16 tokens, so every step here
         # counts): raw addresses into the prepared handle, no DLPack conversion and no torch op
         # besides allocating y; activations are quantized in C++.
@@ -342,7 +350,7 @@ def packed_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | No
         y = native.output_tensor(*shape[:-1], plan.out_features)
         rows = x.numel() // in_features if in_features else 0
         plan.handle.call_raw(x.data_ptr(), rows, y.data_ptr(), bias_ptr,
-                             threads_for(rows * in_features * plan.out_features), code)
+                             threads_for(rows * in_features * plan.out_features), code, threshold)
         return y
     lead = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])

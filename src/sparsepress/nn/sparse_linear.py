@@ -80,11 +80,14 @@ class SparseLinear(nn.Module):
 
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected inputs with {self.in_features} features, got shape {tuple(x.shape)}")
-        x = self._sparsify_inputs(x)
+        # activation sparsity: packed_linear zeroes the small inputs itself, and its native kernels skip
+        # the weight columns of zero inputs at few tokens
+        threshold = active_threshold(self) if self.act_thresholds is not None else 0.0
         if x.dtype == torch.float32:  # the common case: packed_linear keeps the leading dims itself
-            return packed_linear(x, self.packed, self.bias, self.activation)
+            return packed_linear(x, self.packed, self.bias, self.activation, threshold=threshold)
         lead = x.shape[:-1]
-        y = packed_linear(x.reshape(-1, self.in_features).to(torch.float32), self.packed, self.bias, self.activation)
+        y = packed_linear(x.reshape(-1, self.in_features).to(torch.float32), self.packed, self.bias,
+                          self.activation, threshold=threshold)
         return y.reshape(*lead, self.out_features).to(x.dtype)
 
     def _sparsify_inputs(self, x: torch.Tensor) -> torch.Tensor:
