@@ -47,8 +47,9 @@ struct ColPanels {
   int64_t total_bytes() const;
 };
 
-// Whether a weight of this kind can have column chunks (int8 dense or masked rows; one scale per row
-// needs in <= kColSkipMaxIn). Replicated (elastic) weights have none.
+// Whether a weight of this kind can have column chunks (int8 dense or masked rows of at least
+// kColSkipMinWeights weights unless the policy is 2; one scale per row needs in <= kColSkipMaxIn).
+// Replicated (elastic) weights have none.
 bool colskip_supported(Kind kind, const LinearArgs& a);
 
 // The column chunks of an int8 weight (empty when unsupported or out of memory); `threads` share the

@@ -8,6 +8,7 @@ namespace sp {
 constexpr int64_t kColBlock = 64;       // rows per block of a column chunk
 constexpr int kColSkipMaxBatch = 8;      // tokens up to which a call may skip columns
 constexpr int64_t kColSkipMaxIn = 65536;  // one scale per row: int32 sums stay exact up to here
+constexpr int64_t kColSkipMinWeights = int64_t(8) << 20;  // smaller layers never skip (colskip.cpp)
 
 // One call of the column-skipping kernels (filled by run_colskip; read by the ISA trees).
 struct ColSkipArgs {
@@ -46,7 +47,7 @@ struct ColSkipKernels {
   ColAccumulateFn accumulate;
   ColFinishFn finish;
   // Skip columns when at most this share of the inputs is listed, by token count (index 0 unused):
-  // measured per tree (benchmarks/kernels.py --colskip) where skipping stops paying.
+  // measured per tree (benchmarks/activation_kernels.py --crossover) where skipping stops paying.
   float max_density[kColSkipMaxBatch + 1];
   float max_density_sparse[kColSkipMaxBatch + 1];
 };

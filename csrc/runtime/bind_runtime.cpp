@@ -5,6 +5,7 @@
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/vector.h>
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -47,12 +48,14 @@ struct PyProjection {
   nb::object linear;
   std::optional<F32Vec> bias;
   int64_t in, out;
-  PyProjection(nb::object handle, std::optional<F32Vec> b) : linear(handle), bias(b) {
+  PyProjection(nb::object handle, std::optional<F32Vec> b, int slot) : linear(handle), bias(b) {
+    require(slot >= -1, "a projection's threshold slot is -1 (none) or an index");
     NativeLinear& l = nb::cast<NativeLinear&>(handle);
     in = l.in_features(), out = l.out_features();
     require(!b || int64_t(b->shape(0)) == out, "projection bias must have out_features elements");
     proj.linear = &l;
     proj.bias = b ? b->data() : nullptr;
+    proj.slot = slot;
   }
 };
 
@@ -96,6 +99,7 @@ class PyStack {
     b.q = q.proj, b.k = k.proj, b.v = v.proj, b.o = o.proj, b.up = up.proj, b.down = down.proj;
     if (gate) b.gate = gate->proj;
     b.act = py::to_activation(activation);
+    for (const Projection* p : {&b.q, &b.k, &b.v, &b.o, &b.up, &b.down, &b.gate}) slots_ = std::max(slots_, p->slot + 1);
     stack_->add_block(b);
     for (nb::handle h : {nb::find(norm1), nb::find(norm2), nb::find(q), nb::find(k), nb::find(v), nb::find(o),
                          nb::find(up), nb::find(down)})
@@ -115,7 +119,7 @@ class PyStack {
   // none); cos, sin float32 [batch * seq, head_dim] (0: no rotary embedding).
   void forward_raw(uintptr_t x, uintptr_t out, int64_t batch, int64_t seq, uintptr_t mask,
                    const std::vector<int64_t>& mask_strides, bool causal, uintptr_t cos, uintptr_t sin,
-                   bool final_norm, int threads) {
+                   bool final_norm, int threads, uintptr_t thresholds) {
     require(batch >= 0 && seq >= 0 && x && out, "forward_raw: bad sizes or null pointers");
     require(mask_strides.size() == 3, "forward_raw: three mask strides");
     require((cos == 0) == (sin == 0), "forward_raw: cos and sin go together");
@@ -123,25 +127,28 @@ class PyStack {
     nb::gil_scoped_release unlocked;
     stack_->forward(reinterpret_cast<const float*>(x), reinterpret_cast<float*>(out), batch, seq, m, causal,
                     reinterpret_cast<const float*>(cos), reinterpret_cast<const float*>(sin), nullptr, final_norm,
-                    threads);
+                    threads, reinterpret_cast<const float*>(thresholds));
   }
 
   // Unchecked as forward_raw, with the cache: the tokens are its next `seq` positions.
   void forward_cached_raw(uintptr_t x, uintptr_t out, int64_t seq, uintptr_t cos, uintptr_t sin, KVCache& cache,
-                          bool final_norm, int threads) {
+                          bool final_norm, int threads, uintptr_t thresholds) {
     require(cache.layers == stack_->layers(), "the cache was made for another stack");
     require(cache.length + seq <= cache.capacity, "the cache is full (" + std::to_string(cache.capacity) +
                                                       " positions)");
     nb::gil_scoped_release unlocked;
     stack_->forward(reinterpret_cast<const float*>(x), reinterpret_cast<float*>(out), cache.batch, seq, MaskView{},
                     false, reinterpret_cast<const float*>(cos), reinterpret_cast<const float*>(sin), &cache,
-                    final_norm, threads);
+                    final_norm, threads, reinterpret_cast<const float*>(thresholds));
   }
 
   Stack& stack() { return *stack_; }
+  // How many thresholds a call must give (the highest projection slot + 1).
+  int slots() const { return slots_; }
 
  private:
   std::unique_ptr<Stack> stack_;
+  int slots_ = 0;
   std::vector<nb::object> keep_;
 };
 
@@ -168,13 +175,15 @@ class PyCausalLM {
     Embedding e;
     e.table = table.data(), e.scales = scales ? scales->data() : nullptr, e.bits = bits, e.vocab = vocab, e.dim = sh.hidden;
     head_obj_ = nb::find(head);
+    slots_ = std::max(s.slots(), head.proj.slot + 1);
     vocab_ = vocab;
     lm_ = std::make_unique<CausalLM>(&s.stack(), e, head.proj, cos.data(), sin.data(), int64_t(cos.shape(0)));
   }
 
   // ids int64 [batch, seq] as the cache's next positions; next int64 [batch] gets each row's argmax;
   // logits float32 [batch, vocab] (optional) the last token's logits.
-  void step(Ids ids, KVCache& cache, IdsOut next, std::optional<Logits> logits, int threads) {
+  void step(Ids ids, KVCache& cache, IdsOut next, std::optional<Logits> logits, int threads,
+            std::optional<F32Vec> thresholds) {
     const int64_t batch = int64_t(ids.shape(0)), seq = int64_t(ids.shape(1));
     require(batch == cache.batch, "ids have " + std::to_string(batch) + " rows, the cache " + std::to_string(cache.batch));
     require(cache.layers == lm_->stack().layers(), "the cache was made for another model");
@@ -188,8 +197,10 @@ class PyCausalLM {
     for (int64_t i = 0; i < batch * seq; ++i)
       require(p[i] >= 0 && p[i] < vocab_, "token id " + std::to_string(p[i]) + " outside the vocabulary");
     float* out = logits ? logits->data() : nullptr;
+    require(!thresholds || int64_t(thresholds->shape(0)) >= slots_, "thresholds must cover every projection's slot");
+    const float* t = thresholds ? thresholds->data() : nullptr;
     nb::gil_scoped_release unlocked;
-    lm_->step(p, batch, seq, cache, out, next.data(), threads);
+    lm_->step(p, batch, seq, cache, out, next.data(), threads, t);
   }
 
   int64_t vocab() const { return lm_->vocab(); }
@@ -200,6 +211,7 @@ class PyCausalLM {
   std::optional<F32Vec> scales_;
   F32Mat cos_, sin_;
   int64_t vocab_ = 0;
+  int slots_ = 0;
   std::unique_ptr<CausalLM> lm_;
 };
 
@@ -217,7 +229,9 @@ void bind(nb::module_& m) {
       .def(nb::init<F32Vec, std::optional<F32Vec>, float, bool>(), nb::arg("weight"), nb::arg("bias").none(),
            nb::arg("eps"), nb::arg("rms"));
   nb::class_<PyProjection>(m, "Projection", "A NativeLinear (and bias) as one of a block's projections.")
-      .def(nb::init<nb::object, std::optional<F32Vec>>(), nb::arg("linear"), nb::arg("bias").none());
+      .def(nb::init<nb::object, std::optional<F32Vec>, int>(), nb::arg("linear"), nb::arg("bias").none(),
+           nb::arg("slot") = -1,
+           "slot >= 0: the index of this projection's activation-sparsity threshold in a call's thresholds.");
   nb::class_<PyStack>(m, "Stack", "Transformer blocks run natively, one call for all of them (csrc/runtime/stack.h).")
       .def(nb::init<int64_t, int64_t, int64_t, int64_t, int64_t, bool, float>(), nb::arg("hidden"), nb::arg("heads"),
            nb::arg("kv_heads"), nb::arg("head_dim"), nb::arg("intermediate"), nb::arg("pre_norm"), nb::arg("scale"))
@@ -226,12 +240,15 @@ void bind(nb::module_& m) {
            nb::arg("q_norm").none() = nb::none(), nb::arg("k_norm").none() = nb::none(), nb::arg("activation") = 0)
       .def("set_final_norm", &PyStack::set_final_norm, nb::arg("norm"))
       .def_prop_ro("layers", [](PyStack& s) { return s.stack().layers(); })
+      .def_prop_ro("slots", &PyStack::slots, "How many activation-sparsity thresholds a call gives.")
       .def("forward_raw", &PyStack::forward_raw, nb::arg("x_ptr"), nb::arg("out_ptr"), nb::arg("batch"), nb::arg("seq"),
            nb::arg("mask_ptr"), nb::arg("mask_strides"), nb::arg("causal"), nb::arg("cos_ptr"), nb::arg("sin_ptr"),
-           nb::arg("final_norm"), nb::arg("n_threads") = 1,
-           "Unchecked: out[T, hidden] = blocks(x[T, hidden]) for T = batch * seq tokens.")
+           nb::arg("final_norm"), nb::arg("n_threads") = 1, nb::arg("thresholds_ptr") = 0,
+           "Unchecked: out[T, hidden] = blocks(x[T, hidden]) for T = batch * seq tokens; thresholds_ptr: float32\n"
+           "activation-sparsity thresholds indexed by the projections' slots (0: none).")
       .def("forward_cached_raw", &PyStack::forward_cached_raw, nb::arg("x_ptr"), nb::arg("out_ptr"), nb::arg("seq"),
            nb::arg("cos_ptr"), nb::arg("sin_ptr"), nb::arg("cache"), nb::arg("final_norm"), nb::arg("n_threads") = 1,
+           nb::arg("thresholds_ptr") = 0,
            "Unchecked pointers: the next `seq` positions of every row of `cache`.");
   nb::class_<KVCache>(m, "KVCache", "Keys and values of every layer of a Stack for a batch of sequences.")
       .def("__init__",
@@ -258,8 +275,9 @@ void bind(nb::module_& m) {
       .def(nb::init<nb::object, Table, std::optional<F32Vec>, int, PyProjection&, F32Mat, F32Mat>(), nb::arg("stack"),
            nb::arg("table"), nb::arg("scales").none(), nb::arg("bits"), nb::arg("head"), nb::arg("cos"), nb::arg("sin"))
       .def("step", &PyCausalLM::step, nb::arg("ids"), nb::arg("cache"), nb::arg("next"),
-           nb::arg("logits").none() = nb::none(), nb::arg("n_threads") = 1,
-           "Runs ids [batch, seq] as the cache's next positions; next[b] = argmax of row b's last logits.")
+           nb::arg("logits").none() = nb::none(), nb::arg("n_threads") = 1, nb::arg("thresholds").none() = nb::none(),
+           "Runs ids [batch, seq] as the cache's next positions; next[b] = argmax of row b's last logits;\n"
+           "thresholds: float32 activation-sparsity thresholds indexed by the projections' slots.")
       .def_prop_ro("vocab", &PyCausalLM::vocab);
 }
 

@@ -52,15 +52,20 @@ void for_rows(int64_t rows, int64_t width, int threads, const F& f) {
   ThreadPool::instance().run(tasks, threads, [&](int t) { f(rows * t / tasks, rows * (t + 1) / tasks); });
 }
 
-void project(const Projection& p, const float* x, int64_t rows, float* y, Activation act, int threads) {
+}  // namespace
+
+void project(const Projection& p, const float* x, int64_t rows, float* y, Activation act, int threads,
+             const float* thresholds) {
   LinearArgs a = p.linear->args();
   a.batch = rows;
   a.x = x;
   a.y = y;
   a.bias = p.bias;
   a.activation = act;
-  p.linear->run(a, threads);
+  p.linear->run(a, threads, thresholds && p.slot >= 0 ? thresholds[p.slot] : 0.f);
 }
+
+namespace {
 
 // Copies the `seq` new key (or value) rows of every sequence, [batch, seq, kv_heads, d], into the
 // cache's [batch, kv_heads, capacity, d] at position `at`.
@@ -110,7 +115,8 @@ void norm_rows(const Norm& n, float* stream, const float* delta, float* out, int
 }
 
 void Stack::forward(const float* x, float* out, int64_t batch, int64_t seq, MaskView mask, bool causal,
-                    const float* cos, const float* sin, KVCache* cache, bool final_norm, int threads) const {
+                    const float* cos, const float* sin, KVCache* cache, bool final_norm, int threads,
+                    const float* thresholds) const {
   const Shape& sh = shape_;
   const int64_t T = batch * seq, H = sh.hidden, d = sh.head_dim;
   const int64_t Hq = sh.heads * d, Hk = sh.kv_heads * d, I = sh.intermediate;
@@ -171,9 +177,9 @@ void Stack::forward(const float* x, float* out, int64_t batch, int64_t seq, Mask
       pending = nullptr;
       in = normed;
     }
-    project(blk.q, in, T, q, Activation::None, threads);
-    project(blk.k, in, T, k, Activation::None, threads);
-    project(blk.v, in, T, v, Activation::None, threads);
+    project(blk.q, in, T, q, Activation::None, threads, thresholds);
+    project(blk.k, in, T, k, Activation::None, threads, thresholds);
+    project(blk.v, in, T, v, Activation::None, threads, thresholds);
     if (blk.q_norm.weight || blk.k_norm.weight || cos) {
       for_rows(T, Hq + Hk, threads, [&](int64_t r0, int64_t r1) {
         if (blk.q_norm.weight) ops.head_rms(q, Hq, sh.heads, d, blk.q_norm.weight, blk.q_norm.eps, r0, r1);
@@ -192,7 +198,7 @@ void Stack::forward(const float* x, float* out, int64_t batch, int64_t seq, Mask
       at.k = k, at.v = v;
     }
     run_attention(at, threads);
-    project(blk.o, attn, T, tmp, Activation::None, threads);
+    project(blk.o, attn, T, tmp, Activation::None, threads, thresholds);
     if (sh.pre_norm) {
       norm_rows(blk.norm2, out, tmp, normed, T, H, threads);
       in = normed;
@@ -201,13 +207,13 @@ void Stack::forward(const float* x, float* out, int64_t batch, int64_t seq, Mask
       in = out;
     }
     if (blk.gate.linear) {
-      project(blk.gate, in, T, gate, blk.act, threads);
-      project(blk.up, in, T, up, Activation::None, threads);
+      project(blk.gate, in, T, gate, blk.act, threads, thresholds);
+      project(blk.up, in, T, up, Activation::None, threads, thresholds);
       for_rows(T, I, threads, [&](int64_t r0, int64_t r1) { ops.mul(gate + r0 * I, up + r0 * I, (r1 - r0) * I); });
     } else {
-      project(blk.up, in, T, gate, blk.act, threads);
+      project(blk.up, in, T, gate, blk.act, threads, thresholds);
     }
-    project(blk.down, gate, T, tmp, Activation::None, threads);
+    project(blk.down, gate, T, tmp, Activation::None, threads, thresholds);
     if (sh.pre_norm) {
       pending = tmp;
     } else {

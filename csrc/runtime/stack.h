@@ -31,6 +31,8 @@ struct Norm {
 struct Projection {
   py::NativeLinear* linear = nullptr;
   const float* bias = nullptr;
+  // index of this projection's activation-sparsity threshold in a call's thresholds (-1: none)
+  int slot = -1;
 };
 
 struct Block {
@@ -88,9 +90,11 @@ class Stack {
   // [batch, seq]), then the final norm when `final_norm` is asked for and set. Rotary embeddings:
   // cos / sin [T, head_dim] (null: none). Without a cache: `mask` (may be empty) and `causal` say
   // which keys each query sees. With one: the tokens are the next `seq` positions of every row;
-  // they see the cached ones and themselves causally (mask and causal are ignored).
+  // they see the cached ones and themselves causally (mask and causal are ignored). `thresholds`
+  // (null: none): a projection with slot s zeroes inputs below thresholds[s] (activation sparsity).
   void forward(const float* x, float* out, int64_t batch, int64_t seq, MaskView mask, bool causal,
-               const float* cos, const float* sin, KVCache* cache, bool final_norm, int threads) const;
+               const float* cos, const float* sin, KVCache* cache, bool final_norm, int threads,
+               const float* thresholds = nullptr) const;
 
  private:
   Shape shape_;
@@ -101,6 +105,9 @@ class Stack {
 // Row-parallel helpers shared with the decoder loop.
 void norm_rows(const Norm& n, float* stream, const float* delta, float* out, int64_t rows, int64_t width,
                int threads);
+// y[rows, out] = act(x @ W.T + bias) through the projection's kernel; `thresholds` as in Stack::forward.
+void project(const Projection& p, const float* x, int64_t rows, float* y, Activation act, int threads,
+             const float* thresholds = nullptr);
 
 }  // namespace runtime
 }  // namespace sp

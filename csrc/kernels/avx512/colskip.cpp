@@ -5,6 +5,8 @@
 // vpexpandb (VBMI2) and flip their sign bits to get w + 128 (empty positions: 128, i.e. w = 0).
 #include <immintrin.h>
 
+#include <algorithm>
+
 #define SP_ISA_NS avx512
 #include "kernels/colskip_generic.h"
 
@@ -60,10 +62,23 @@ static void add_group(const ColSkipArgs& c, int64_t j, int32_t* acc) {
   }
 }
 
+// The first bytes of listed columns j .. j + 3 into L2 (a group ahead: a jump to a new column is
+// where the streams stall, and the next group's heads arrive while this group runs).
+static inline void prefetch_heads(const ColSkipArgs& c, int64_t j, int64_t j1) {
+  for (int64_t n = j; n < std::min(j + 4, j1); ++n) {
+    const char* head = reinterpret_cast<const char*>(c.data + c.col_off[c.cols[n]]);
+    for (int64_t off = 0; off < kAhead; off += 64) _mm_prefetch(head + off, _MM_HINT_T1);
+  }
+}
+
 template <bool kSparse, int NB>
 static void add_columns_t(const ColSkipArgs& c, int64_t j0, int64_t j1, int32_t* acc) {
   int64_t j = j0;
-  for (; j + 4 <= j1; j += 4) add_group<kSparse, 4, NB>(c, j, acc);
+  prefetch_heads(c, j, j1);
+  for (; j + 4 <= j1; j += 4) {
+    prefetch_heads(c, j + 4, j1);
+    add_group<kSparse, 4, NB>(c, j, acc);
+  }
   for (; j < j1; ++j) add_group<kSparse, 1, NB>(c, j, acc);
 }
 
@@ -83,11 +98,15 @@ static void accumulate(const ColSkipArgs& c, int64_t j0, int64_t j1, int32_t* ac
 }  // namespace
 
 // Densities (listed columns / in) up to which skipping beats the row kernels, by token count
-// (index 0 unused); measured with benchmarks/activation_kernels.py --crossover (Zen 4).
+// (index 0 unused): where the ratio row kernels / skipping of benchmarks/activation_kernels.py
+// --crossover crosses ~1.05 (AMD EPYC Zen 4, 2 threads, 2026-12-07), interpolated linearly between
+// the measured densities, a little below the crossing. At one token it depends on the shape: 4096 x
+// 4096 crosses near 0.68, 5632 x 2048 near 0.65, 2048 x 5632 near 0.6 (1.0-1.16x there): 0.55 keeps
+// every LLaMA-shaped layer on the winning side.
 const ColSkipKernels& colskip() {
   static const ColSkipKernels k = {accumulate, colgeneric::finish,
-                                   {0.f, 0.85f, 0.7f, 0.6f, 0.5f, 0.45f, 0.4f, 0.35f, 0.3f},
-                                   {0.f, 0.85f, 0.7f, 0.6f, 0.5f, 0.45f, 0.4f, 0.35f, 0.3f}};
+                                   {0.f, 0.55f, 0.5f, 0.45f, 0.4f, 0.35f, 0.3f, 0.25f, 0.2f},
+                                   {0.f, 0.45f, 0.35f, 0.34f, 0.33f, 0.28f, 0.24f, 0.22f, 0.2f}};
   return k;
 }
 

@@ -4,7 +4,8 @@ head and argmax in one call per token (`_native.CausalLM.step`).
 transformers' `generate()` keeps working on the same model (through its modules and HF's cache); this
 is the faster path for greedy decoding. The embedding table may be float32 or int8 / int4
 (`QuantizedEmbedding`); the LM head a packed layer (int8, dense or sparse) or a float32 Linear (run
-from its own storage by the float kernel).
+from its own storage by the float kernel). Activation sparsity applies in every step at the level set
+when `generate` starts (`sp.set_activation_sparsity`).
 
 Example:
     >>> import torch, sparsepress as sp
@@ -133,7 +134,8 @@ class NativeDecoder:
         ids = _ids(input_ids)
         lm, (cache, *_) = self._session(ids.shape[0], ids.shape[1], [0] * ids.shape[0])
         logits = torch.empty(ids.shape[0], lm.vocab)
-        lm.step(ids, cache, torch.empty(ids.shape[0], dtype=torch.int64), logits, torch.get_num_threads())
+        lm.step(ids, cache, torch.empty(ids.shape[0], dtype=torch.int64), logits, torch.get_num_threads(),
+                self.plan.guard.thresholds())
         return logits
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, attention_mask: torch.Tensor | None = None,
@@ -150,12 +152,13 @@ class NativeDecoder:
         lm, keep = self._session(batch, prompt + max_new_tokens, pads)
         cache = keep[0]
         threads = torch.get_num_threads()
+        thresholds = self.plan.guard.thresholds()  # one level for the whole generation
         nxt = torch.empty(batch, dtype=torch.int64)
         pieces = [ids]
         finished = torch.zeros(batch, dtype=torch.bool)
         filler = eos_token_id if pad_token_id is None else pad_token_id
         start = time.perf_counter()
-        lm.step(ids, cache, nxt, None, threads)
+        lm.step(ids, cache, nxt, None, threads, thresholds)
         self.timing = DecodeTiming(prompt_tokens=batch * prompt, prefill_s=time.perf_counter() - start)
         start = time.perf_counter()
         for produced in range(1, max_new_tokens + 1):
@@ -168,7 +171,7 @@ class NativeDecoder:
                 on_token(token)
             if produced == max_new_tokens or bool(finished.all()):
                 break
-            lm.step(token.unsqueeze(1), cache, nxt, None, threads)
+            lm.step(token.unsqueeze(1), cache, nxt, None, threads, thresholds)
         self.timing.new_tokens = len(pieces) - 1
         self.timing.decode_s = time.perf_counter() - start
         return torch.cat(pieces, dim=1)

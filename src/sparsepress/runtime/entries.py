@@ -78,7 +78,7 @@ class NativeForward:
     def _fits(self) -> bool:
         plan = self.plan
         return (not plan.entry.training and not _is_compiling() and plan.guard.current() and not plan.guard.hooked()
-                and not (_COLLECTOR is not None and _COLLECTOR.get()) and not plan.guard.sparsifies())
+                and not (_COLLECTOR is not None and _COLLECTOR.get()))
 
     def __deepcopy__(self, memo: dict) -> Any:
         entry = memo.get(id(self.plan.entry))
@@ -118,9 +118,10 @@ def _run_stack(plan: StackPlan, hidden: torch.Tensor, mask: torch.Tensor | None,
     cos = sin = None
     if rotary is not None:
         cos, sin = (t.expand(batch, seq, plan.head_dim).float().contiguous() for t in rotary)
+    thresholds = plan.guard.thresholds()  # held until the call returns
     plan.stack.forward_raw(x.data_ptr(), out.data_ptr(), batch, seq, 0 if mask is None else mask.data_ptr(), strides,
                            causal, 0 if cos is None else cos.data_ptr(), 0 if sin is None else sin.data_ptr(),
-                           final_norm, torch.get_num_threads())
+                           final_norm, torch.get_num_threads(), 0 if thresholds is None else thresholds.data_ptr())
     return out
 
 

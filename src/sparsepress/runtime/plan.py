@@ -7,7 +7,9 @@ the model. It refuses (returns the reason as a string) whatever it cannot run ex
 a Linear that is not a packed layer with a native kernel, norms of another kind, an unknown activation.
 
 `PlanGuard` is what each call checks before running natively: the modules and tensors the plan points
-into are still the ones in the model, nobody hooks the blocks, no gradients are wanted.
+into are still the ones in the model, nobody hooks the blocks, no gradients are wanted. It also hands
+each call the activation-sparsity thresholds of the level the call runs at (one per thresholded
+projection, by the projection's slot): the Stack applies them in its kernels.
 
 Example:
     >>> import torch
@@ -32,7 +34,8 @@ from ..kernels import activation_code, native_handle
 from ..models import find_layout
 from ..models.roles import BlockRoles, roles_for
 from ..nn import SparseLinear
-from ..nn.activation import active_threshold
+from ..nn.activation import KNOB, active_threshold
+from ..nn.levels import runtime_levels
 
 # transformers' activation names (config.hidden_act) -> the kernels' fused activation
 ACTIVATION_NAMES = {
@@ -50,8 +53,9 @@ class PlanGuard:
     modules: list[nn.Module] = field(default_factory=list, repr=False)  # hooked modules: the module path
     parameters: list[torch.Tensor] = field(default_factory=list, repr=False)
     _columns: tuple | None = field(default=None, repr=False)  # owners as three tuples, for current()
-    # layers with activation-sparsity thresholds (nn/activation.py): the Stack does not apply them
+    # layers with activation-sparsity thresholds (nn/activation.py), in the order of their Stack slots
     thresholded: list[nn.Module] = field(default_factory=list, repr=False)
+    _by_level: dict[float, torch.Tensor | None] = field(default_factory=dict, repr=False)
 
     def watch(self, owner: dict, key: str) -> Any:
         """Record `owner[key]` (a module's `_modules`, `_parameters`, `_buffers` or `__dict__`); return it."""
@@ -74,9 +78,29 @@ class PlanGuard:
             return False
         return any(_active_hooks(m) for m in self.modules)
 
-    def sparsifies(self) -> bool:
-        """Whether a layer applies an activation-sparsity threshold in this call (its level is on)."""
-        return any(active_threshold(m) > 0.0 for m in self.thresholded)
+    def slot(self, module: nn.Module) -> int:
+        """The Stack slot of `module`'s activation-sparsity threshold (-1: it has none); registers it."""
+        if "act_thresholds" not in module._buffers or self.watch(module._buffers, "act_thresholds") is None:
+            return -1
+        if module not in self.thresholded:
+            self.thresholded.append(module)
+            self._by_level.clear()
+        return next(i for i, m in enumerate(self.thresholded) if m is module)
+
+    def thresholds(self) -> torch.Tensor | None:
+        """The thresholds this call applies, by slot (float32), or None when no layer sparsifies it.
+
+        Read at the start of a call (the level of the calling thread's snapshot, nn/levels.py), so one
+        call sees one level; built once per level.
+        """
+        if not self.thresholded:
+            return None
+        levels = runtime_levels(self.thresholded[0])
+        level = levels.get(KNOB) if levels is not None else 0.0
+        if level not in self._by_level:
+            values = [active_threshold(m) for m in self.thresholded]
+            self._by_level[level] = torch.tensor(values, dtype=torch.float32) if any(values) else None
+        return self._by_level[level]
 
     def wants_grad(self, *inputs: torch.Tensor) -> bool:
         """Whether autograd would record this call (the native path records nothing)."""
@@ -166,10 +190,8 @@ def _projection(lib: Any, module: nn.Module, name: str, guard: PlanGuard) -> Any
     if handle is None:
         raise _Refused(f"{name}: no native kernel for {packed.name} / {packed.dtype}")
     bias = guard.watch(module._buffers, "bias") if "bias" in module._buffers else None
-    # thresholds installed later make the plan stale
-    if "act_thresholds" in module._buffers and guard.watch(module._buffers, "act_thresholds") is not None:
-        guard.thresholded.append(module)
-    return lib.Projection(handle, _float_tensor(bias, f"{name}.bias"))
+    # thresholds installed later make the plan stale (the buffer is watched either way)
+    return lib.Projection(handle, _float_tensor(bias, f"{name}.bias"), guard.slot(module))
 
 
 def _activation(config: Any, roles: BlockRoles) -> int:

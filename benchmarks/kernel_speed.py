@@ -16,9 +16,9 @@ run at each of its levels: its speed should follow the level, and each level's r
 single-level bitmask weight of the same sparsity (bytes/weight: what the elastic weight holds in memory).
 
 Usage:
-    python benchmarks/kernels.py               # every tree, full run (~3 minutes per tree on 2 cores)
-    python benchmarks/kernels.py --quick       # first shape only, fewer repeats
-    python benchmarks/kernels.py --isa avx2    # one tree (in this process)
+    python benchmarks/kernel_speed.py               # every tree, full run (~3 minutes per tree on 2 cores)
+    python benchmarks/kernel_speed.py --quick       # first shape only, fewer repeats
+    python benchmarks/kernel_speed.py --isa avx2    # one tree (in this process)
 """
 
 from __future__ import annotations
