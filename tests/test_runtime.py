@@ -224,6 +224,41 @@ def test_unsupported_models_are_refused_with_a_reason():
     assert not use_native_blocks(torch.nn.Linear(2, 2))
 
 
+def test_the_install_check_refuses_another_models_plan_whatever_the_spread(models):
+    from sparsepress.runtime.entries import NativeForward, plain_forward
+    from sparsepress.runtime.switch import _agrees, _nudged_outputs
+    from sparsepress.fusion import probe_inputs
+
+    own = models["bert"]
+    torch.manual_seed(1)
+    other = sp.compress(FAMILIES["bert"]().eval(), RECIPE, calibration=_calibration())
+    disable_native_blocks(other)
+    with torch.inference_mode():
+        reference = other(**probe_inputs(other))[0]
+    nudged = _nudged_outputs(other, probe_inputs(other), other.embeddings)
+    spread = float((nudged - reference).norm() / reference.norm())
+    assert 0 < spread < 1e-3  # a small model without outliers barely moves under a rounding-sized nudge
+    # the native path of `own` answering for `other`: a wrong plan, refused
+    forward = NativeForward(native_blocks_of(own).plan, plain_forward(other))
+    other.forward = forward
+    assert not _agrees(other, forward, other, "embeddings")
+    # its own plan agrees
+    disable_native_blocks(other)
+    assert use_native_blocks(other)
+
+
+def test_the_install_check_allows_what_the_module_path_itself_spreads():
+    from sparsepress.runtime.switch import CEILING, TOLERANCE, outputs_agree
+
+    reference = torch.randn(64, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(64, generator=torch.Generator().manual_seed(1))
+    off = lambda rel: reference + noise * (rel * reference.norm() / noise.norm())  # noqa: E731
+    assert outputs_agree(reference, off(TOLERANCE / 2))
+    assert not outputs_agree(reference, off(2 * TOLERANCE))
+    assert outputs_agree(reference, off(2 * TOLERANCE), nudged=off(TOLERANCE))
+    assert not outputs_agree(reference, off(1.5 * CEILING), nudged=off(CEILING))
+
+
 @pytest.mark.parametrize("name", DECODERS)
 def test_native_greedy_decoding_matches_transformers_generate(models, name):
     model = models[name]
