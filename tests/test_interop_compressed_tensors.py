@@ -72,8 +72,14 @@ def test_outputs_match_the_dequantized_reference(ct_folders):
         if isinstance(module, torch.nn.Linear) and name != "lm_head":
             module.weight.data = ct_reference_weight(folder, name)
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    from sparsepress.runtime import native_blocks_of
+
+    forward = native_blocks_of(model)
+    assert forward is not None  # a compressed-tensors folder runs on the native Stack like our own
+    before = forward.native_calls
     with torch.no_grad():
-        ours, theirs = model(ids).logits, reference(ids).logits
+        ours, theirs = model(ids, use_cache=False).logits, reference(ids).logits
+    assert forward.native_calls == before + 1
     # the only difference: our kernels quantize activations per token to int8
     assert torch.nn.functional.cosine_similarity(ours.flatten(), theirs.flatten(), dim=0) > 0.999
 

@@ -379,6 +379,7 @@ def load_compressed_tensors(folder: str | Path) -> nn.Module:
 
     from ...attention import use_native_attention
     from ...fusion import fuse_activations
+    from ...runtime import use_native_blocks
     from ...sources import model_class_for
     from ..hf.quantizer import strip_quantization_
 
@@ -419,4 +420,5 @@ def load_compressed_tensors(folder: str | Path) -> nn.Module:
     model.sparsepress_folder = folder  # type: ignore[attr-defined]
     fuse_activations(model)
     use_native_attention(model)
+    use_native_blocks(model)  # the native whole-stack path, as for our own folders
     return model
