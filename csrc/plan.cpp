@@ -4,6 +4,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <cmath>
+#include <memory>
 #include <vector>
 
 #include "dispatch.h"
@@ -28,27 +29,35 @@ RowKernel pick(const KernelTable& t, Kind k) {
 }
 
 // Work of rows [0, r) in units the kernels spend time on: stored values (+ the row itself).
+// (Offsets are taken from the weight's first row: a weight may start inside a shared values buffer.)
 int64_t work_before(const LinearArgs& a, Kind k, int64_t r) {
-  if (k == Kind::CsrF32 || k == Kind::CsrI8) return int64_t(a.row_ptr[r]) + r * 8;
+  if (k == Kind::CsrF32 || k == Kind::CsrI8) return int64_t(a.row_ptr[r] - a.row_ptr[0]) + r * 8;
   if (k == Kind::DenseI8) return r;
-  return a.row_offsets[r] + r * (a.in / 8);
+  return a.row_offsets[r] - a.row_offsets[0] + r * (a.in / 8);
 }
 
-// Row boundaries of n_tasks tasks with about equal work, aligned to `align` rows.
-std::vector<int64_t> split_rows(const LinearArgs& a, Kind k, int n_tasks, int64_t align) {
+int64_t work_before(const LinearArgs* parts, int n_parts, Kind k, int64_t r) {
+  int64_t w = 0;
+  for (int i = 0; i < n_parts; ++i) w += work_before(parts[i], k, r);
+  return w;
+}
+
+// Row boundaries of n_tasks tasks with about equal work (over all parts), aligned to `align` rows.
+std::vector<int64_t> split_rows(const LinearArgs* parts, int n_parts, Kind k, int n_tasks, int64_t align) {
+  const int64_t out = parts[0].out;
   std::vector<int64_t> cut{0};
-  const int64_t total = work_before(a, k, a.out);
+  const int64_t total = work_before(parts, n_parts, k, out);
   for (int t = 1; t < n_tasks; ++t) {
     const int64_t target = total * t / n_tasks;
-    int64_t lo = cut.back(), hi = a.out;
+    int64_t lo = cut.back(), hi = out;
     while (lo < hi) {  // first row whose prefix work reaches target
       const int64_t mid = (lo + hi) / 2;
-      if (work_before(a, k, mid) < target) lo = mid + 1; else hi = mid;
+      if (work_before(parts, n_parts, k, mid) < target) lo = mid + 1; else hi = mid;
     }
-    const int64_t r = std::min(a.out, (lo + align / 2) / align * align);
-    if (r > cut.back() && r < a.out) cut.push_back(r);
+    const int64_t r = std::min(out, (lo + align / 2) / align * align);
+    if (r > cut.back() && r < out) cut.push_back(r);
   }
-  cut.push_back(a.out);
+  cut.push_back(out);
   return cut;
 }
 
@@ -158,95 +167,148 @@ void use_panels(const PreparedPanels& p, LinearArgs& a) {
   }
 }
 
-void run_linear(Kind kind, LinearArgs a, int n_threads, const Replicas& rep) {
+namespace {
+
+// One call over n_parts weights (run_linear: one; run_linear_sum: their sum). With several, the bias is
+// added once (by part 0's kernel, into y) and no part activates: the activation comes after the sum.
+void run_parts(Kind kind, const LinearArgs* parts, int n_parts, const LinearArgs& call, int n_threads) {
   const KernelTable& table = active_table();
-  RowKernel kernel = pick(table, kind);
   thread_local std::vector<int8_t> xq;
   thread_local std::vector<uint8_t> xu;
   thread_local std::vector<int16_t> xw;
   thread_local std::vector<float> sx;
   thread_local std::vector<float> xf;
+  thread_local std::vector<float> acc;  // the parts after the first, before they are added into y
+  const int64_t batch = call.batch, in = parts[0].in, out = parts[0].out;
   int threads = std::max(1, n_threads);
   // Tiny layers are not worth waking a helper thread for.
-  const double macs = double(a.batch) * double(a.out) * double(a.in);
+  const double macs = double(batch) * double(out) * double(in) * double(n_parts);
   if (macs < 64.0 * 1024) threads = 1;
   ThreadPool& pool = ThreadPool::instance();
-  // Many tokens, one scale per row: the tiled GEMM (weights expanded once per call).
-  bool gemm = false;
-  if ((kind == Kind::MaskedI8 || kind == Kind::DenseI8) && a.n_groups == 1 &&
-      a.batch >= gemm_cutover(table, kind, a)) {
-    const RowKernel g = kind == Kind::MaskedI8 ? table.masked_gemm_i8 : table.dense_gemm_i8;
-    if (g) {
-      kernel = g;
-      gemm = true;
-    }
+  // Per part: many tokens, one scale per row: the tiled GEMM (weights expanded once per call, or
+  // prepared panels).
+  // (no allocation for the usual few parts: small layers run in microseconds)
+  constexpr int kInlineParts = 4;
+  LinearArgs inline_args[kInlineParts];
+  RowKernel inline_kernels[kInlineParts];
+  bool inline_gemm[kInlineParts];
+  std::vector<LinearArgs> heap_args;
+  std::vector<RowKernel> heap_kernels;
+  std::unique_ptr<bool[]> heap_gemm;
+  LinearArgs* a = inline_args;
+  RowKernel* kernels = inline_kernels;
+  bool* gemm = inline_gemm;
+  if (n_parts > kInlineParts) {
+    heap_args.resize(size_t(n_parts));
+    heap_kernels.resize(size_t(n_parts));
+    heap_gemm.reset(new bool[size_t(n_parts)]);
+    a = heap_args.data();
+    kernels = heap_kernels.data();
+    gemm = heap_gemm.get();
   }
-  a.x_stride = a.in;
+  bool any_gemm = false, xu_only = true;
+  for (int k = 0; k < n_parts; ++k) {
+    LinearArgs& p = a[k];
+    p = parts[k];
+    p.batch = batch;
+    kernels[k] = pick(table, kind);
+    gemm[k] = false;
+    if ((kind == Kind::MaskedI8 || kind == Kind::DenseI8) && p.n_groups == 1 && batch >= gemm_cutover(table, kind, p)) {
+      const RowKernel g = kind == Kind::MaskedI8 ? table.masked_gemm_i8 : table.dense_gemm_i8;
+      if (g) {
+        kernels[k] = g;
+        gemm[k] = true;
+        any_gemm = true;
+      }
+    }
+    // prepared panels: the GEMM never falls back to the row kernels (which read xq)
+    xu_only = xu_only && gemm[k] && table.gemm_reads_xu_only && p.panels;
+  }
+  int64_t x_stride = in;
+  const float* x = call.x;
+  int8_t* q = nullptr;
+  uint8_t* u = nullptr;
+  float* s = nullptr;
+  int16_t* w = nullptr;
   if (is_int8(kind)) {
-    a.x_stride = odd_lines(a.in, 64);
-    const size_t n = size_t(a.batch * a.x_stride);
+    x_stride = odd_lines(in, 64);
+    const size_t n = size_t(batch * x_stride);
     if (xq.size() < n) {
       xq.resize(n);
       xu.resize(n);
     }
-    if (sx.size() < size_t(a.batch)) sx.resize(size_t(a.batch));
-    const int64_t elems = a.batch * a.in;
-    const int q_tasks = threads > 1 && elems >= (64 << 10) ? int(std::min<int64_t>(a.batch, threads * 4)) : 1;
-    const float* x = a.x;
-    const int64_t in = rep.active() ? rep.x_in : a.in, stride = a.x_stride, batch = a.batch;
-    const bool want_i16 = gemm && table.gemm_wants_i16;
+    if (sx.size() < size_t(batch)) sx.resize(size_t(batch));
+    const int64_t elems = batch * in;
+    const int q_tasks = threads > 1 && elems >= (64 << 10) ? int(std::min<int64_t>(batch, threads * 4)) : 1;
+    const int64_t stride = x_stride;
+    const bool want_i16 = any_gemm && table.gemm_wants_i16;
     if (want_i16 && xw.size() < n) xw.resize(n);
     // the caller's thread_local buffers, by pointer: the pool's threads have their own
-    // prepared panels: the GEMM never falls back to the row kernels (which read xq)
-    int8_t* q = gemm && table.gemm_reads_xu_only && a.panels ? nullptr : xq.data();
-    uint8_t* u = xu.data();
-    float* s = sx.data();
-    int16_t* w = want_i16 ? xw.data() : nullptr;
+    q = xu_only ? nullptr : xq.data();
+    u = xu.data();
+    s = sx.data();
+    w = want_i16 ? xw.data() : nullptr;
     pool.run(q_tasks, threads, [&](int t) {
       const int64_t b0 = batch * t / q_tasks, b1 = batch * (t + 1) / q_tasks;
       table.quantize(x, b0, b1, in, stride, q, u, s);
-      for (int64_t b = b0; b < b1 && rep.active(); ++b)  // the row's segments: copies of segment 0
-        for (int64_t c = 1; c < rep.copies; ++c) {
-          std::copy(u + b * stride, u + b * stride + rep.seg, u + b * stride + c * rep.seg);
-          if (q) std::copy(q + b * stride, q + b * stride + rep.seg, q + b * stride + c * rep.seg);
-        }
       if (w)  // (q is set: a table that wants xw does not read xu only)
         for (int64_t i = b0 * stride; i < b1 * stride; ++i) w[i] = q[i];
     });
-    a.xq = q;
-    a.xu = u;
-    a.sx = s;
-    a.xw = w;
-  } else if (rep.active()) {
-    a.x_stride = odd_lines(a.in, 16);
-    if (xf.size() < size_t(a.batch * a.x_stride)) xf.resize(size_t(a.batch * a.x_stride));
-    std::fill(xf.begin(), xf.begin() + a.batch * a.x_stride, 0.f);
-    for (int64_t b = 0; b < a.batch; ++b)
-      for (int64_t c = 0; c < rep.copies; ++c)
-        std::copy(a.x + b * rep.x_in, a.x + (b + 1) * rep.x_in, xf.data() + b * a.x_stride + c * rep.seg);
-    a.x = xf.data();
-  } else if (a.batch > 1 && a.x_stride != odd_lines(a.in, 16)) {
-    a.x_stride = odd_lines(a.in, 16);
-    if (xf.size() < size_t(a.batch * a.x_stride)) xf.resize(size_t(a.batch * a.x_stride));
-    for (int64_t b = 0; b < a.batch; ++b)
-      std::copy(a.x + b * a.in, a.x + (b + 1) * a.in, xf.data() + b * a.x_stride);
-    a.x = xf.data();
+  } else if (batch > 1 && x_stride != odd_lines(in, 16)) {
+    x_stride = odd_lines(in, 16);
+    if (xf.size() < size_t(batch * x_stride)) xf.resize(size_t(batch * x_stride));
+    for (int64_t b = 0; b < batch; ++b) std::copy(x + b * in, x + (b + 1) * in, xf.data() + b * x_stride);
+    x = xf.data();
   }
-  const int64_t align = gemm ? kGemmRows : kRowAlign;
-  const int64_t max_tasks = std::max<int64_t>(1, a.out / align);
+  float* scratch = nullptr;
+  if (n_parts > 1) {
+    if (acc.size() < size_t(batch * out)) acc.resize(size_t(batch * out));
+    scratch = acc.data();
+  }
+  for (int k = 0; k < n_parts; ++k) {
+    LinearArgs& p = a[k];
+    p.x = x;
+    p.x_stride = x_stride;
+    p.xq = q;
+    p.xu = u;
+    p.sx = s;
+    p.xw = w;
+    p.y = k == 0 ? call.y : scratch;
+    p.bias = k == 0 ? call.bias : nullptr;
+    p.activation = n_parts == 1 ? call.activation : Activation::None;
+  }
+  // the activation after the kernels, unless the one kernel's GEMM applies it itself
+  const bool activate = call.activation != Activation::None && !(n_parts == 1 && gemm[0] && table.gemm_activates);
+  const int64_t align = any_gemm ? kGemmRows : kRowAlign;
+  const int64_t max_tasks = std::max<int64_t>(1, out / align);
   // a few tasks per thread so a descheduled thread on a busy machine costs little
   const int n_tasks = int(std::min<int64_t>(max_tasks, threads == 1 ? 1 : threads * 4));
-  const std::vector<int64_t> cut = split_rows(a, kind, n_tasks, align);
+  const std::vector<int64_t> cut = split_rows(a, n_parts, kind, n_tasks, align);
   const int real_tasks = int(cut.size()) - 1;
-  if (a.activation == Activation::None || (gemm && table.gemm_activates)) {
-    pool.run(real_tasks, threads, [&](int t) { kernel(a, cut[t], cut[t + 1]); });
-  } else {
-    // each task activates the outputs it just wrote, while they are still in its caches
-    pool.run(real_tasks, threads, [&](int t) {
-      kernel(a, cut[t], cut[t + 1]);
-      table.activate(a.y, a.batch, a.out, cut[t], cut[t + 1], a.activation);
-    });
-  }
+  float* y = call.y;
+  // each task sums and activates the outputs it just wrote, while they are still in its caches
+  pool.run(real_tasks, threads, [&](int t) {
+    const int64_t r0 = cut[size_t(t)], r1 = cut[size_t(t) + 1];
+    kernels[0](a[0], r0, r1);
+    for (int k = 1; k < n_parts; ++k) {
+      kernels[k](a[k], r0, r1);
+      for (int64_t b = 0; b < batch; ++b) {
+        float* dst = y + b * out;
+        const float* src = scratch + b * out;
+        for (int64_t r = r0; r < r1; ++r) dst[r] += src[r];
+      }
+    }
+    if (activate) table.activate(y, batch, out, r0, r1, call.activation);
+  });
+}
+
+}  // namespace
+
+void run_linear(Kind kind, LinearArgs a, int n_threads) { run_parts(kind, &a, 1, a, n_threads); }
+
+void run_linear_sum(Kind kind, const LinearArgs* parts, int n_parts, const LinearArgs& call, int n_threads) {
+  if (n_parts <= 0) return;
+  run_parts(kind, parts, n_parts, call, n_threads);
 }
 
 }  // namespace sp

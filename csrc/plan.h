@@ -9,17 +9,18 @@ enum class Kind { MaskedI8, DenseI8, MaskedF32, MaskedBF16, CsrF32, CsrI8 };
 
 inline bool is_int8(Kind k) { return k == Kind::MaskedI8 || k == Kind::DenseI8 || k == Kind::CsrI8; }
 
-// Activations repeated along the kernel's rows (nested elastic levels, csrc/elastic.h): the weight's
-// row of `a.in` columns is `copies` segments of `seg` columns, and segment c reads x's `x_in` columns
-// (then zeros up to `seg`). x is [batch, x_in]; it is quantized once and the result copied.
-struct Replicas {
-  int64_t copies = 1, seg = 0, x_in = 0;
-  bool active() const { return copies > 1 || seg != x_in; }
-};
-
 // `a` carries the weight fields plus x, batch, y and bias; activation fields are
 // filled here. Must be called without the GIL.
-void run_linear(Kind kind, LinearArgs a, int n_threads, const Replicas& rep = Replicas{});
+void run_linear(Kind kind, LinearArgs a, int n_threads);
+
+// Several masked weights of the same shape over the same activations, summed (nested elastic
+// levels, csrc/elastic.h): y = act(x W_0^T + ... + x W_{n-1}^T + bias). parts[k] carries weight k's
+// fields (mask, values, row offsets, scales, rowsum, groups, panels; the same out and in); `call`
+// carries x, batch, y, bias and activation. x is quantized once; each task runs every part over its
+// rows (part 0 into y with the bias, the others through a scratch added in), then the activation
+// once, on the sum.
+// Must be called without the GIL.
+void run_linear_sum(Kind kind, const LinearArgs* parts, int n_parts, const LinearArgs& call, int n_threads);
 
 // Token count from which int8 layers with one scale per row take the tiled GEMM (when the
 // active table has one); set_gemm_min_batch(0) restores the table's default cutover.

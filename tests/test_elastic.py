@@ -16,7 +16,7 @@ import sparsepress as sp
 from sparsepress.calibration import make_batches
 from sparsepress.formats import BitmaskWeight, ElasticWeight, LayoutMismatch
 from sparsepress.formats.elastic import BASE_FORMATS, code_width
-from sparsepress.kernels import elastic_linear, reference_elastic_linear
+from sparsepress.kernels import elastic_linear, elastic_native_plan, reference_elastic_linear
 from sparsepress.models import replace_module
 from sparsepress.nn import ElasticLinear, SparseLinear
 from sparsepress.nn.elastic import current_sparsity, sparsity_levels
@@ -127,6 +127,40 @@ def test_native_matches_reference_at_every_level(isa, dtype, group):
             got = elastic_linear(x, packed, level, bias)
             tolerance = 2e-2 if dtype == "bf16" else 1e-4
             assert float((got - ref).abs().max()) <= tolerance * float(ref.abs().max()), (isa, level, rows)
+
+
+@pytest.mark.native
+@pytest.mark.parametrize("dtype", ["int8", "fp32"])
+def test_native_levels_at_every_token_count_and_switching_keeps_the_panels(isa, dtype):
+    """Segment-major levels (csrc/elastic.h): each level's sum of segments equals the reference at 1..70
+    tokens (row kernels and GEMM, with a fused activation); at 16 tokens the segments' GEMM panels are
+    built on the first pass over the levels and then serve every level: switching rebuilds nothing."""
+    packed = _pack(dtype, rows=72, cols=160, seed=3)
+    bias = torch.randn(72)
+    handle = elastic_native_plan(packed)
+    gen = torch.Generator().manual_seed(7)
+
+    def check(level: int, tokens: int, activation: str | None = None) -> None:
+        x = torch.randn(tokens, packed.shape[1], generator=gen)
+        ref = reference_elastic_linear(x, packed, level, bias)
+        if activation == "relu":
+            ref = torch.relu(ref)
+        got = elastic_linear(x, packed, level, bias, activation=activation)
+        assert float((got - ref).abs().max()) <= 1e-4 * float(ref.abs().max()), (isa, dtype, level, tokens)
+
+    for level in range(len(LEVELS)):
+        for tokens in (1, 3, 16, 70):
+            check(level, tokens)
+        check(level, 16, "relu")
+    first_pass = handle.panel_bytes
+    for level in (2, 0, 1, 2, 1, 0, 2):
+        check(level, 16)
+        assert handle.panel_bytes == first_pass, (isa, level)
+    if dtype == "fp32":
+        assert first_pass == 0
+    else:
+        assert first_pass > 0 or isa not in ("avx512", "avx2", "avx2vnni"), isa  # trees with prepared panels
+        assert handle.panel_segments == (len(LEVELS) if first_pass else 0)
 
 
 def _compressed(method: str = "wanda", bits: int | None = 8, group: int | None = None):

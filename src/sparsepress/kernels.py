@@ -392,12 +392,10 @@ def _build_elastic_plan(packed: ElasticWeight) -> _ElasticPlan | None:
     values = packed.values.view(torch.int16) if packed.values.dtype == torch.bfloat16 else packed.values
     scales: list[torch.Tensor] = []
     rowsums: list[torch.Tensor] = []
-    if is_integer(packed.dtype):
+    if is_integer(packed.dtype):  # scales per level, rowsums per segment (the same at every level)
         sums = segment_sums(packed)
         scales = [level_scales(packed, i) for i in range(packed.n_levels)]
-        rowsums = [sums[:, i:].reshape(packed.shape[0], -1).contiguous() for i in range(packed.n_levels)]
-        if packed.group_size is None:  # one scale per row: one sum per row over the level's segments
-            rowsums = [r.sum(dim=1, keepdim=True, dtype=torch.int32) for r in rowsums]
+        rowsums = [sums[j].contiguous() for j in range(packed.n_levels)]
     limit, lazy = PANEL_POLICIES[PANELS]
     masks, offsets = packed.masks.contiguous(), packed.offsets.contiguous()
     handle = native.module().elastic_linear(  # type: ignore[union-attr]
@@ -445,7 +443,8 @@ def elastic_linear(x: torch.Tensor, packed: ElasticWeight, level: int, bias: tor
                    activation: str | None = None) -> torch.Tensor:
     """y[..., out] = act(x[..., in] W_level^T (+ bias)) at level index `level` (0: the lowest sparsity).
 
-    One native call skips exactly that level's zeros (csrc/elastic.h); else the reference path.
+    One native call runs that level's segments only, so it skips exactly its zeros (csrc/elastic.h);
+    else the reference path.
 
     Example:
         >>> w = torch.tensor([[2.0, 1.0]])

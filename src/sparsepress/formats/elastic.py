@@ -9,10 +9,14 @@ dense, with its own tensors and `scales`), and beside it:
 - `level_gains`: float32 [L, out], each level's per-row factor on the scales (integer dtypes; 1 for float);
 - `level_shifts`: float32 [L, out], added to the layer's bias at each level (layers with a bias only).
 
-In memory the weight is held the way the kernels read it (csrc/elastic.h): per output row, L mask
-segments of `seg` columns (segment j marks the weights whose highest level is j, so level i keeps
-segments i..L-1) and the kept values in segment order, column order inside a segment, with one row
-offset table per level. Each value is held once whatever the number of levels.
+In memory the weight is held the way the kernels read it (csrc/elastic.h), segment-major: segment j
+holds the weights whose highest level is j (level i keeps segments i..L-1) as an ordinary masked weight
+of its own: `masks` uint8 [L, out, seg / 8] (segment j's rows one after another), `values` segment
+after segment (row-major, column order inside a row), `offsets` int64 [L, out + 1] (segment j's row
+starts, into `values`). Level i runs segments i..L-1 and adds them up, so it streams exactly its own
+values and masks: with a row's segments side by side, the hardware prefetchers pulled in the skipped
+ones too and the time did not follow the level. Each value is held once whatever the number of levels,
+and the segments' GEMM panels (level-independent) serve every level.
 
 Example:
     >>> import torch
@@ -60,7 +64,8 @@ def code_width(levels: int) -> int:
 
 
 def segment_width(in_features: int, group_size: int | None) -> int:
-    """Columns of one mask segment: `in_features` rounded up to whole 64-column windows (and groups).
+    """Columns of one segment's mask rows: `in_features` rounded up to whole 64-column windows (and groups),
+    so every row's mask starts 8-byte aligned.
 
     Example:
         >>> segment_width(384, None), segment_width(100, None), segment_width(300, 128)
@@ -104,24 +109,28 @@ def level_codes(keeps: Sequence[torch.Tensor], nonzero: torch.Tensor) -> torch.T
 
 
 def _segment_layout(grid: torch.Tensor, codes: torch.Tensor, levels: int, seg: int) -> dict[str, torch.Tensor]:
-    """The in-memory layout (masks, values, offsets) of a grid whose non-zeros carry level codes."""
+    """The in-memory layout (masks, values, offsets) of a grid whose non-zeros carry level codes: segment-major.
+
+    Example:
+        >>> grid = torch.tensor([[1.0, 2.0], [0.0, 3.0]])
+        >>> layout = _segment_layout(grid, torch.tensor([[1, 0], [-1, 1]]), 2, 8)
+        >>> layout["masks"].tolist(), layout["values"].tolist(), layout["offsets"].tolist()
+        ([[[2], [0]], [[1], [2]]], [2.0, 1.0, 3.0], [[0, 1, 1], [1, 2, 3]])
+    """
     out, in_features = grid.shape
     kept = codes >= 0
-    wide_keep = torch.zeros(out, levels, seg, dtype=torch.bool)
-    wide_values = torch.zeros(out, levels, seg, dtype=grid.dtype)
+    wide_keep = torch.zeros(levels, out, seg, dtype=torch.bool)
+    wide_values = torch.zeros(levels, out, seg, dtype=grid.dtype)
     rows, cols = kept.nonzero(as_tuple=True)
     segs = codes[rows, cols]
-    wide_keep[rows, segs, cols] = True
-    wide_values[rows, segs, cols] = grid[rows, cols]
-    flat_keep = wide_keep.view(out, levels * seg)
-    values = wide_values.view(out, levels * seg)[flat_keep].contiguous()
-    counts = wide_keep.sum(dim=2)  # [out, levels]
-    starts = torch.cat([torch.zeros(1, dtype=torch.int64), counts.sum(dim=1).cumsum(0)])
-    before = torch.cat([torch.zeros(out, 1, dtype=torch.int64), counts.cumsum(dim=1)[:, :-1]], dim=1)
-    offsets = torch.empty(levels, out + 1, dtype=torch.int64)
-    offsets[:, :out] = (starts[:-1].unsqueeze(1) + before).T
-    offsets[:, out] = starts[-1]
-    return {"masks": mask_to_bits(flat_keep), "values": values, "offsets": offsets}
+    wide_keep[segs, rows, cols] = True
+    wide_values[segs, rows, cols] = grid[rows, cols]
+    values = wide_values[wide_keep].contiguous()
+    starts = torch.cat([torch.zeros(1, dtype=torch.int64), wide_keep.sum(dim=2).flatten().cumsum(0)])
+    # segment j's rows: starts[j * out .. (j + 1) * out] (its end is the next segment's start)
+    offsets = starts.as_strided((levels, out + 1), (out, 1)).contiguous()
+    masks = mask_to_bits(wide_keep.view(levels * out, seg)).view(levels, out, seg // 8)
+    return {"masks": masks, "values": values, "offsets": offsets}
 
 
 def _runtime_values(grid: torch.Tensor, dtype: str) -> torch.Tensor:
@@ -139,9 +148,9 @@ class ElasticWeight(PackedWeight):
     base: str = "bitmask"
     base_params: dict[str, int] = field(default_factory=dict)
     seg: int = 0
-    masks: torch.Tensor = None  # type: ignore[assignment]  uint8 [out, L * seg / 8]
-    values: torch.Tensor = None  # type: ignore[assignment]  level-ordered values (int8 | float32 | bfloat16)
-    offsets: torch.Tensor = None  # type: ignore[assignment]  int64 [L, out + 1]
+    masks: torch.Tensor = None  # type: ignore[assignment]  uint8 [L, out, seg / 8], segment-major
+    values: torch.Tensor = None  # type: ignore[assignment]  segment after segment (int8 | float32 | bfloat16)
+    offsets: torch.Tensor = None  # type: ignore[assignment]  int64 [L, out + 1], segment j's row starts
     gains: torch.Tensor = None  # type: ignore[assignment]  float32 [L, out]
     shifts: torch.Tensor | None = None  # float32 [L, out]
 
@@ -187,13 +196,15 @@ class ElasticWeight(PackedWeight):
         return len(self.levels)
 
     def _wide_keep(self) -> torch.Tensor:
-        return bits_to_mask(self.masks, self.n_levels * self.seg).view(self.shape[0], self.n_levels, self.seg)
+        """bool [L, out, seg]: segment j's mask at [j]."""
+        out = self.shape[0]
+        return bits_to_mask(self.masks.reshape(self.n_levels * out, -1), self.seg).view(self.n_levels, out, self.seg)
 
     def codes(self) -> torch.Tensor:
         """int64 [out, in]: the highest level index keeping each weight, -1 where none does."""
         wide = self._wide_keep()[:, :, : self.shape[1]]
-        index = torch.arange(self.n_levels).view(1, -1, 1)
-        return torch.where(wide.any(dim=1), (wide * index).sum(dim=1), torch.full((), -1))
+        index = torch.arange(self.n_levels).view(-1, 1, 1)
+        return torch.where(wide.any(dim=0), (wide * index).sum(dim=0), torch.full((), -1))
 
     def level_mask(self, level: int) -> torch.Tensor:
         """bool [out, in]: the weights level `level` (an index, 0 = lowest sparsity) keeps."""
@@ -203,9 +214,9 @@ class ElasticWeight(PackedWeight):
         """The stored grid [out, in] of level `level` (int8 integers or float), zeros where it prunes."""
         level = self._index(level)
         out, in_features = self.shape
-        wide = torch.zeros(out, self.n_levels * self.seg, dtype=self.values.dtype)
-        wide[bits_to_mask(self.masks, self.n_levels * self.seg)] = self.values
-        return wide.view(out, self.n_levels, self.seg)[:, level:, :in_features].sum(dim=1).to(self.values.dtype)
+        wide = torch.zeros(self.n_levels, out, self.seg, dtype=self.values.dtype)
+        wide[self._wide_keep()] = self.values
+        return wide[level:, :, :in_features].sum(dim=0).to(self.values.dtype)
 
     def unpack(self, level: int = 0) -> torch.Tensor:
         """The dequantized float32 weight of level `level`, its row gains applied."""
@@ -289,10 +300,10 @@ class ElasticWeight(PackedWeight):
 
     def _check(self) -> None:
         out_features = self.shape[0]
-        self._expect("masks", torch.uint8, (out_features, self.n_levels * self.seg // 8))
+        self._expect("masks", torch.uint8, (self.n_levels, out_features, self.seg // 8))
         self._expect("offsets", torch.int64, (self.n_levels, out_features + 1))
         if int(self.offsets[:, -1].max()) > self.values.numel():
-            raise LayoutMismatch("level offsets run past the values")
+            raise LayoutMismatch("segment offsets run past the values")
 
     @property
     def nbytes(self) -> int:
@@ -318,35 +329,41 @@ class ElasticWeight(PackedWeight):
                 f"nbytes={self.nbytes})")
 
 
-def groups_per_segment(packed: ElasticWeight) -> int:
-    """Scale groups in one segment of an elastic weight (1 without groups).
+def segment_sums(packed: ElasticWeight) -> torch.Tensor:
+    """int32 [L, out, groups]: sum of the stored integers of each segment and scale group of the layer's
+    columns (one group without `group_size`). They do not depend on the level: the kernels' rowsums.
 
     Example:
-        >>> groups_per_segment(ElasticWeight.pack(torch.ones(1, 300), dtype="int8", group_size=128,
-        ...                                       keeps=[torch.ones(1, 300, dtype=torch.bool)], levels=[0.0]))
-        3
+        >>> w = torch.tensor([[3.0, -1.0, 2.0]])
+        >>> p = ElasticWeight.pack(w, dtype="int8", keeps=[w != 0, w > 0], levels=[0.0, 0.3])
+        >>> segment_sums(p).view(-1).tolist()
+        [-42, 212]
     """
-    return 1 if packed.group_size is None else packed.seg // packed.group_size
-
-
-def segment_sums(packed: ElasticWeight) -> torch.Tensor:
-    """int32 [out, L, groups per segment]: sum of the stored integers of each segment and scale group."""
-    out = packed.shape[0]
-    wide = torch.zeros(out, packed.n_levels * packed.seg, dtype=torch.int32)
-    wide[bits_to_mask(packed.masks, packed.n_levels * packed.seg)] = packed.values.to(torch.int32)
-    groups = groups_per_segment(packed)
-    return wide.view(out, packed.n_levels, groups, packed.seg // groups).sum(dim=3, dtype=torch.int32)
+    out, in_features = packed.shape
+    wide = torch.zeros(packed.n_levels, out, packed.seg, dtype=torch.int32)
+    wide[packed._wide_keep()] = packed.values.to(torch.int32)
+    wide = wide[:, :, :in_features]
+    if packed.group_size is None:
+        return wide.sum(dim=2, keepdim=True, dtype=torch.int32)
+    groups = count_groups(in_features, packed.group_size)
+    padded = torch.zeros(packed.n_levels, out, groups * packed.group_size, dtype=torch.int32)
+    padded[:, :, :in_features] = wide
+    return padded.view(packed.n_levels, out, groups, packed.group_size).sum(dim=3, dtype=torch.int32)
 
 
 def level_scales(packed: ElasticWeight, level: int) -> torch.Tensor:
-    """float32 [out, (L - level) * groups]: level `level`'s scales over its segments, row gains applied
-    ([out, 1] for one scale per row)."""
+    """float32 [out, groups]: level `level`'s scales (row gains applied), the same for each of its segments
+    ([out, 1] for one scale per row).
+
+    Example:
+        >>> w = torch.tensor([[3.0, -1.0, 2.0]])
+        >>> p = ElasticWeight.pack(w, dtype="int8", keeps=[w != 0, w > 0], levels=[0.0, 0.3],
+        ...                        gains=torch.tensor([[1.0], [2.0]]))
+        >>> torch.allclose(level_scales(p, 1), torch.tensor([[2 * 3.0 / 127]]))
+        True
+    """
     assert packed.scales is not None
-    if packed.group_size is None:
-        return (packed.scales.reshape(-1, 1) * packed.gains[level].unsqueeze(1)).contiguous()
-    groups = groups_per_segment(packed)
-    real = count_groups(packed.shape[1], packed.group_size)
-    padded = torch.ones(packed.shape[0], groups)
-    padded[:, :real] = packed.scales.reshape(packed.shape[0], -1)[:, :real]
-    scaled = padded * packed.gains[level].unsqueeze(1)
-    return scaled.repeat(1, packed.n_levels - level).contiguous()
+    out = packed.shape[0]
+    groups = 1 if packed.group_size is None else count_groups(packed.shape[1], packed.group_size)
+    scales = packed.scales.reshape(out, -1)[:, :groups]
+    return (scales * packed.gains[level].unsqueeze(1)).contiguous()

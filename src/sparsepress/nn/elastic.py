@@ -2,8 +2,9 @@
 
 An `ElasticLinear` runs the level its model's `RuntimeLevels` name for the current call ("sparsity"
 knob; every call takes one snapshot when it enters the model, so a call never sees a mix of levels
-while another thread switches). Switching is one assignment: nothing is read from disk or rebuilt,
-and the native kernel of the new level skips that level's zeros (csrc/elastic.h).
+while another thread switches). Switching is one assignment: nothing is read from disk or rebuilt
+(GEMM panels are held per segment and serve every level), and the native call of the new level runs
+only that level's segments, so its time follows the level (csrc/elastic.h).
 
 Example:
     >>> import torch
