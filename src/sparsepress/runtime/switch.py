@@ -69,7 +69,7 @@ def use_native_blocks(model: nn.Module, *, check: bool = True) -> bool:
         return False
     forward = NativeForward(plan, plan.entry.forward)
     plan.entry.forward = forward
-    if check and not _agrees(model, forward, plan.entry, plan.roles.embeddings):
+    if check and not _agrees(model, forward):
         disable_native_blocks(model)
         return False
     return True
@@ -97,11 +97,10 @@ def _outputs(model: nn.Module, probe: dict[str, torch.Tensor]) -> torch.Tensor |
     return first if isinstance(first, torch.Tensor) else None
 
 
-def _agrees(model: nn.Module, forward: NativeForward, entry: nn.Module | None = None,
-            embeddings: str | None = None) -> bool:
+def _agrees(model: nn.Module, forward: NativeForward) -> bool:
     """Whether the native path runs on a probe input and gives the module path's outputs (within TOLERANCE,
-    or within a few times the module path's own spread when its embeddings, `entry.<embeddings>`, are
-    nudged by rounding-sized noise)."""
+    or within a few times the module path's own spread when the plan's embeddings are nudged by
+    rounding-sized noise)."""
     probe: Any = probe_inputs(model)
     if probe is None:
         return False
@@ -112,7 +111,7 @@ def _agrees(model: nn.Module, forward: NativeForward, entry: nn.Module | None = 
     try:
         forward.enabled = False
         reference = _outputs(model, probe)
-        nudged = _nudged_outputs(model, probe, getattr(entry, embeddings, None) if embeddings else None)
+        nudged = _nudged_outputs(model, probe, getattr(forward.plan.entry, forward.plan.roles.embeddings, None))
         forward.enabled, forward.native_calls = True, 0
         native = _outputs(model, probe)
     except Exception:  # noqa: BLE001 - a model the probe cannot drive stays on its modules
