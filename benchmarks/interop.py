@@ -88,16 +88,14 @@ def onnx_fidelity(path: Path, names: list[str], reference: torch.nn.Module, samp
     """Mean cosine of the ONNX graph's mean-pooled outputs (its first output: the last hidden states) to
     `reference`'s on the held-out samples, batched as `fidelity` batches them."""
     from sparsepress.calibration import make_batches
-    from sparsepress.evaluate import mean_cosine, pooled_output
+    from sparsepress.evaluate import mean_cosine, mean_pool, pooled_output
     from sparsepress.interop.onnx import onnx_session
 
     session = onnx_session(path, torch.get_num_threads())
     scores = []
     for batch in make_batches(samples, 16, 0):
         feed = {n: batch[n].numpy() if n in batch else torch.zeros_like(batch["input_ids"]).numpy() for n in names}
-        hidden = torch.from_numpy(session.run(None, feed)[0])
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+        pooled = mean_pool(torch.from_numpy(session.run(None, feed)[0]), batch["attention_mask"])
         scores.append(mean_cosine(pooled, pooled_output(reference, batch)) * len(batch["input_ids"]))
     return sum(scores) / len(samples)
 

@@ -35,6 +35,17 @@ def _forward(model: nn.Module, batch: dict[str, torch.Tensor]) -> Any:
     return model(**batch, output_hidden_states=is_causal_lm(model), **kwargs)
 
 
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """[batch, seq, width] -> [batch, width]: the mean over real tokens (sentence-transformers' pooling).
+
+    Example:
+        >>> mean_pool(torch.tensor([[[1.0], [3.0], [9.0]]]), torch.tensor([[1, 1, 0]])).tolist()
+        [[2.0]]
+    """
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+
+
 def pooled_output(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean-pooled final hidden states over real tokens (sentence-transformers' default pooling)."""
     with torch.no_grad():
@@ -42,8 +53,7 @@ def pooled_output(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Ten
     hidden = getattr(out, "last_hidden_state", None)
     if hidden is None:
         hidden = out.hidden_states[-1] if getattr(out, "hidden_states", None) is not None else out[0]
-    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-    return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+    return mean_pool(hidden, batch["attention_mask"])
 
 
 def mean_cosine(a: torch.Tensor, b: torch.Tensor) -> float:

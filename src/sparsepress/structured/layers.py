@@ -26,7 +26,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from ..evaluate import is_causal_lm
+from ..evaluate import is_causal_lm, mean_pool
 from ..models.layout import find_layout
 from ..passes.blocks import forward_kwargs, hidden_of
 
@@ -84,8 +84,7 @@ def _outputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     if is_causal_lm(model):
         return out.logits.float().log_softmax(dim=-1)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-    return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+    return mean_pool(hidden, batch["attention_mask"])
 
 
 def _deviation(causal: bool) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], float]:
