@@ -232,9 +232,11 @@ def main() -> None:
                     csr = "-" if args.no_csr else f"{csr_baseline(w, x, reps, llc) / ms[label]:.2f}x"
                     weights = shape[0] * shape[1]
                     bpw = f"{packed.nbytes / weights:.3f}"
-                    panel_bytes = kernels._plan_of(packed).handle.panel_bytes
-                    if panel_bytes:  # prepared GEMM panels live beside the packed weight
-                        bpw += f" (+{panel_bytes / weights:.3f} panels)"
+                    handle = kernels._plan_of(packed).handle
+                    if handle.panel_bytes:  # prepared GEMM panels live beside the packed weight
+                        bpw += f" (+{handle.panel_bytes / weights:.3f} panels)"
+                    if getattr(handle, "gather_bytes", 0):  # and gather rows (very sparse, few tokens)
+                        bpw += f" (+{handle.gather_bytes / weights:.3f} gather)"
                     print(f"| {shape[0]}x{shape[1]} | {batch} | {label} | {ms[label]:.3f} | {fp32_ms / ms[label]:.2f}x "
                           f"| {int8_ms / ms[label]:.2f}x | {csr} | {bpw} |", flush=True)
                 for level in ELASTIC_LEVELS if elastic else []:

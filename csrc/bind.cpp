@@ -54,7 +54,7 @@ void set_quant(sp::LinearArgs& a, std::vector<Array>& keep, const std::optional<
 
 NativeLinear make_masked(const Array& mask, const Array& values, const Array& row_offsets, int64_t in,
                          std::optional<Array> scales, std::optional<Array> rowsum, int64_t group_size,
-                         int64_t panel_limit, bool lazy_panels) {
+                         int64_t panel_limit, bool lazy_panels, bool gather_rows) {
   sp::LinearArgs a;
   require(is<uint8_t>(mask) && mask.ndim() == 2, "mask must be uint8 [out, ceil(in/8)]");
   a.out = int64_t(mask.shape(0));
@@ -81,7 +81,7 @@ NativeLinear make_masked(const Array& mask, const Array& values, const Array& ro
   } else {
     throw std::invalid_argument("values must be int8, float32 or 16-bit (bf16 bits)");
   }
-  return NativeLinear(kind, a, std::move(keep), panel_limit, lazy_panels);
+  return NativeLinear(kind, a, std::move(keep), panel_limit, lazy_panels, gather_rows);
 }
 
 NativeLinear make_dense_int8(const Array& values, std::optional<Array> scales, std::optional<Array> rowsum,
@@ -274,6 +274,8 @@ NB_MODULE(_native, m) {
            "Unchecked fast path: addresses of float32 C-contiguous x [batch, in], y [batch, out], bias [out] or 0.")
       .def_prop_ro("has_panels", &NativeLinear::has_panels, "Whether GEMM panels were prepared.")
       .def_prop_ro("panel_bytes", &NativeLinear::panel_bytes, "Bytes of the prepared GEMM panels (0: none).")
+      .def_prop_ro("gather_bytes", &NativeLinear::gather_bytes,
+                   "Bytes of the gather rows of a very sparse int8 weight (0: none; csrc/gather_rows.h).")
       .def_prop_ro("panel_tiles", &NativeLinear::panel_tiles,
                    "Prepared 32-row tiles per layout: [dense, fixed-window quads, sliding-window quads].")
       .def("prepare_colpanels", &NativeLinear::prepare_colpanels, nb::arg("n_threads") = 1,
@@ -307,10 +309,12 @@ NB_MODULE(_native, m) {
   m.def("masked_linear", &make_masked, nb::arg("mask"), nb::arg("values"), nb::arg("row_offsets"),
         nb::arg("in_features"), nb::arg("scales").none() = nb::none(), nb::arg("rowsum").none() = nb::none(),
         nb::arg("group_size") = 0, nb::arg("panel_limit") = sp::kSmallLayerWeights, nb::arg("lazy_panels") = false,
+        nb::arg("gather_rows") = true,
         "Masked stream weight (bitmask, and nm/bbs converted to it): int8 / float32 / bf16-bits values.\n"
         "panel_limit: int8 layers of fewer weights get their GEMM panels packed once here instead of on\n"
         "every many-token call (0: none); lazy_panels: bigger ones get them on their first call of\n"
-        "12..63 tokens.");
+        "12..63 tokens; gather_rows: very sparse int8 weights get gather rows for few-token calls where\n"
+        "the active tree has a gather kernel (csrc/gather_rows.h).");
   m.def("dense_int8_linear", &make_dense_int8, nb::arg("values"), nb::arg("scales"), nb::arg("rowsum"),
         nb::arg("group_size") = 0, nb::arg("panel_limit") = sp::kSmallLayerWeights, nb::arg("lazy_panels") = false,
         "Dense int8 weight [out, in] (panel_limit, lazy_panels: as for masked_linear).");

@@ -45,6 +45,16 @@ struct LinearArgs {
   // panels + panel_off[t]; null: the GEMM packs its panels per call.
   const int8_t* panels = nullptr;
   const int64_t* panel_off = nullptr;
+  // Gather rows of a very sparse masked int8 weight (csrc/gather_rows.h), prepared once; null: none.
+  // Row r's records are gather_chunks[r] .. gather_chunks[r + 1) of gather_recs, 16 bytes each: eight
+  // column offsets (uint8) then the eight values (int8); value j of record k sits in column
+  // base_k + offset_j, with base_0 = 0 and base_{k+1} = base_k + offset_7 of record k. Padding values
+  // are 0 (at a column inside the row), so every offset read stays below `in`.
+  const uint8_t* gather_recs = nullptr;
+  const int64_t* gather_chunks = nullptr;
+  // every mask byte keeps exactly four weights (2:4 and 4:8 patterns; mask_four_per_byte): the values
+  // of mask byte k of a row start at 4k, so kernels may place them without counting bits
+  bool four_per_byte = false;
   const float* bias = nullptr;  // [out] or null
   float* y = nullptr;           // [batch, out]
   Activation activation = Activation::None;  // applied by run_linear after the kernels
@@ -144,12 +154,29 @@ struct KernelTable {
   // (false: only calls of kLazyMin..kLazyMax tokens; longer ones pack per call): for trees whose
   // per-call packing costs more than the panels save
   bool panels_for_long_calls = false;
+  // Few-token kernel over gather rows (LinearArgs::gather_recs; one scale per row), null: none. Used
+  // where a weight has them (very sparse layers, csrc/gather_rows.h) for up to gather_max_batch tokens.
+  RowKernel gather_i8 = nullptr;
+  int gather_max_batch = 0;
 };
 
 constexpr int64_t kGemmRows = 32;  // output rows per GEMM tile
 // Layers of fewer weights are "small": their GEMM panels are cheap to keep (prepared at load by
 // default), and packing them on every call would cost more than their GEMM.
 constexpr int64_t kSmallLayerWeights = int64_t(4) << 20;
+
+// Whether every mask byte of the masked stream `a` keeps exactly four weights, in rows of a multiple of
+// 8 columns (LinearArgs::four_per_byte): true for 2:4 and 4:8 weights.
+static inline bool mask_four_per_byte(const LinearArgs& a) {
+  if (!a.mask || a.out <= 0 || a.in % 8 != 0) return false;
+  for (int64_t r = 0; r < a.out; ++r) {
+    if (a.row_offsets[r + 1] - a.row_offsets[r] != a.in / 2) return false;
+    const uint8_t* m = a.mask + r * a.mask_stride;
+    for (int64_t k = 0; k < a.in / 8; ++k)
+      if (__builtin_popcount(m[k]) != 4) return false;
+  }
+  return true;
+}
 
 static inline float bf16_to_f32(uint16_t h) {
   uint32_t u = uint32_t(h) << 16;

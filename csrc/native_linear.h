@@ -17,6 +17,7 @@
 #include "colskip.h"
 #include "dispatch.h"
 #include "experts.h"
+#include "gather_rows.h"
 #include "plan.h"
 
 namespace sp {
@@ -45,14 +46,20 @@ inline sp::Activation to_activation(int code) {
 class NativeLinear : public sp::ExpertLinear {
  public:
   // panel_limit: layers of fewer weights get GEMM panels now; lazy_panels: bigger ones get them on
-  // their first call of kLazyMin..kLazyMax tokens (where packing per call costs most).
+  // their first call of kLazyMin..kLazyMax tokens (where packing per call costs most); gather_rows:
+  // very sparse int8 weights get gather rows (csrc/gather_rows.h) where the active tree runs them.
   NativeLinear(sp::Kind kind, sp::LinearArgs args, std::vector<Array> keep, int64_t panel_limit = 0,
-               bool lazy_panels = false)
+               bool lazy_panels = false, bool gather_rows = true)
       : kind_(kind), args_(args), keep_(std::move(keep)), lazy_(std::make_unique<Lazy>()) {
+    if (kind == sp::Kind::MaskedI8) args_.four_per_byte = sp::mask_four_per_byte(args_);
     if (panel_limit > 0) lazy_->panels = sp::prepare_panels(kind, args, panel_limit);
+    if (gather_rows && wants_gather_rows(kind, args)) gather_ = sp::prepare_gather_rows(args);
     lazy_->ready.store(lazy_->panels.data != nullptr, std::memory_order_release);
     lazy_->allowed.store(lazy_panels && !lazy_->ready.load(std::memory_order_relaxed), std::memory_order_relaxed);
   }
+
+  // Bytes of the gather rows (0: none; csrc/gather_rows.h).
+  int64_t gather_bytes() const { return gather_.bytes(); }
 
   bool has_panels() const { return lazy_->ready.load(std::memory_order_acquire); }
   int64_t panel_bytes() const {
@@ -114,10 +121,12 @@ class NativeLinear : public sp::ExpertLinear {
     if (threshold > 0.f) {
       const sp::ColPanels* cp = attach_colpanels(a.batch, threshold, n_threads);
       attach_panels(a, n_threads);
+      sp::use_gather_rows(gather_, a);
       sp::run_linear_sparse_inputs(kind_, a, threshold, cp, n_threads, &last_skipped_);
       return;
     }
     attach_panels(a, n_threads);
+    sp::use_gather_rows(gather_, a);
     sp::run_linear(kind_, a, n_threads);
   }
 
@@ -148,6 +157,7 @@ class NativeLinear : public sp::ExpertLinear {
     a.y = y;
     a.bias = bias;
     attach_panels(a, n_threads);
+    sp::use_gather_rows(gather_, a);
     sp::run_linear(kind_, a, n_threads);
   }
 
@@ -173,6 +183,13 @@ class NativeLinear : public sp::ExpertLinear {
     sp::ColPanels cols;
   };
   std::unique_ptr<Lazy> lazy_;  // behind a pointer so NativeLinear stays movable
+  sp::GatherRows gather_;
+
+  // Very sparse masked int8 rows with one scale each, where the active tree has a gather kernel.
+  static bool wants_gather_rows(sp::Kind kind, const sp::LinearArgs& a) {
+    return kind == sp::Kind::MaskedI8 && a.n_groups == 1 && sp::active_table().gather_i8 && a.out > 0 &&
+           double(a.row_offsets[a.out]) <= sp::kGatherMaxDensity * double(a.out) * double(a.in);
+  }
 
   static inline thread_local bool last_skipped_ = false;
 

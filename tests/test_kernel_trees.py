@@ -66,7 +66,8 @@ def _sources(arch: str) -> list[tuple[Path, list[str], str]]:
         if "-mavxvnni" not in trees["avx2vnni"][1]:
             defines.append("-DSP_CHECK_AVX2VNNI_EVEX=1")
     units = [(CSRC / "dispatch.cpp", defines, "dispatch.o"),
-             (ROOT / "tests/native/kernel_check.cpp", defines, "check.o")]
+             (ROOT / "tests/native/kernel_check.cpp", defines, "check.o"),
+             (CSRC / "gather_rows.cpp", [], "gather_rows.o")]
     for tree, (folder, flags) in trees.items():
         units += [(CSRC / "kernels" / folder / f"{name}.cpp", flags, f"{tree}-{name}.o") for name in KERNEL_FILES]
     return units

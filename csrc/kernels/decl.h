@@ -10,6 +10,7 @@ namespace SP_ISA_NS {
 void masked_i8(const LinearArgs& a, int64_t r0, int64_t r1);
 void dense_i8(const LinearArgs& a, int64_t r0, int64_t r1);
 void csr_i8(const LinearArgs& a, int64_t r0, int64_t r1);
+void gather_i8(const LinearArgs& a, int64_t r0, int64_t r1);  // trees whose table has one
 void masked_f32(const LinearArgs& a, int64_t r0, int64_t r1);
 void masked_bf16(const LinearArgs& a, int64_t r0, int64_t r1);
 void csr_f32(const LinearArgs& a, int64_t r0, int64_t r1);

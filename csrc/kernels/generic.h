@@ -128,6 +128,25 @@ static void rows_csr_i8(const LinearArgs& a, int64_t r0, int64_t r1) {
   }
 }
 
+// y[b, r] from gather rows (LinearArgs::gather_recs, one scale per row): the portable form of the
+// SIMD trees' gather kernels, one stored value at a time.
+static void gather_i8(const LinearArgs& a, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* rec0 = a.gather_recs + a.gather_chunks[r] * 16;
+    const int64_t n = a.gather_chunks[r + 1] - a.gather_chunks[r];
+    for (int64_t b = 0; b < a.batch; ++b) {
+      const int8_t* x = a.xq + b * a.x_stride;
+      int64_t base = 0;
+      int32_t dot = 0;
+      for (const uint8_t* rec = rec0; rec < rec0 + 16 * n; rec += 16) {
+        for (int j = 0; j < 8; ++j) dot += int32_t(x[base + rec[j]]) * int32_t(int8_t(rec[8 + j]));
+        base += rec[7];
+      }
+      a.y[b * a.out + r] = finish(a, r, float(dot) * a.scales[r] * a.sx[b]);
+    }
+  }
+}
+
 // Columns [from, in) of one token quantized with scale s (signed and +128 copies), then the padding
 // up to `stride` zeroed; SIMD levels call it for the tail their vectors do not cover.
 static inline void quantize_row_from(const float* row, float s, int64_t from, int64_t in, int64_t stride,

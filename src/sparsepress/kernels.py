@@ -213,13 +213,14 @@ if PANELS not in PANEL_POLICIES:
 
 def _make_handle(kind: str, tensors: list[torch.Tensor] | tuple[torch.Tensor, ...], in_features: int,
                  group_size: int, panels: bool = True) -> Any:
-    """The native handle of a prepared weight; `panels=False` for throwaway handles (no GEMM panels)."""
+    """The native handle of a prepared weight; `panels=False` for throwaway handles (no GEMM panels, no
+    gather rows: nothing prepared that a single call would not repay)."""
     lib = native.module()
     assert lib is not None
     limit, lazy = PANEL_POLICIES[PANELS] if panels else PANEL_POLICIES["none"]
     if kind == "masked":
         return lib.masked_linear(*tensors[:3], in_features, *tensors[3:], group_size=group_size,
-                                 panel_limit=limit, lazy_panels=lazy)
+                                 panel_limit=limit, lazy_panels=lazy, gather_rows=panels)
     if kind == "csr":
         return lib.csr_linear(*tensors[:3], in_features, *tensors[3:], group_size=group_size)
     # dense int8 layers keep to the eager limit: a panel would double a big one's memory, and its

@@ -19,6 +19,7 @@
 
 #include "common.h"
 #include "dispatch.h"
+#include "gather_rows.h"
 
 namespace {
 
@@ -255,6 +256,11 @@ void check_int8(const KernelTable& t, const std::string& isa, int64_t out, int64
   m.mask = s.mask.data(), m.mask_stride = s.stride, m.row_offsets = s.offsets.data();
   m.values = vals.data(), m.values_len = int64_t(vals.size());
   run("masked_i8", t.masked_i8, m, 16);
+  if (sp::mask_four_per_byte(m)) {  // 2:4 and 4:8 streams, as NativeLinear marks them
+    LinearArgs four = m;
+    four.four_per_byte = true;
+    run("masked_i8 (four per byte)", t.masked_i8, four, 16);
+  }
   // dense rows
   LinearArgs d = a;
   d.values = w.q.data(), d.values_len = out * in;
@@ -279,6 +285,14 @@ void check_int8(const KernelTable& t, const std::string& isa, int64_t out, int64
     run("csr_i8/16", t.csr_i8, c, 16);
   }
   if (w.n_groups != 1) return;
+  // gather rows (very sparse weights, few tokens; the layout is built the same at any density)
+  if (t.gather_i8) {
+    const sp::GatherRows rows = sp::prepare_gather_rows(m);
+    check(rows.records != nullptr, isa + " " + describe("prepare_gather_rows", w, batch, density));
+    LinearArgs gr = m;
+    sp::use_gather_rows(rows, gr);
+    run("gather_i8", t.gather_i8, gr, 16);
+  }
   // tiled GEMMs (one scale per row), packed per call and from prepared panels
   for (int masked = 0; masked < 2; ++masked) {
     const sp::RowKernel gemm = masked ? t.masked_gemm_i8 : t.dense_gemm_i8;
@@ -451,6 +465,9 @@ void check_tree(const std::string& isa, const KernelTable& t) {
   for (int64_t batch : {16, 40})
     for (Pattern p : {Pattern::Random, Pattern::NofM, Pattern::Banks}) check_int8(t, isa, 97, 640, batch, p, 0.5, 0);
   check_int8(t, isa, 64, 4096, 16, Pattern::Random, 0.1, 0);
+  // very sparse long rows: gather records bridging gaps of more than 255 columns, empty rows
+  for (int64_t batch : {1, 2, 3}) check_int8(t, isa, 40, 3000, batch, Pattern::Random, 0.003, 0);
+  check_int8(t, isa, 33, 2111, 1, Pattern::Random, 0.1, 0);
   check_activations(t, isa);
   for (bool causal : {false, true})
     for (bool masked : {false, true}) {

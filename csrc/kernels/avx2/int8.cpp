@@ -214,6 +214,60 @@ __attribute__((noinline)) static void row1_masked(const LinearArgs& a, const uin
   a.y[r] = float(hsum(acc) - surplus) * a.scales[r] * a.sx[0] + bias;
 }
 
+// Batch 1, every mask byte keeping four (2:4, 4:8): a step's 16 values sit at a fixed place, so the
+// step needs no bit counts: one 16-byte load broadcast to both lanes, four controls read ready-made
+// (kFourShuffles: byte k's values start 4k in), one pshufb. About half the operations of row1_masked.
+// Needs 32 readable bytes past the row's values (the tail step's general expansion).
+__attribute__((noinline)) static void row1_four(const LinearArgs& a, const uint8_t* absx, int64_t r) {
+  const int8_t* v = static_cast<const int8_t*>(a.values) + a.row_offsets[r];
+  const uint8_t* m = a.mask + r * a.mask_stride;
+  [[maybe_unused]] const int8_t* x = a.xq;
+  const int64_t n32 = a.in / 32;
+  [[maybe_unused]] const __m256i ones = _mm256_set1_epi16(1);
+  __m256i acc0 = _mm256_setzero_si256(), acc1 = _mm256_setzero_si256();
+  auto dot = [&](__m256i w, int64_t c, __m256i acc) {
+#if SP_AVX2_VNNI
+    return dpbusd(acc, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.xu + c)), w);
+#else
+    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + c));
+    const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(absx + c));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(xa, _mm256_sign_epi8(w, xv)), ones));
+#endif
+  };
+  auto step = [&](int64_t q) {
+    const uint8_t* mb = m + 4 * q;
+    auto lane = [](const uint64_t* lower, const uint64_t* upper) {
+      const __m128d c = _mm_castsi128_pd(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(lower)));
+      return _mm_castpd_si128(_mm_loadh_pd(c, reinterpret_cast<const double*>(upper)));
+    };
+    const __m128i c_lo = lane(&kFourShuffles.ctrl[0][mb[0]], &kFourShuffles.ctrl[1][mb[1]]);
+    const __m128i c_hi = lane(&kFourShuffles.ctrl[2][mb[2]], &kFourShuffles.ctrl[3][mb[3]]);
+    const __m256i vals = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v + 16 * q)));
+    return _mm256_shuffle_epi8(vals, _mm256_set_m128i(c_hi, c_lo));
+  };
+  int64_t q = 0;
+  for (; q + 2 <= n32; q += 2) {
+    _mm_prefetch(reinterpret_cast<const char*>(v + 16 * q + kPrefetch), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(m + 4 * q + kPrefetch), _MM_HINT_T0);
+    acc0 = dot(step(q), 32 * q, acc0);
+    acc1 = dot(step(q + 1), 32 * q + 32, acc1);
+  }
+  if (q < n32) {
+    acc0 = dot(step(q), 32 * q, acc0);
+    ++q;
+  }
+  if (32 * n32 < a.in) {  // 8, 16 or 24 columns left: the general expansion
+    const uint32_t k = mask32(m, 32 * n32, a.in);
+    uint8_t mb[4];
+    std::memcpy(mb, &k, 4);
+    int64_t adv;
+    acc0 = dot(expand32(v, 16 * n32, mb, adv), 32 * n32, acc0);
+  }
+  const float bias = a.bias ? a.bias[r] : 0.f;
+  const int32_t surplus = SP_AVX2_VNNI ? 128 * a.rowsum[r] : 0;
+  a.y[r] = float(hsum(_mm256_add_epi32(acc0, acc1)) - surplus) * a.scales[r] * a.sx[0] + bias;
+}
+
 thread_local Scratch tl_absx;  // |xq| of the current batch-1 call
 
 // Token 0 of rows [r0, r1), masked: row1_masked where it may read 32 bytes past the row's values.
@@ -227,8 +281,69 @@ static inline void rows1_masked(const LinearArgs& a, int64_t r0, int64_t r1) {
     _mm256_store_si256(reinterpret_cast<__m256i*>(absx + c),
                        _mm256_abs_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.xq + c))));
   for (int64_t r = r0; r < r1; ++r) {
-    if (a.row_offsets[r + 1] + 32 <= a.values_len) row1_masked(a, absx, r);
-    else row_tile<1, true>(a, r, 0);
+    if (a.row_offsets[r + 1] + 32 > a.values_len) row_tile<1, true>(a, r, 0);
+    else if (a.four_per_byte) row1_four(a, absx, r);
+    else row1_masked(a, absx, r);
+  }
+}
+
+thread_local Scratch tl_x16;  // int16 copies of the call's tokens (gather rows)
+
+// The eight activations of one gather record, as int16 lanes: scalar loads inserted into two halves
+// (two short dependency chains). (vpgatherdd was tried: on Zen 4 it took twice as long per record,
+// ~12 cycles against ~6, and Intel's Gather Data Sampling mitigation slows it further.)
+static inline __m128i gather8(const int16_t* xb, const uint8_t* q) {
+  __m128i lo = _mm_cvtsi32_si128(uint16_t(xb[q[0]]));
+  __m128i hi = _mm_cvtsi32_si128(uint16_t(xb[q[4]]));
+  lo = _mm_insert_epi16(lo, xb[q[1]], 1);
+  hi = _mm_insert_epi16(hi, xb[q[5]], 1);
+  lo = _mm_insert_epi16(lo, xb[q[2]], 2);
+  hi = _mm_insert_epi16(hi, xb[q[6]], 2);
+  lo = _mm_insert_epi16(lo, xb[q[3]], 3);
+  hi = _mm_insert_epi16(hi, xb[q[7]], 3);
+  return _mm_unpacklo_epi64(lo, hi);
+}
+
+// Gather rows (csrc/gather_rows.h): work per stored value, not per column. Per record of eight, the
+// activations come from an int16 copy of the tokens made here and vpmaddwd multiplies them with the
+// eight values widened to int16.
+static void gather_rows(const LinearArgs& a, int64_t r0, int64_t r1) {
+  const int64_t xs = a.x_stride;
+  int16_t* x16 = reinterpret_cast<int16_t*>(tl_x16.get(size_t(a.batch * xs) * 2));
+  if (!x16) {
+    generic::gather_i8(a, r0, r1);
+    return;
+  }
+  for (int64_t b = 0; b < a.batch; ++b)
+    for (int64_t c = 0; c < xs; c += 16)  // x_stride: a multiple of 64
+      _mm256_store_si256(reinterpret_cast<__m256i*>(x16 + b * xs + c),
+                         _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a.xq + b * xs + c))));
+  auto record = [](const uint8_t* q, const int16_t* xb, __m128i acc) {
+    const __m128i w = _mm_cvtepi8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8)));
+    return _mm_add_epi32(acc, _mm_madd_epi16(gather8(xb, q), w));
+  };
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* rec = a.gather_recs + a.gather_chunks[r] * 16;
+    const int64_t n = a.gather_chunks[r + 1] - a.gather_chunks[r];
+    const float bias = a.bias ? a.bias[r] : 0.f;
+    for (int64_t b = 0; b < a.batch; ++b) {
+      const int16_t* xb = x16 + b * xs;
+      __m128i acc0 = _mm_setzero_si128(), acc1 = _mm_setzero_si128();
+      const uint8_t* q = rec;
+      int64_t k = 0;
+      for (; k + 2 <= n; k += 2, q += 32) {  // two sums: the records of a pair overlap
+        _mm_prefetch(reinterpret_cast<const char*>(q + kPrefetch), _MM_HINT_T0);
+        acc0 = record(q, xb, acc0);
+        xb += q[7];
+        acc1 = record(q + 16, xb, acc1);
+        xb += q[23];
+      }
+      if (k < n) acc0 = record(q, xb, acc0);
+      __m128i sum = _mm_add_epi32(acc0, acc1);
+      sum = _mm_add_epi32(sum, _mm_shuffle_epi32(sum, 0x4E));
+      sum = _mm_add_epi32(sum, _mm_shuffle_epi32(sum, 0xB1));
+      a.y[b * a.out + r] = float(_mm_cvtsi128_si32(sum)) * a.scales[r] * a.sx[b] + bias;
+    }
   }
 }
 
@@ -470,6 +585,7 @@ static void gemm(const LinearArgs& a, int64_t r0, int64_t r1) {
 void masked_i8(const LinearArgs& a, int64_t r0, int64_t r1) { rows<true>(a, r0, r1); }
 void dense_i8(const LinearArgs& a, int64_t r0, int64_t r1) { rows<false>(a, r0, r1); }
 void csr_i8(const LinearArgs& a, int64_t r0, int64_t r1) { generic::csr_i8(a, r0, r1); }
+void gather_i8(const LinearArgs& a, int64_t r0, int64_t r1) { gather_rows(a, r0, r1); }
 void masked_gemm_i8(const LinearArgs& a, int64_t r0, int64_t r1) { gemm<true>(a, r0, r1); }
 void dense_gemm_i8(const LinearArgs& a, int64_t r0, int64_t r1) { gemm<false>(a, r0, r1); }
 

@@ -1,0 +1,123 @@
+#include "gather_rows.h"
+
+#include <cstdlib>
+#include <cstring>
+
+
+namespace sp {
+
+GatherRows::GatherRows(GatherRows&& o) noexcept : records(o.records), chunks(o.chunks), out(o.out) {
+  o.records = nullptr;
+  o.chunks = nullptr;
+  o.out = 0;
+}
+
+GatherRows& GatherRows::operator=(GatherRows&& o) noexcept {
+  if (this != &o) {
+    std::free(records);
+    delete[] chunks;
+    records = o.records, chunks = o.chunks, out = o.out;
+    o.records = nullptr, o.chunks = nullptr, o.out = 0;
+  }
+  return *this;
+}
+
+GatherRows::~GatherRows() {
+  std::free(records);
+  delete[] chunks;
+}
+
+namespace {
+
+// Builds one row's records: values are appended in column order; a record is closed when full or when
+// the next column lies more than 255 past its base (the rest padded with zeros at its last column),
+// and a gap wider than 255 columns is bridged by empty records that each move the base 255 on.
+class RowWriter {
+ public:
+  explicit RowWriter(uint8_t* out) : out_(out) {}
+
+  void add(int64_t col, int8_t value) {
+    while (col - base_ > 255) {
+      if (n_ > 0) {
+        close();
+      } else {
+        std::memset(off_, 255, sizeof off_);
+        std::memset(val_, 0, sizeof val_);
+        n_ = kGatherChunk;
+        close();
+      }
+    }
+    off_[n_] = uint8_t(col - base_);
+    val_[n_] = value;
+    if (++n_ == kGatherChunk) close();
+  }
+
+  // Records written (or counted) so far, the last partial one closed.
+  int64_t finish() {
+    if (n_ > 0) close();
+    return records_;
+  }
+
+ private:
+  uint8_t* out_;
+  int64_t base_ = 0, records_ = 0;
+  int n_ = 0;
+  uint8_t off_[kGatherChunk] = {};
+  int8_t val_[kGatherChunk] = {};
+
+  void close() {
+    for (int j = n_; j < kGatherChunk; ++j) {
+      off_[j] = off_[n_ - 1];
+      val_[j] = 0;
+    }
+    if (out_) {
+      std::memcpy(out_ + records_ * kGatherRecordBytes, off_, kGatherChunk);
+      std::memcpy(out_ + records_ * kGatherRecordBytes + kGatherChunk, val_, kGatherChunk);
+    }
+    base_ += off_[kGatherChunk - 1];
+    ++records_;
+    n_ = 0;
+  }
+};
+
+}  // namespace
+
+int64_t pack_gather_row(const LinearArgs& a, int64_t r, uint8_t* records) {
+  const uint8_t* m = a.mask + r * a.mask_stride;
+  const int8_t* v = static_cast<const int8_t*>(a.values) + a.row_offsets[r];
+  const int64_t stored = a.row_offsets[r + 1] - a.row_offsets[r];
+  RowWriter row(records);
+  int64_t i = 0;
+  for (int64_t byte = 0; byte < a.mask_stride && i < stored; ++byte)
+    for (uint32_t bits = m[byte]; bits && i < stored; bits &= bits - 1) {
+      const int64_t col = byte * 8 + __builtin_ctz(bits);
+      if (col >= a.in) break;
+      row.add(col, v[i++]);
+    }
+  return row.finish();
+}
+
+GatherRows prepare_gather_rows(const LinearArgs& a) {
+  GatherRows g;
+  if (a.out <= 0) return g;
+  g.out = a.out;
+  g.chunks = new int64_t[size_t(a.out + 1)];
+  g.chunks[0] = 0;
+  for (int64_t r = 0; r < a.out; ++r) g.chunks[r + 1] = g.chunks[r] + pack_gather_row(a, r, nullptr);
+  // + one zeroed record of slack past the last row's
+  const size_t bytes = size_t((g.chunks[a.out] + 1) * kGatherRecordBytes + 63) / 64 * 64;
+  g.records = static_cast<uint8_t*>(std::aligned_alloc(64, bytes));
+  if (!g.records) return GatherRows();
+  for (int64_t r = 0; r < a.out; ++r) pack_gather_row(a, r, g.records + g.chunks[r] * kGatherRecordBytes);
+  std::memset(g.records + g.chunks[a.out] * kGatherRecordBytes, 0, bytes - size_t(g.chunks[a.out] * kGatherRecordBytes));
+  return g;
+}
+
+void use_gather_rows(const GatherRows& g, LinearArgs& a) {
+  if (g.records) {
+    a.gather_recs = g.records;
+    a.gather_chunks = g.chunks;
+  }
+}
+
+}  // namespace sp
