@@ -165,125 +165,119 @@ static inline __m256i expand32(const int8_t* v, int64_t p, const uint8_t* mb, in
 
 constexpr int64_t kPrefetch1 = 1024;
 
+// A 32-column step's weights when every mask byte keeps four (2:4, 4:8): the step's 16 values sit at a
+// fixed place, so no bit counts: one 16-byte load broadcast to both lanes, four controls read
+// ready-made (kFourShuffles: byte k's values start 4k in), one pshufb.
+static inline __m256i expand32_four(const int8_t* v16, const uint8_t* mb) {
+  auto lane = [](const uint64_t* lower, const uint64_t* upper) {
+    const __m128d c = _mm_castsi128_pd(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(lower)));
+    return _mm_castpd_si128(_mm_loadh_pd(c, reinterpret_cast<const double*>(upper)));
+  };
+  const __m128i c_lo = lane(&kFourShuffles.ctrl[0][mb[0]], &kFourShuffles.ctrl[1][mb[1]]);
+  const __m128i c_hi = lane(&kFourShuffles.ctrl[2][mb[2]], &kFourShuffles.ctrl[3][mb[3]]);
+  const __m256i vals = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v16)));
+  return _mm256_shuffle_epi8(vals, _mm256_set_m128i(c_hi, c_lo));
+}
+
+// NB tokens (b0 ..) of row r, masked, one scale per row: each 32-column step is decoded once (expand32,
+// or expand32_four where every mask byte keeps four) and multiplied into NB sums; one token keeps two
+// sums (the steps' products are independent, only the vpaddd chain is serial). absx: |xq| of the call's
+// tokens, copied once per call (non-VNNI). Needs 32 readable bytes past the row's values.
 // (not inlined: in the caller's register allocation its loop state went to the stack)
-__attribute__((noinline)) static void row1_masked(const LinearArgs& a, const uint8_t* absx, int64_t r) {
+template <int NB, bool kFour>
+__attribute__((noinline)) static void row_masked_steps(const LinearArgs& a, const uint8_t* absx, int64_t r,
+                                                       int64_t b0) {
+  constexpr int S = NB == 1 ? 2 : 1;  // sums per token
   const int8_t* v = static_cast<const int8_t*>(a.values) + a.row_offsets[r];
   const uint8_t* m = a.mask + r * a.mask_stride;
-  [[maybe_unused]] const int8_t* x = a.xq;
-  const int64_t n32 = a.in / 32;
+  const int64_t xs = a.x_stride, n32 = a.in / 32;
+  [[maybe_unused]] const int8_t* x = a.xq + b0 * xs;
+  [[maybe_unused]] const uint8_t* xa = absx ? absx + b0 * xs : nullptr;
+  [[maybe_unused]] const uint8_t* xu = a.xu + b0 * xs;
   [[maybe_unused]] const __m256i ones = _mm256_set1_epi16(1);
-  // one sum: the steps' products are independent, only the vpaddd chain (1 cycle) is serial
-  __m256i acc = _mm256_setzero_si256();
-  int64_t p = 0;
-  auto dot = [&](__m256i w, int64_t c) {
+  __m256i acc[S][NB];
+  for (int k = 0; k < S; ++k)
+    for (int i = 0; i < NB; ++i) acc[k][i] = _mm256_setzero_si256();
+  auto dot = [&](__m256i w, int64_t c, int k) {
+#pragma GCC unroll 8
+    for (int i = 0; i < NB; ++i) {
 #if SP_AVX2_VNNI  // xu = xq + 128 against w; the surplus 128 * rowsum comes off at the end
-    acc = dpbusd(acc, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.xu + c)), w);
+      acc[k][i] = dpbusd(acc[k][i], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xu + i * xs + c)), w);
 #else
-    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + c));
-    const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(absx + c));
-    acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(xa, _mm256_sign_epi8(w, xv)), ones));
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i * xs + c));
+      const __m256i av = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xa + i * xs + c));
+      acc[k][i] = _mm256_add_epi32(acc[k][i], _mm256_madd_epi16(_mm256_maddubs_epi16(av, _mm256_sign_epi8(w, xv)), ones));
 #endif
+    }
+  };
+  int64_t p = 0;  // the value position stays a local: one add per step on the serial chain
+  auto step = [&](int64_t q) {
+    if constexpr (kFour) {
+      return expand32_four(v + 16 * q, m + 4 * q);
+    } else {
+      int64_t adv;
+      const __m256i w = expand32(v, p, m + 4 * q, adv);
+      p += adv;
+      return w;
+    }
   };
   int64_t q = 0;
   for (; q + 2 <= n32; q += 2) {  // a step uses at most 32 value bytes: one prefetch per two
-    _mm_prefetch(reinterpret_cast<const char*>(v + p + kPrefetch1), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(v + (kFour ? 16 * q : p) + kPrefetch1), _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(m + 4 * q + kPrefetch1), _MM_HINT_T0);
-    int64_t adv;
-    const __m256i w0 = expand32(v, p, m + 4 * q, adv);
-    p += adv;
-    dot(w0, 32 * q);
-    const __m256i w1 = expand32(v, p, m + 4 * q + 4, adv);
-    p += adv;
-    dot(w1, 32 * q + 32);
+    dot(step(q), 32 * q, 0);
+    dot(step(q + 1), 32 * q + 32, S - 1);
   }
-  for (; q < n32; ++q) {
-    int64_t adv;
-    const __m256i w = expand32(v, p, m + 4 * q, adv);
-    p += adv;
-    dot(w, 32 * q);
+  if (q < n32) {
+    dot(step(q), 32 * q, 0);
+    ++q;
   }
   if (n32 * 32 < a.in) {  // x_stride >= in rounded up to 64: padding xq = 0 meets w = 0
     const uint32_t k = mask32(m, n32 * 32, a.in);
     uint8_t mb[4];
     std::memcpy(mb, &k, 4);
     int64_t adv;
-    dot(expand32(v, p, mb, adv), 32 * n32);
+    dot(expand32(v, kFour ? 16 * n32 : p, mb, adv), 32 * n32, 0);
   }
   const float bias = a.bias ? a.bias[r] : 0.f;
   const int32_t surplus = SP_AVX2_VNNI ? 128 * a.rowsum[r] : 0;
-  a.y[r] = float(hsum(acc) - surplus) * a.scales[r] * a.sx[0] + bias;
+  for (int i = 0; i < NB; ++i) {
+    const __m256i sum = S == 2 ? _mm256_add_epi32(acc[0][i], acc[S - 1][i]) : acc[0][i];
+    a.y[(b0 + i) * a.out + r] = float(hsum(sum) - surplus) * a.scales[r] * a.sx[b0 + i] + bias;
+  }
 }
 
-// Batch 1, every mask byte keeping four (2:4, 4:8): a step's 16 values sit at a fixed place, so the
-// step needs no bit counts: one 16-byte load broadcast to both lanes, four controls read ready-made
-// (kFourShuffles: byte k's values start 4k in), one pshufb. About half the operations of row1_masked.
-// Needs 32 readable bytes past the row's values (the tail step's general expansion).
-__attribute__((noinline)) static void row1_four(const LinearArgs& a, const uint8_t* absx, int64_t r) {
-  const int8_t* v = static_cast<const int8_t*>(a.values) + a.row_offsets[r];
-  const uint8_t* m = a.mask + r * a.mask_stride;
-  [[maybe_unused]] const int8_t* x = a.xq;
-  const int64_t n32 = a.in / 32;
-  [[maybe_unused]] const __m256i ones = _mm256_set1_epi16(1);
-  __m256i acc0 = _mm256_setzero_si256(), acc1 = _mm256_setzero_si256();
-  auto dot = [&](__m256i w, int64_t c, __m256i acc) {
-#if SP_AVX2_VNNI
-    return dpbusd(acc, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.xu + c)), w);
-#else
-    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + c));
-    const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(absx + c));
-    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(xa, _mm256_sign_epi8(w, xv)), ones));
-#endif
-  };
-  auto step = [&](int64_t q) {
-    const uint8_t* mb = m + 4 * q;
-    auto lane = [](const uint64_t* lower, const uint64_t* upper) {
-      const __m128d c = _mm_castsi128_pd(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(lower)));
-      return _mm_castpd_si128(_mm_loadh_pd(c, reinterpret_cast<const double*>(upper)));
-    };
-    const __m128i c_lo = lane(&kFourShuffles.ctrl[0][mb[0]], &kFourShuffles.ctrl[1][mb[1]]);
-    const __m128i c_hi = lane(&kFourShuffles.ctrl[2][mb[2]], &kFourShuffles.ctrl[3][mb[3]]);
-    const __m256i vals = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v + 16 * q)));
-    return _mm256_shuffle_epi8(vals, _mm256_set_m128i(c_hi, c_lo));
-  };
-  int64_t q = 0;
-  for (; q + 2 <= n32; q += 2) {
-    _mm_prefetch(reinterpret_cast<const char*>(v + 16 * q + kPrefetch), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(m + 4 * q + kPrefetch), _MM_HINT_T0);
-    acc0 = dot(step(q), 32 * q, acc0);
-    acc1 = dot(step(q + 1), 32 * q + 32, acc1);
-  }
-  if (q < n32) {
-    acc0 = dot(step(q), 32 * q, acc0);
-    ++q;
-  }
-  if (32 * n32 < a.in) {  // 8, 16 or 24 columns left: the general expansion
-    const uint32_t k = mask32(m, 32 * n32, a.in);
-    uint8_t mb[4];
-    std::memcpy(mb, &k, 4);
-    int64_t adv;
-    acc0 = dot(expand32(v, 16 * n32, mb, adv), 32 * n32, acc0);
-  }
-  const float bias = a.bias ? a.bias[r] : 0.f;
-  const int32_t surplus = SP_AVX2_VNNI ? 128 * a.rowsum[r] : 0;
-  a.y[r] = float(hsum(_mm256_add_epi32(acc0, acc1)) - surplus) * a.scales[r] * a.sx[0] + bias;
+template <int NB>
+static inline void row_masked_nb(const LinearArgs& a, const uint8_t* absx, int64_t r, int64_t b0) {
+  if (a.four_per_byte) row_masked_steps<NB, true>(a, absx, r, b0);
+  else row_masked_steps<NB, false>(a, absx, r, b0);
 }
 
-thread_local Scratch tl_absx;  // |xq| of the current batch-1 call
+thread_local Scratch tl_absx;  // |xq| of the current call's tokens
 
-// Token 0 of rows [r0, r1), masked: row1_masked where it may read 32 bytes past the row's values.
-static inline void rows1_masked(const LinearArgs& a, int64_t r0, int64_t r1) {
-  uint8_t* absx = SP_AVX2_VNNI ? nullptr : reinterpret_cast<uint8_t*>(tl_absx.get(size_t(a.x_stride)));
+// Tokens of rows [r0, r1), masked, one scale per row, few tokens: the decoded steps shared by up to 8
+// tokens at a time, where a row may read 32 bytes past its values (else the general tiles).
+static void rows_masked_few(const LinearArgs& a, int64_t r0, int64_t r1) {
+  const size_t need = size_t(a.batch * a.x_stride);
+  uint8_t* absx = SP_AVX2_VNNI ? nullptr : reinterpret_cast<uint8_t*>(tl_absx.get(need));
   if (!absx && !SP_AVX2_VNNI) {
-    for (int64_t r = r0; r < r1; ++r) row_tile<1, true>(a, r, 0);
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t b = 0; b < a.batch; ++b) row_tile<1, true>(a, r, b);
     return;
   }
-  for (int64_t c = 0; absx && c + 32 <= a.x_stride; c += 32)
+  for (int64_t c = 0; absx && c + 32 <= int64_t(need); c += 32)
     _mm256_store_si256(reinterpret_cast<__m256i*>(absx + c),
                        _mm256_abs_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.xq + c))));
   for (int64_t r = r0; r < r1; ++r) {
-    if (a.row_offsets[r + 1] + 32 > a.values_len) row_tile<1, true>(a, r, 0);
-    else if (a.four_per_byte) row1_four(a, absx, r);
-    else row1_masked(a, absx, r);
+    if (a.row_offsets[r + 1] + 32 > a.values_len) {
+      for (int64_t b = 0; b < a.batch; ++b) row_tile<1, true>(a, r, b);
+      continue;
+    }
+    int64_t b = 0;
+    for (; b + 8 <= a.batch; b += 8) row_masked_nb<8>(a, absx, r, b);
+    if (a.batch - b >= 4) { row_masked_nb<4>(a, absx, r, b); b += 4; }
+    if (a.batch - b >= 2) { row_masked_nb<2>(a, absx, r, b); b += 2; }
+    if (a.batch - b >= 1) row_masked_nb<1>(a, absx, r, b);
   }
 }
 
@@ -354,8 +348,8 @@ static void rows(const LinearArgs& a, int64_t r0, int64_t r1) {
     return;
   }
   if constexpr (kMasked) {
-    if (a.batch == 1 && a.n_groups == 1 && a.xq) {
-      rows1_masked(a, r0, r1);
+    if (a.n_groups == 1 && a.xq) {
+      rows_masked_few(a, r0, r1);
       return;
     }
   }
