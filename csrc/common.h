@@ -61,6 +61,12 @@ struct LinearArgs {
 };
 
 using RowKernel = void (*)(const LinearArgs&, int64_t r0, int64_t r1);
+// Several masked int8 weights over the same activations, summed (nested elastic levels, csrc/elastic.h):
+// parts[k] carries weight k's prepared panels; `sum` carries everything else (x, y, bias, activation,
+// the shared scales and the parts' summed rowsum). Rows [r0, r1), multiples of kGemmRows.
+using SumKernel = void (*)(const LinearArgs* parts, int n_parts, const LinearArgs& sum, int64_t r0, int64_t r1);
+// At most this many parts per SumKernel call (the levels of one elastic weight).
+constexpr int kMaxSumParts = 8;
 // Per-token int8 quantization of rows [b0, b1) (docs/formats.md, bit-exact with torch):
 // sx = max|x|/127 (1 for an all-zero row), xq = clamp(round_half_even(x / sx), -127, 127),
 // xu = xq + 128; row b at xq/xu + b * stride, padded to stride with xq = 0 / xu = 128.
@@ -154,6 +160,9 @@ struct KernelTable {
   // (false: only calls of kLazyMin..kLazyMax tokens; longer ones pack per call): for trees whose
   // per-call packing costs more than the panels save
   bool panels_for_long_calls = false;
+  // The masked GEMM over several weights' prepared panels summed in its accumulators, one epilogue
+  // (null: run_linear_sum runs the parts one after another and adds their outputs).
+  SumKernel masked_gemm_i8_sum = nullptr;
   // Few-token kernel over gather rows (LinearArgs::gather_recs; one scale per row), null: none. Used
   // where a weight has them (very sparse layers, csrc/gather_rows.h) for up to gather_max_batch tokens.
   RowKernel gather_i8 = nullptr;

@@ -20,11 +20,59 @@
 // so they are prepared per segment (when a call first needs them, by the same rule as NativeLinear) and
 // kept for every level: switching levels never rebuilds them, and all of them together take about what
 // one single-level weight's panels take.
+//
+// Many tokens: the level's segments run as one GEMM (kernel table's masked_gemm_i8_sum): each output
+// tile's token block multiplies every segment's panel into the same accumulators, then scales once by
+// the level's scales and the summed rowsums (held per level). So a level costs its own quads (about what
+// a single-level panel of that sparsity holds) and writes its outputs once, with no extra panels held.
+//
+// The handle is shared by the Python binding (elastic_linear) and the native block plans
+// (csrc/runtime/stack.h), which pass the level of each call.
 #pragma once
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
 
-namespace nanobind { class module_; }
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "plan.h"
 
 namespace sp {
+
+class ElasticLinear {
+ public:
+  using Array = nanobind::ndarray<nanobind::ro, nanobind::c_contig, nanobind::device::cpu>;
+
+  // See elastic_linear's docstring (elastic.cpp) for the arrays; std::invalid_argument when they do not fit.
+  ElasticLinear(const Array& masks, const Array& values, const Array& offsets, int64_t in, int64_t seg,
+                const std::vector<Array>& scales, const std::vector<Array>& rowsums, int64_t group_size,
+                int64_t panel_limit, bool lazy_panels);
+
+  // y = act(x W_level^T (+ bias)): `call` carries batch, x, y, bias and activation. Without the GIL.
+  void run(LinearArgs call, int level, int n_threads);
+
+  int levels() const { return int(segments_.size()); }
+  int64_t in_features() const { return segments_[0].in; }
+  int64_t out_features() const { return segments_[0].out; }
+  int panel_segments() const;
+  int64_t panel_bytes() const;
+
+ private:
+  Kind kind_ = Kind::MaskedF32;
+  int64_t panel_limit_;
+  bool lazy_;
+  std::vector<LinearArgs> segments_;  // segment j as its own masked weight (no scales: they are the level's)
+  std::vector<const float*> scales_;  // int8: level i's scales [out, n_groups]
+  std::vector<std::vector<int32_t>> level_rowsums_;  // int8: level i's segments' rowsums summed
+  std::vector<Array> keep_;           // owns the buffers segments_ and scales_ point into
+  mutable std::mutex mu_;             // guards panels_ (a call copies the pointers and runs outside the lock)
+  std::mutex build_;                  // one builder at a time
+  std::vector<std::shared_ptr<const PreparedPanels>> panels_;  // per segment, kept once built
+
+  int segment_of(const LinearArgs& p) const;
+  std::vector<std::shared_ptr<const PreparedPanels>> panels_for(int level, const LinearArgs& a, int n_threads);
+};
 
 // Registers `elastic_linear` and its handle class on the extension module.
 void bind_elastic(nanobind::module_& m);

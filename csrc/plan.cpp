@@ -228,6 +228,11 @@ void run_parts(Kind kind, const LinearArgs* parts, int n_parts, const LinearArgs
     // prepared panels: the GEMM never falls back to the row kernels (which read xq)
     xu_only = xu_only && gemm[k] && table.gemm_reads_xu_only && p.panels;
   }
+  // Every part on prepared panels and a summed rowsum given: one GEMM pass sums them in its accumulators
+  // (no part's output is written and added; each token block's activations serve every part while cached).
+  bool fused = n_parts > 1 && n_parts <= kMaxSumParts && call.rowsum && table.masked_gemm_i8_sum &&
+               kind == Kind::MaskedI8 && table.gemm_reads_xu_only && table.gemm_activates;
+  for (int k = 0; k < n_parts && fused; ++k) fused = gemm[k] && a[k].panels;
   int64_t x_stride = in;
   const float* x = call.x;
   int8_t* q = nullptr;
@@ -265,7 +270,7 @@ void run_parts(Kind kind, const LinearArgs* parts, int n_parts, const LinearArgs
     x = xf.data();
   }
   float* scratch = nullptr;
-  if (n_parts > 1) {
+  if (n_parts > 1 && !fused) {
     if (acc.size() < size_t(batch * out)) acc.resize(size_t(batch * out));
     scratch = acc.data();
   }
@@ -282,7 +287,12 @@ void run_parts(Kind kind, const LinearArgs* parts, int n_parts, const LinearArgs
     p.activation = n_parts == 1 ? call.activation : Activation::None;
   }
   // the activation after the kernels, unless the one kernel's GEMM applies it itself
-  const bool activate = call.activation != Activation::None && !(n_parts == 1 && gemm[0] && table.gemm_activates);
+  const bool activate = call.activation != Activation::None && !((n_parts == 1 || fused) && gemm[0] && table.gemm_activates);
+  LinearArgs sum = a[0];
+  sum.y = call.y;
+  sum.bias = call.bias;
+  sum.rowsum = call.rowsum;
+  sum.activation = call.activation;
   const int64_t align = any_gemm ? kGemmRows : kRowAlign;
   const int64_t max_tasks = std::max<int64_t>(1, out / align);
   // a few tasks per thread so a descheduled thread on a busy machine costs little
@@ -293,6 +303,10 @@ void run_parts(Kind kind, const LinearArgs* parts, int n_parts, const LinearArgs
   // each task sums and activates the outputs it just wrote, while they are still in its caches
   pool.run(real_tasks, threads, [&](int t) {
     const int64_t r0 = cut[size_t(t)], r1 = cut[size_t(t) + 1];
+    if (fused) {
+      table.masked_gemm_i8_sum(a, n_parts, sum, r0, r1);
+      return;
+    }
     kernels[0](a[0], r0, r1);
     for (int k = 1; k < n_parts; ++k) {
       kernels[k](a[k], r0, r1);

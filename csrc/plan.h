@@ -18,7 +18,8 @@ void run_linear(Kind kind, LinearArgs a, int n_threads);
 // fields (mask, values, row offsets, scales, rowsum, groups, panels; the same out and in); `call`
 // carries x, batch, y, bias and activation. x is quantized once; each task runs every part over its
 // rows (part 0 into y with the bias, the others through a scratch added in), then the activation
-// once, on the sum.
+// once, on the sum. With call.rowsum set (the parts' rowsums summed, int8) and every part on prepared
+// GEMM panels, a table with masked_gemm_i8_sum sums the parts in its accumulators instead.
 // Must be called without the GIL.
 void run_linear_sum(Kind kind, const LinearArgs* parts, int n_parts, const LinearArgs& call, int n_threads);
 

@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "elastic.h"
 #include "native_linear.h"
 #include "runtime/decoder.h"
 #include "runtime/stack.h"
@@ -47,13 +48,30 @@ struct PyProjection {
   Projection proj;
   nb::object linear;
   std::optional<F32Vec> bias;
+  std::vector<F32Vec> level_biases;
   int64_t in, out;
-  PyProjection(nb::object handle, std::optional<F32Vec> b, int slot) : linear(handle), bias(b) {
+  int levels = 0;  // elastic: its level count (0: one weight)
+  PyProjection(nb::object handle, std::optional<F32Vec> b, int slot, std::vector<F32Vec> per_level)
+      : linear(handle), bias(b), level_biases(std::move(per_level)) {
     require(slot >= -1, "a projection's threshold slot is -1 (none) or an index");
-    NativeLinear& l = nb::cast<NativeLinear&>(handle);
-    in = l.in_features(), out = l.out_features();
+    if (nb::isinstance<ElasticLinear>(handle)) {
+      ElasticLinear& e = nb::cast<ElasticLinear&>(handle);
+      in = e.in_features(), out = e.out_features(), levels = e.levels();
+      // (the thresholded kernels read one weight's columns; an elastic level is several)
+      require(slot == -1, "activation-sparsity thresholds on elastic layers have no native kernel");
+      require(level_biases.empty() || int(level_biases.size()) == levels, "one bias per level, or none");
+      for (const F32Vec& lb : level_biases) {
+        require(int64_t(lb.shape(0)) == out, "level biases must have out_features elements");
+        proj.level_bias.push_back(lb.data());
+      }
+      proj.elastic = &e;
+    } else {
+      NativeLinear& l = nb::cast<NativeLinear&>(handle);
+      in = l.in_features(), out = l.out_features();
+      require(level_biases.empty(), "level biases are for elastic layers only");
+      proj.linear = &l;
+    }
     require(!b || int64_t(b->shape(0)) == out, "projection bias must have out_features elements");
-    proj.linear = &l;
     proj.bias = b ? b->data() : nullptr;
     proj.slot = slot;
   }
@@ -100,6 +118,13 @@ class PyStack {
     if (gate) b.gate = gate->proj;
     b.act = py::to_activation(activation);
     for (const Projection* p : {&b.q, &b.k, &b.v, &b.o, &b.up, &b.down, &b.gate}) slots_ = std::max(slots_, p->slot + 1);
+    for (const PyProjection* p : std::initializer_list<const PyProjection*>{&q, &k, &v, &o, &up, &down, gate}) {
+      if (!p || !p->levels) continue;
+      require(elastic_levels_ == 0 || elastic_levels_ == p->levels, "elastic projections of one stack must store "
+                                                                    "the same number of levels");
+      elastic_levels_ = p->levels;
+    }
+    levels_ = std::max(1, elastic_levels_);
     stack_->add_block(b);
     for (nb::handle h : {nb::find(norm1), nb::find(norm2), nb::find(q), nb::find(k), nb::find(v), nb::find(o),
                          nb::find(up), nb::find(down)})
@@ -119,15 +144,17 @@ class PyStack {
   // none); cos, sin float32 [batch * seq, head_dim] (0: no rotary embedding).
   void forward_raw(uintptr_t x, uintptr_t out, int64_t batch, int64_t seq, uintptr_t mask,
                    const std::vector<int64_t>& mask_strides, bool causal, uintptr_t cos, uintptr_t sin,
-                   bool final_norm, int threads, uintptr_t thresholds) {
+                   bool final_norm, int threads, uintptr_t thresholds, int level) {
     require(batch >= 0 && seq >= 0 && x && out, "forward_raw: bad sizes or null pointers");
+    require(level >= 0 && level < levels_, "forward_raw: level " + std::to_string(level) + " out of range for " +
+                                               std::to_string(levels_) + " levels");
     require(mask_strides.size() == 3, "forward_raw: three mask strides");
     require((cos == 0) == (sin == 0), "forward_raw: cos and sin go together");
     MaskView m{reinterpret_cast<const float*>(mask), mask_strides[0], mask_strides[1], mask_strides[2]};
     nb::gil_scoped_release unlocked;
     stack_->forward(reinterpret_cast<const float*>(x), reinterpret_cast<float*>(out), batch, seq, m, causal,
                     reinterpret_cast<const float*>(cos), reinterpret_cast<const float*>(sin), nullptr, final_norm,
-                    threads, reinterpret_cast<const float*>(thresholds));
+                    threads, reinterpret_cast<const float*>(thresholds), level);
   }
 
   // Unchecked as forward_raw, with the cache: the tokens are its next `seq` positions.
@@ -145,10 +172,13 @@ class PyStack {
   Stack& stack() { return *stack_; }
   // How many thresholds a call must give (the highest projection slot + 1).
   int slots() const { return slots_; }
+  int elastic_levels() const { return elastic_levels_; }
 
  private:
   std::unique_ptr<Stack> stack_;
   int slots_ = 0;
+  int elastic_levels_ = 0;  // levels of the elastic projections (0: none)
+  int levels_ = 1;          // level indices a call may name
   std::vector<nb::object> keep_;
 };
 
@@ -159,6 +189,8 @@ class PyCausalLM {
       : stack_obj_(stack), table_(table), scales_(scales), cos_(cos), sin_(sin) {
     PyStack& s = nb::cast<PyStack&>(stack);
     const Shape& sh = s.stack().shape();
+    // (its steps carry no level: elastic stacks run on the model's own forward)
+    require(s.elastic_levels() == 0 && head.levels == 0, "the native decoder does not run elastic sparsity levels");
     require(bits == 32 || bits == 8 || bits == 4, "embedding bits must be 32, 8 or 4");
     const int64_t vocab = int64_t(table.shape(0)), width = int64_t(table.shape(1));
     const int64_t want = bits == 4 ? (sh.hidden + 1) / 2 : sh.hidden;
@@ -229,9 +261,11 @@ void bind(nb::module_& m) {
       .def(nb::init<F32Vec, std::optional<F32Vec>, float, bool>(), nb::arg("weight"), nb::arg("bias").none(),
            nb::arg("eps"), nb::arg("rms"));
   nb::class_<PyProjection>(m, "Projection", "A NativeLinear (and bias) as one of a block's projections.")
-      .def(nb::init<nb::object, std::optional<F32Vec>, int>(), nb::arg("linear"), nb::arg("bias").none(),
-           nb::arg("slot") = -1,
-           "slot >= 0: the index of this projection's activation-sparsity threshold in a call's thresholds.");
+      .def(nb::init<nb::object, std::optional<F32Vec>, int, std::vector<F32Vec>>(), nb::arg("linear"),
+           nb::arg("bias").none(), nb::arg("slot") = -1, nb::arg("level_biases") = std::vector<F32Vec>(),
+           "linear: a NativeLinear or an ElasticLinear (whose level each Stack call names). slot >= 0: the\n"
+           "index of this projection's activation-sparsity threshold in a call's thresholds. level_biases: an\n"
+           "elastic projection's bias at each level (none: `bias` at every level).");
   nb::class_<PyStack>(m, "Stack", "Transformer blocks run natively, one call for all of them (csrc/runtime/stack.h).")
       .def(nb::init<int64_t, int64_t, int64_t, int64_t, int64_t, bool, float>(), nb::arg("hidden"), nb::arg("heads"),
            nb::arg("kv_heads"), nb::arg("head_dim"), nb::arg("intermediate"), nb::arg("pre_norm"), nb::arg("scale"))
@@ -241,11 +275,13 @@ void bind(nb::module_& m) {
       .def("set_final_norm", &PyStack::set_final_norm, nb::arg("norm"))
       .def_prop_ro("layers", [](PyStack& s) { return s.stack().layers(); })
       .def_prop_ro("slots", &PyStack::slots, "How many activation-sparsity thresholds a call gives.")
+      .def_prop_ro("elastic_levels", &PyStack::elastic_levels, "Levels of its elastic projections (0: none).")
       .def("forward_raw", &PyStack::forward_raw, nb::arg("x_ptr"), nb::arg("out_ptr"), nb::arg("batch"), nb::arg("seq"),
            nb::arg("mask_ptr"), nb::arg("mask_strides"), nb::arg("causal"), nb::arg("cos_ptr"), nb::arg("sin_ptr"),
-           nb::arg("final_norm"), nb::arg("n_threads") = 1, nb::arg("thresholds_ptr") = 0,
+           nb::arg("final_norm"), nb::arg("n_threads") = 1, nb::arg("thresholds_ptr") = 0, nb::arg("level") = 0,
            "Unchecked: out[T, hidden] = blocks(x[T, hidden]) for T = batch * seq tokens; thresholds_ptr: float32\n"
-           "activation-sparsity thresholds indexed by the projections' slots (0: none).")
+           "activation-sparsity thresholds indexed by the projections' slots (0: none); level: the elastic\n"
+           "level index every elastic projection runs in this call.")
       .def("forward_cached_raw", &PyStack::forward_cached_raw, nb::arg("x_ptr"), nb::arg("out_ptr"), nb::arg("seq"),
            nb::arg("cos_ptr"), nb::arg("sin_ptr"), nb::arg("cache"), nb::arg("final_norm"), nb::arg("n_threads") = 1,
            nb::arg("thresholds_ptr") = 0,

@@ -55,7 +55,17 @@ void for_rows(int64_t rows, int64_t width, int threads, const F& f) {
 }  // namespace
 
 void project(const Projection& p, const float* x, int64_t rows, float* y, Activation act, int threads,
-             const float* thresholds) {
+             const float* thresholds, int level) {
+  if (p.elastic) {
+    LinearArgs call;
+    call.batch = rows;
+    call.x = x;
+    call.y = y;
+    call.bias = p.level_bias.empty() ? p.bias : p.level_bias[size_t(level)];
+    call.activation = act;
+    p.elastic->run(call, level, threads);
+    return;
+  }
   LinearArgs a = p.linear->args();
   a.batch = rows;
   a.x = x;
@@ -116,7 +126,7 @@ void norm_rows(const Norm& n, float* stream, const float* delta, float* out, int
 
 void Stack::forward(const float* x, float* out, int64_t batch, int64_t seq, MaskView mask, bool causal,
                     const float* cos, const float* sin, KVCache* cache, bool final_norm, int threads,
-                    const float* thresholds) const {
+                    const float* thresholds, int level) const {
   const Shape& sh = shape_;
   const int64_t T = batch * seq, H = sh.hidden, d = sh.head_dim;
   const int64_t Hq = sh.heads * d, Hk = sh.kv_heads * d, I = sh.intermediate;
@@ -177,9 +187,9 @@ void Stack::forward(const float* x, float* out, int64_t batch, int64_t seq, Mask
       pending = nullptr;
       in = normed;
     }
-    project(blk.q, in, T, q, Activation::None, threads, thresholds);
-    project(blk.k, in, T, k, Activation::None, threads, thresholds);
-    project(blk.v, in, T, v, Activation::None, threads, thresholds);
+    project(blk.q, in, T, q, Activation::None, threads, thresholds, level);
+    project(blk.k, in, T, k, Activation::None, threads, thresholds, level);
+    project(blk.v, in, T, v, Activation::None, threads, thresholds, level);
     if (blk.q_norm.weight || blk.k_norm.weight || cos) {
       for_rows(T, Hq + Hk, threads, [&](int64_t r0, int64_t r1) {
         if (blk.q_norm.weight) ops.head_rms(q, Hq, sh.heads, d, blk.q_norm.weight, blk.q_norm.eps, r0, r1);
@@ -198,7 +208,7 @@ void Stack::forward(const float* x, float* out, int64_t batch, int64_t seq, Mask
       at.k = k, at.v = v;
     }
     run_attention(at, threads);
-    project(blk.o, attn, T, tmp, Activation::None, threads, thresholds);
+    project(blk.o, attn, T, tmp, Activation::None, threads, thresholds, level);
     if (sh.pre_norm) {
       norm_rows(blk.norm2, out, tmp, normed, T, H, threads);
       in = normed;
@@ -206,14 +216,14 @@ void Stack::forward(const float* x, float* out, int64_t batch, int64_t seq, Mask
       norm_rows(blk.norm1, out, tmp, out, T, H, threads);
       in = out;
     }
-    if (blk.gate.linear) {
-      project(blk.gate, in, T, gate, blk.act, threads, thresholds);
-      project(blk.up, in, T, up, Activation::None, threads, thresholds);
+    if (blk.gate.present()) {
+      project(blk.gate, in, T, gate, blk.act, threads, thresholds, level);
+      project(blk.up, in, T, up, Activation::None, threads, thresholds, level);
       for_rows(T, I, threads, [&](int64_t r0, int64_t r1) { ops.mul(gate + r0 * I, up + r0 * I, (r1 - r0) * I); });
     } else {
-      project(blk.up, in, T, gate, blk.act, threads, thresholds);
+      project(blk.up, in, T, gate, blk.act, threads, thresholds, level);
     }
-    project(blk.down, gate, T, tmp, Activation::None, threads, thresholds);
+    project(blk.down, gate, T, tmp, Activation::None, threads, thresholds, level);
     if (sh.pre_norm) {
       pending = tmp;
     } else {

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "common.h"
+#include "elastic.h"
 #include "native_linear.h"
 #include "runtime/ops_table.h"
 
@@ -29,10 +30,13 @@ struct Norm {
 };
 
 struct Projection {
-  py::NativeLinear* linear = nullptr;
+  py::NativeLinear* linear = nullptr;  // one weight, or
+  ElasticLinear* elastic = nullptr;    // nested elastic levels (csrc/elastic.h): the call's level runs
   const float* bias = nullptr;
+  std::vector<const float*> level_bias;  // elastic: each level's bias (its stored shift added); empty: `bias`
   // index of this projection's activation-sparsity threshold in a call's thresholds (-1: none)
   int slot = -1;
+  bool present() const { return linear || elastic; }
 };
 
 struct Block {
@@ -92,9 +96,10 @@ class Stack {
   // which keys each query sees. With one: the tokens are the next `seq` positions of every row;
   // they see the cached ones and themselves causally (mask and causal are ignored). `thresholds`
   // (null: none): a projection with slot s zeroes inputs below thresholds[s] (activation sparsity).
+  // `level`: the elastic level index every elastic projection of this call runs (0: the lowest sparsity).
   void forward(const float* x, float* out, int64_t batch, int64_t seq, MaskView mask, bool causal,
                const float* cos, const float* sin, KVCache* cache, bool final_norm, int threads,
-               const float* thresholds = nullptr) const;
+               const float* thresholds = nullptr, int level = 0) const;
 
  private:
   Shape shape_;
@@ -105,9 +110,10 @@ class Stack {
 // Row-parallel helpers shared with the decoder loop.
 void norm_rows(const Norm& n, float* stream, const float* delta, float* out, int64_t rows, int64_t width,
                int threads);
-// y[rows, out] = act(x @ W.T + bias) through the projection's kernel; `thresholds` as in Stack::forward.
+// y[rows, out] = act(x @ W.T + bias) through the projection's kernel; `thresholds` and `level` as in
+// Stack::forward.
 void project(const Projection& p, const float* x, int64_t rows, float* y, Activation act, int threads,
-             const float* thresholds = nullptr);
+             const float* thresholds = nullptr, int level = 0);
 
 }  // namespace runtime
 }  // namespace sp

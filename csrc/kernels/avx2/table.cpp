@@ -20,7 +20,7 @@ const KernelTable& table() {
 #endif
   static const KernelTable t = {name, masked_i8, dense_i8, masked_f32, masked_bf16, csr_f32, csr_i8,
                                  quantize, activate, masked_gemm_i8, dense_gemm_i8, false, false, false, 6, 12, tile_panel_bytes, pack_tile_panel, attend, true,
-                                 gather_i8, kGatherMaxBatch};
+                                 nullptr, gather_i8, kGatherMaxBatch};
   return t;
 }
 

@@ -448,14 +448,10 @@ static inline void store_tile(const LinearArgs& a, const __m512i (&acc)[MR][NJ],
   }
 }
 
-// y[m0 .. m0+MR, n0 .. n0+nr) from the dense panel.
+// acc += the dense panel's k4n steps for tokens m0 .. m0+MR.
 template <int MR, int NJ>
-static inline void micro(const LinearArgs& a, const int8_t* buf, int64_t k4n, int64_t m0, int64_t n0, int nr) {
-  __m512i acc[MR][NJ];
-#pragma GCC unroll 8
-  for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 2
-    for (int j = 0; j < NJ; ++j) acc[i][j] = _mm512_setzero_si512();
+static inline __attribute__((always_inline)) void add_dense(__m512i (&acc)[MR][NJ], const LinearArgs& a,
+                                                            const int8_t* buf, int64_t k4n, int64_t m0) {
   const uint8_t* x = a.xu + m0 * a.x_stride;
   const int64_t xs = a.x_stride;
   for (int64_t k = 0; k < k4n; ++k) {
@@ -471,6 +467,22 @@ static inline void micro(const LinearArgs& a, const int8_t* buf, int64_t k4n, in
       for (int j = 0; j < NJ; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], xb, w[j]);
     }
   }
+}
+
+template <int MR, int NJ>
+static inline __attribute__((always_inline)) void zero_tile(__m512i (&acc)[MR][NJ]) {
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 2
+    for (int j = 0; j < NJ; ++j) acc[i][j] = _mm512_setzero_si512();
+}
+
+// y[m0 .. m0+MR, n0 .. n0+nr) from the dense panel.
+template <int MR, int NJ>
+static inline void micro(const LinearArgs& a, const int8_t* buf, int64_t k4n, int64_t m0, int64_t n0, int nr) {
+  __m512i acc[MR][NJ];
+  zero_tile<MR, NJ>(acc);
+  add_dense<MR, NJ>(acc, a, buf, k4n, m0);
   store_tile<MR, NJ>(a, acc, m0, n0, nr);
 }
 
@@ -673,14 +685,11 @@ static int64_t slide_quads(const LinearArgs& a, int64_t n0, int nr, int64_t kpad
   return count;
 }
 
+// acc += the quad runs' products for tokens m0 .. m0+MR.
 template <int MR, int NJ>
-static inline void micro_quads(const LinearArgs& a, const int8_t* buf, const QuadRun* runs, int64_t nruns,
-                               int64_t m0, int64_t n0, int nr) {
-  __m512i acc[MR][NJ];
-#pragma GCC unroll 8
-  for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 2
-    for (int j = 0; j < NJ; ++j) acc[i][j] = _mm512_setzero_si512();
+static inline __attribute__((always_inline)) void add_quads(__m512i (&acc)[MR][NJ], const LinearArgs& a,
+                                                            const int8_t* buf, const QuadRun* runs, int64_t nruns,
+                                                            int64_t m0) {
   const uint8_t* x = a.xu + m0 * a.x_stride;
   const int64_t xs = a.x_stride;
   const int8_t* p = buf;
@@ -699,6 +708,14 @@ static inline void micro_quads(const LinearArgs& a, const int8_t* buf, const Qua
       }
     }
   }
+}
+
+template <int MR, int NJ>
+static inline void micro_quads(const LinearArgs& a, const int8_t* buf, const QuadRun* runs, int64_t nruns,
+                               int64_t m0, int64_t n0, int nr) {
+  __m512i acc[MR][NJ];
+  zero_tile<MR, NJ>(acc);
+  add_quads<MR, NJ>(acc, a, buf, runs, nruns, m0);
   store_tile<MR, NJ>(a, acc, m0, n0, nr);
 }
 
@@ -776,6 +793,52 @@ static inline void prepared_tokens(const LinearArgs& a, const int8_t* tile, int6
   std::memcpy(&layout.runs, tile + 4, 4);
   const QuadRun* runs = layout.kind == kDenseTile ? nullptr : reinterpret_cast<const QuadRun*>(tile + 64);
   tile_tokens(a, tile + tile_header(layout), runs, layout.runs, windows, m0, m1, n0, nr);
+}
+
+// One part's prepared tile, read from its header.
+struct PartTile {
+  const int8_t* data;
+  const QuadRun* runs;  // null: a dense panel
+  int64_t nruns;
+};
+
+static inline PartTile part_tile(const int8_t* tile) {
+  TileLayout layout{PanelTile(tile[0]), 0};
+  std::memcpy(&layout.runs, tile + 4, 4);
+  const QuadRun* runs = layout.kind == kDenseTile ? nullptr : reinterpret_cast<const QuadRun*>(tile + 64);
+  return {tile + tile_header(layout), runs, layout.runs};
+}
+
+// y[m0 .. m0+MR, n0 .. n0+nr) = the parts' tiles summed in the accumulators, then one epilogue: the
+// activations stay in registers (quads) or L1 from part to part and y is written once.
+template <int MR, int NJ>
+static void micro_sum(const LinearArgs& a, const PartTile* tiles, int n, int64_t windows, int64_t m0, int64_t n0,
+                      int nr) {
+  __m512i acc[MR][NJ];
+  zero_tile<MR, NJ>(acc);
+  for (int t = 0; t < n; ++t) {
+    if (tiles[t].runs) add_quads<MR, NJ>(acc, a, tiles[t].data, tiles[t].runs, tiles[t].nruns, m0);
+    else add_dense<MR, NJ>(acc, a, tiles[t].data, windows * 16, m0);
+  }
+  store_tile<MR, NJ>(a, acc, m0, n0, nr);
+}
+
+template <int NJ>
+static void sum_tokens(const LinearArgs& a, const PartTile* tiles, int n, int64_t windows, int64_t m0, int64_t m1,
+                       int64_t n0, int nr) {
+  const TokenBlocks tb(m1 - m0, kQuadMR);
+  int64_t m = m0;
+  for (int64_t b = 0; b < tb.blocks; ++b) {
+    const int size = tb.size(b);
+    switch (size) {
+      case 5: micro_sum<5, NJ>(a, tiles, n, windows, m, n0, nr); break;
+      case 4: micro_sum<4, NJ>(a, tiles, n, windows, m, n0, nr); break;
+      case 3: micro_sum<3, NJ>(a, tiles, n, windows, m, n0, nr); break;
+      case 2: micro_sum<2, NJ>(a, tiles, n, windows, m, n0, nr); break;
+      default: micro_sum<1, NJ>(a, tiles, n, windows, m, n0, nr); break;
+    }
+    m += size;
+  }
 }
 
 template <bool kMasked>
@@ -861,6 +924,21 @@ bool pack_tile_panel(const LinearArgs& a, bool masked, int64_t n0, TileLayout la
   return true;
 }
 
+void masked_gemm_i8_sum(const LinearArgs* parts, int n_parts, const LinearArgs& sum, int64_t r0, int64_t r1) {
+  const int64_t kpad = (sum.in + 63) / 64 * 64, windows = kpad / 64;
+  const int64_t mc = generic::imin(sum.batch, ((int64_t(384) << 10) / sum.x_stride / kMR + 1) * kMR);
+  PartTile tiles[kMaxSumParts];
+  const int n = n_parts < kMaxSumParts ? n_parts : kMaxSumParts;
+  for (int64_t m0 = 0; m0 < sum.batch; m0 += mc) {
+    const int64_t m1 = generic::imin(sum.batch, m0 + mc);
+    for (int64_t n0 = r0; n0 < r1; n0 += kGemmRows) {
+      const int nr = int(generic::imin(kGemmRows, r1 - n0));
+      for (int t = 0; t < n; ++t) tiles[t] = part_tile(parts[t].panels + parts[t].panel_off[n0 / kGemmRows]);
+      if (nr > 16) sum_tokens<2>(sum, tiles, n, windows, m0, m1, n0, nr);
+      else sum_tokens<1>(sum, tiles, n, windows, m0, m1, n0, nr);
+    }
+  }
+}
 void masked_i8(const LinearArgs& a, int64_t r0, int64_t r1) { rows<true>(a, r0, r1); }
 void dense_i8(const LinearArgs& a, int64_t r0, int64_t r1) { rows<false>(a, r0, r1); }
 void csr_i8(const LinearArgs& a, int64_t r0, int64_t r1) { generic::csr_i8(a, r0, r1); }

@@ -12,7 +12,7 @@ void activate(float* y, int64_t batch, int64_t stride, int64_t c0, int64_t c1, A
 const KernelTable& table() {
   static const KernelTable t = {"scalar", masked_i8, dense_i8, masked_f32, masked_bf16, csr_f32, csr_i8,
                                  quantize, activate, nullptr, nullptr, false, false, false, 1 << 30, 1 << 30, nullptr, nullptr, attend, false,
-                                 gather_i8, 1 << 30};  // per stored value beats per column at any batch
+                                 nullptr, gather_i8, 1 << 30};  // per stored value beats per column at any batch
   return t;
 }
 

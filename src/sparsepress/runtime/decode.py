@@ -97,6 +97,8 @@ class NativeDecoder:
         if lib is None or forward is None or not forward.plan.roles.pre_norm:
             raise InputError(type(model).__name__, "no native decoder plan (a supported causal LM with packed block layers)")
         plan: StackPlan = forward.plan
+        if plan.stack.elastic_levels:  # a decode step carries no level; the model's own generate runs them
+            raise InputError(type(model).__name__, "the native decoder does not run elastic sparsity levels")
         rope_type = getattr(plan.rotary, "rope_type", "default")
         if plan.rotary is None or rope_type not in STATIC_ROPE:
             raise InputError(type(model).__name__, f"rotary embedding {rope_type!r} is not supported natively")

@@ -121,7 +121,8 @@ def _run_stack(plan: StackPlan, hidden: torch.Tensor, mask: torch.Tensor | None,
     thresholds = plan.guard.thresholds()  # held until the call returns
     plan.stack.forward_raw(x.data_ptr(), out.data_ptr(), batch, seq, 0 if mask is None else mask.data_ptr(), strides,
                            causal, 0 if cos is None else cos.data_ptr(), 0 if sin is None else sin.data_ptr(),
-                           final_norm, torch.get_num_threads(), 0 if thresholds is None else thresholds.data_ptr())
+                           final_norm, torch.get_num_threads(), 0 if thresholds is None else thresholds.data_ptr(),
+                           plan.guard.level())
     return out
 
 

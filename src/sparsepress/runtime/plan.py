@@ -6,6 +6,10 @@ finds and the HF config, and hands the native Stack pointers to the tensors the 
 the model. It refuses (returns the reason as a string) whatever it cannot run exactly: another family,
 a Linear that is not a packed layer with a native kernel, norms of another kind, an unknown activation.
 
+Elastic layers (nested sparsity levels, `sparsepress.nn.elastic`) are projections too: one handle holds
+every level, and each call hands the Stack the level index of its snapshot (`PlanGuard.level`), so
+`set_sparsity` switches the native path with nothing rebuilt and a call never mixes levels.
+
 `PlanGuard` is what each call checks before running natively: the modules and tensors the plan points
 into are still the ones in the model, nobody hooks the blocks, no gradients are wanted. It also hands
 each call the activation-sparsity thresholds of the level the call runs at (one per thresholded
@@ -30,10 +34,11 @@ import torch
 from torch import nn
 
 from .. import native
-from ..kernels import activation_code, native_handle
+from ..kernels import activation_code, elastic_native_plan, native_handle
 from ..models import find_layout
 from ..models.roles import BlockRoles, roles_for
 from ..nn import SparseLinear
+from ..nn.elastic import ElasticLinear
 from ..nn.activation import KNOB, active_threshold
 from ..nn.levels import runtime_levels
 
@@ -56,6 +61,7 @@ class PlanGuard:
     # layers with activation-sparsity thresholds (nn/activation.py), in the order of their Stack slots
     thresholded: list[nn.Module] = field(default_factory=list, repr=False)
     _by_level: dict[float, torch.Tensor | None] = field(default_factory=dict, repr=False)
+    elastic: ElasticLinear | None = field(default=None, repr=False)  # one elastic layer: its level is the call's
 
     def watch(self, owner: dict, key: str) -> Any:
         """Record `owner[key]` (a module's `_modules`, `_parameters`, `_buffers` or `__dict__`); return it."""
@@ -101,6 +107,16 @@ class PlanGuard:
             values = [active_threshold(m) for m in self.thresholded]
             self._by_level[level] = torch.tensor(values, dtype=torch.float32) if any(values) else None
         return self._by_level[level]
+
+    def levels_of(self, layer: ElasticLinear) -> None:
+        """Register an elastic layer; every call then runs the level its model's snapshot names."""
+        if self.elastic is None:
+            self.elastic = layer
+
+    def level(self) -> int:
+        """The elastic level index this call runs (0 without elastic layers): read at the start of a
+        call from the calling thread's snapshot (nn/levels.py), so one call runs one level throughout."""
+        return 0 if self.elastic is None else self.elastic.active_level()
 
     def wants_grad(self, *inputs: torch.Tensor) -> bool:
         """Whether autograd would record this call (the native path records nothing)."""
@@ -186,12 +202,30 @@ def _projection(lib: Any, module: nn.Module, name: str, guard: PlanGuard) -> Any
     if not isinstance(module, SparseLinear):
         raise _Refused(f"{name} is a {type(module).__name__}, not a packed layer with a native kernel")
     packed = guard.watch(module.__dict__, "packed")
+    if isinstance(module, ElasticLinear):
+        return _elastic_projection(lib, module, name, guard)
     handle = native_handle(packed)
     if handle is None:
         raise _Refused(f"{name}: no native kernel for {packed.name} / {packed.dtype}")
     bias = guard.watch(module._buffers, "bias") if "bias" in module._buffers else None
     # thresholds installed later make the plan stale (the buffer is watched either way)
     return lib.Projection(handle, _float_tensor(bias, f"{name}.bias"), guard.slot(module))
+
+
+def _elastic_projection(lib: Any, module: ElasticLinear, name: str, guard: PlanGuard) -> Any:
+    """An elastic layer's projection: one handle for every level, each level's bias (its shift added)."""
+    handle = elastic_native_plan(module.packed)
+    if handle is None:
+        raise _Refused(f"{name}: no native kernel for elastic / {module.packed.dtype}")
+    if guard.slot(module) >= 0:
+        raise _Refused(f"{name}: activation sparsity on an elastic layer has no native kernel")
+    if "bias" in module._buffers:
+        guard.watch(module._buffers, "bias")  # a replaced bias (bias correction) makes new level biases
+    guard.levels_of(module)
+    biases = [module.level_bias(i) for i in range(module.packed.n_levels)]
+    if all(b is None for b in biases):
+        return lib.Projection(handle, None)
+    return lib.Projection(handle, None, -1, [_float_tensor(b, f"{name} level bias") for b in biases])
 
 
 def _activation(config: Any, roles: BlockRoles) -> int:
