@@ -292,6 +292,7 @@ NB_MODULE(_native, m) {
         "8 tokens).");
   m.def("colskip_policy", &sp::colskip_policy, "The column-skip policy (see set_colskip_policy).");
   m.attr("colskip_max_batch") = sp::kColSkipMaxBatch;
+  m.attr("gather_max_density") = sp::kGatherMaxDensity;  // stored share up to which weights get gather rows
 
   nb::class_<NativeExperts>(m, "NativeExperts", "The packed experts of one MoE layer, run by one grouped call.")
       .def(nb::init<const nb::list&, const nb::list&, const std::vector<std::optional<Vec>>&,
