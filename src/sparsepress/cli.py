@@ -60,10 +60,11 @@ def _progress() -> tuple[Progress, Callable[[str, int, int], None]]:
 
 def run_compression(model_name: str, recipe_path: Path | None, out: Path, calibration: Path | None, samples: int,
                     seq_len: int, overwrite: bool, recipe: Any = None, *, resume: bool = False,
-                    nonfinite: str = "error") -> tuple[Any, Any]:
+                    nonfinite: str = "error", stream: bool = False) -> tuple[Any, Any]:
     """Load, compress and save; returns (source, compressed model). Shared by `compress` and `demo`.
 
     Finished blocks are checkpointed beside `out` (`.NAME.checkpoint/`); `resume` continues from them.
+    `stream` reads the weights block by block from the model's safetensors files (`sparsepress.stream`).
     """
     import warnings
 
@@ -81,7 +82,7 @@ def run_compression(model_name: str, recipe_path: Path | None, out: Path, calibr
     # Refuse a non-empty --out before any expensive work, and create nothing yet.
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         _atomic_folder(out, overwrite)
-    source = load_source(model_name)
+    source = load_source(model_name, stream=stream)
     if source.tokenizer is None:
         raise InputError(source.path, "no tokenizer files found; calibration needs one")
     text = read_text(calibration)
@@ -94,7 +95,8 @@ def run_compression(model_name: str, recipe_path: Path | None, out: Path, calibr
             warnings.simplefilter("always", NonFiniteWarning)
             try:
                 model = compress(source.model, recipe, calibration=ids, tokenizer=source.tokenizer, samples=len(ids),
-                                 seq_len=seq_len, progress=update, nonfinite=nonfinite, checkpoint=checkpoint)
+                                 seq_len=seq_len, progress=update, nonfinite=nonfinite, checkpoint=checkpoint,
+                                 weights=source.weights)
             finally:
                 for item in caught:
                     if issubclass(item.category, NonFiniteWarning):
@@ -127,13 +129,14 @@ def compress_command(
     overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty --out"),
     resume: bool = typer.Option(False, "--resume", help="continue an interrupted run from its per-block checkpoint (.OUT.checkpoint/)"),
     on_nonfinite: str = typer.Option("error", "--on-nonfinite", help="error | skip: refuse NaN/Inf weights and activations, or zero / drop them with a warning"),
+    stream: bool = typer.Option(False, "--stream", help="models larger than memory: read the weights block by block from the safetensors files (LLaMA / Mistral / Qwen2 / Qwen3 / BERT / RoBERTa)"),
 ) -> None:
     """Compress MODEL with a recipe and write a packed model folder."""
     from .io import read_manifest
     from .report import extra_tables, folder_bytes, human_bytes, layer_table
 
     source, _ = run_compression(model, recipe, out, calibration, samples, seq_len, overwrite,
-                                resume=resume, nonfinite=on_nonfinite)
+                                resume=resume, nonfinite=on_nonfinite, stream=stream)
     manifest = read_manifest(out)
     console.print(layer_table(manifest, title=f"{out}"))
     for extra in extra_tables(manifest):

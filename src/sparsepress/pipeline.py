@@ -32,6 +32,7 @@ from .passes import CompressionContext, plan_passes
 from .passes.context import Progress
 from .recipe import Recipe
 from .runtime import use_native_blocks
+from .stream import StreamedWeights, check_streamable_run
 
 NONFINITE_POLICIES = ("error", "skip")
 
@@ -48,6 +49,7 @@ def compress(
     progress: Progress | None = None,
     nonfinite: str = "error",
     checkpoint: Any = None,
+    weights: StreamedWeights | None = None,
 ) -> nn.Module:
     """Compress `model` in place with `recipe` and return it (Linear layers become SparseLinear).
 
@@ -56,20 +58,28 @@ def compress(
     `nonfinite="skip"` zeroes NaN / Inf weights and drops NaN / Inf calibration tokens with a
     NonFiniteWarning naming the layer (default "error": PoisonedWeightError). `checkpoint` (a
     `sparsepress.checkpoint.Checkpoint`) saves each finished block and, when resuming, restores them.
+    `weights` (with a skeleton `model`, both from `sparsepress.stream.open_streamed`) streams the
+    model from disk block by block, for models larger than memory (see `sparsepress.stream`).
     """
     if nonfinite not in NONFINITE_POLICIES:
         raise InputError("nonfinite", f"got {nonfinite!r}; allowed: {' | '.join(NONFINITE_POLICIES)}")
     if not isinstance(recipe, Recipe):
         recipe = Recipe.model_validate(recipe)
     passes = plan_passes(recipe)  # refuses what no pass implements before any work
+    check_streamable_run(model, recipe, passes, weights)
     torch.manual_seed(recipe.seed)
     model.eval()
     convert_conv1d_(model)
     unfuse_experts_(model)  # MoE: one Linear per expert matrix, so every pass reaches each expert
+    if weights is not None:
+        weights.load_before_blocks_(model)  # the embeddings; each block is read by the layer solve
     ctx = CompressionContext(model, recipe, calibration, tokenizer, samples=samples, seq_len=seq_len,
-                             batch_size=batch_size, progress=progress, nonfinite=nonfinite, checkpoint=checkpoint)
+                             batch_size=batch_size, progress=progress, nonfinite=nonfinite, checkpoint=checkpoint,
+                             weights=weights)
     for step in passes:
         step.run(ctx)
+    if weights is not None:
+        weights.load_rest_(model)  # whatever no pass read (blocks without a selected layer)
     model.sparsepress_record = ctx.record  # type: ignore[attr-defined]
     fuse_activations(model)
     use_native_attention(model)

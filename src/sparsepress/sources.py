@@ -98,19 +98,26 @@ def check_model_type(config_path: Path) -> str:
 
 @dataclass
 class Source:
-    """A loaded source model with its tokenizer and folder."""
+    """A loaded source model with its tokenizer and folder; `weights`: the reader of a streamed model's
+    files (its parameters wait on the meta device; pass it to `sp.compress(..., weights=...)`), else None."""
 
     path: Path
     model: nn.Module
     tokenizer: object | None
+    weights: object | None = None
 
 
-def load_source(name: str | Path) -> Source:
+def load_source(name: str | Path, stream: bool = False) -> Source:
     """Load a model folder (or alias) in float32 eval mode, with its tokenizer if it has one.
+
+    `stream=True` reads no weights: the model is a skeleton whose tensors `sp.compress` reads from the
+    safetensors files block by block (`sparsepress.stream`), for models larger than memory.
 
     Example:
         >>> src = load_source("minilm"); type(src.model).__name__
         'BertModel'
+        >>> load_source("minilm", stream=True).model.pooler.dense.weight.device.type
+        'meta'
     """
     from transformers import AutoConfig, AutoTokenizer
 
@@ -124,17 +131,23 @@ def load_source(name: str | Path) -> Source:
         cls = model_class_for(path, config)
     except KeyError:
         raise InputError(path, f"unsupported architecture {config.model_type!r}: transformers has no model class for it") from None
-    try:
-        model = cls.from_pretrained(path, local_files_only=True, dtype=torch.float32)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise InputError(path, f"cannot load the model weights: {exc}") from None
+    weights = None
+    if stream:
+        from .stream import open_streamed
+
+        model, weights = open_streamed(path, config)
+    else:
+        try:
+            model = cls.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise InputError(path, f"cannot load the model weights: {exc}") from None
     model.eval()
     tokenizer = None
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, TypeError):
         tokenizer = None
-    return Source(path=path, model=model, tokenizer=tokenizer)
+    return Source(path=path, model=model, tokenizer=tokenizer, weights=weights)
 
 
 def bundled_text(kind: str) -> str:

@@ -12,7 +12,8 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -23,7 +24,7 @@ from torch import nn
 from ..calibration import make_batches, to_token_ids
 from ..models import ModelLayout, find_layout
 from ..recipe import Recipe
-from .selection import LayerSelection, select_layers
+from .selection import LayerSelection, check_weights_finite, select_layers
 
 Progress = Callable[[str, int, int], None]
 
@@ -83,7 +84,8 @@ class CompressionContext:
     `embedding_bits` the bits an allocation chose per embedding table (by module name); `masks` the
     keep-masks of layers pruned but not yet packed (kept fixed by distillation and the quantize solve
     after it); `teacher` a copy of the model as it was before any pass changed it, when a pass
-    (distillation) asked for one.
+    (distillation) asked for one; `weights` the reader of a streamed model's files (`sparsepress.stream`),
+    None when the model is in memory.
     """
 
     model: nn.Module
@@ -96,6 +98,7 @@ class CompressionContext:
     progress: Progress | None = None
     nonfinite: str = "error"
     checkpoint: Any = None
+    weights: Any = None
     targets: dict[str, LayerTarget] = field(default_factory=dict)
     embedding_bits: dict[str, int] = field(default_factory=dict)
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -131,6 +134,28 @@ class CompressionContext:
         """Report progress of a long step (a no-op without a progress callback)."""
         if self.progress is not None:
             self.progress(what, done, total)
+
+    @contextmanager
+    def block_weights(self, name: str) -> Iterator[None]:
+        """Block `name`'s weights for the time of its solve: a streamed model reads them from disk
+        (checked finite), then lets go of the dense tensors of the layers the solve replaced; a model
+        in memory has them already.
+
+        Example:
+            >>> from sparsepress.recipe import Recipe
+            >>> ctx = CompressionContext(torch.nn.Linear(2, 2), Recipe.model_validate({"stages": [{"quantize": {}}]}))
+            >>> with ctx.block_weights(""):
+            ...     ctx.model.weight.device.type
+            'cpu'
+        """
+        if self.weights is None:
+            yield
+            return
+        self.weights.load_(self.model, [name])
+        check_weights_finite({n: layer for n, layer in self.selection.layers.items() if n.startswith(f"{name}.")},
+                             self.nonfinite)
+        yield
+        self.weights.release_replaced_(self.model, name)
 
     def open_checkpoint(self) -> Any:
         """The run's checkpoint, begun (checked or started) on the first call; None without one."""

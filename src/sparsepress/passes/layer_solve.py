@@ -415,15 +415,18 @@ class LayerSolvePass(CompressionPass):
                     solver.dense_inputs = [with_hidden(item, hidden)
                                            for item, hidden in zip(solver.dense_inputs, finished.dense_hidden)]
             for index, (name, block) in enumerate(blocks):
-                if index < start:
-                    continue
-                inputs = solver.compress_block(name, block, inputs)
+                with ctx.block_weights(name):  # a streamed model reads the block from disk here
+                    if index < start:
+                        continue
+                    inputs = solver.compress_block(name, block, inputs)
                 if checkpoint is not None:
                     last = index + 1 == len(blocks)
                     dense = None if last or not solver.follows_dense else [hidden_in(i) for i in solver.dense_inputs]
                     checkpoint.save_block(index, *solver.block_layers(index),
                                           None if last else [hidden_in(i) for i in inputs], dense)
                 ctx.tick(PROGRESS_LABELS[self.mode], index + 1, len(blocks))
+            if ctx.weights is not None:
+                ctx.weights.load_rest_(ctx.model)  # the final norm and head, for the passes after this one
         levels = elastic_levels(ctx)
         if levels:
             install_levels(ctx.model, levels, active=levels[0])

@@ -77,7 +77,7 @@ def check_weights_finite(layers: dict[str, nn.Linear], nonfinite: str = "error")
     """PoisonedWeightError naming the first layer with NaN / Inf (nonfinite='skip': zero them instead)."""
     for name, layer in layers.items():
         for what, tensor in (("weight", layer.weight), ("bias", layer.bias)):
-            if tensor is None:
+            if tensor is None or tensor.is_meta:  # streamed: checked when its block is read from disk
                 continue
             if bool(torch.isfinite(tensor).all()):
                 # The check read every page of a memory-mapped weight; unmodified, those pages can go
