@@ -141,3 +141,17 @@ def test_mask_search_is_validated():
         Recipe.from_yaml_text("stages:\n  - prune: {sparsity: 0.5}\nsolver: {mask_search: -1}\n")
     with pytest.raises(ValueError, match="at least one iteration"):
         admm_mask(torch.ones(1, 4), torch.eye(4, dtype=torch.float64), MaskSpec("unstructured", 0.5), iterations=0)
+
+
+@pytest.mark.parametrize("spec", [MaskSpec("unstructured", 0.5), MaskSpec("nm", 0.5, n=2, m=4), MaskSpec("bbs", 0.6, bank=8)])
+def test_cholesky_ridge_solves_match_the_eigendecomposition_reference(spec):
+    x = _correlated(512, 64, seed=3)
+    hessian = x.T.double() @ x.double() * (2 / 512)
+    hessian[:, 5] = hessian[5, :] = 0.0  # a dead input
+    weight = torch.randn(24, 64, generator=torch.Generator().manual_seed(4))
+    fast = admm_mask(weight, hessian, spec)
+    reference = admm_mask(weight, hessian, spec, reference=True)
+    assert satisfies(fast, spec)
+    assert float((fast == reference).float().mean()) > 0.995
+    errors = [layer_error(weight, refit_kept(weight, hessian, keep), hessian) for keep in (fast, reference)]
+    assert errors[0] <= errors[1] * 1.001

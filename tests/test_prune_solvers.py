@@ -10,6 +10,7 @@ import torch
 from sparsepress.errors import PoisonedWeightError
 from sparsepress.prune.masks import MaskSpec, satisfies
 from sparsepress.prune.solve import compress_weight
+from sparsepress.prune.sparsegpt import inverse_hessian_cholesky
 from sparsepress.prune.stats import LayerStats
 from sparsepress.recipe import PruneStage
 
@@ -135,3 +136,17 @@ def test_clear_errors():
         compress_weight(poisoned, stats, _stage("magnitude"))
     with pytest.raises(ValueError, match="32 inputs"):
         compress_weight(torch.randn(4, 8), stats, _stage("magnitude"))
+
+
+@pytest.mark.parametrize("width, dead", [(7, 0), (96, 5), (300, 0)])
+def test_inverse_hessian_factor_matches_the_reference_route(width, dead):
+    g = torch.Generator().manual_seed(width)
+    x = torch.randn(4 * width, width, generator=g) @ (torch.eye(width) + torch.randn(width, width, generator=g) / width**0.5)
+    x[:, :dead] = 0.0
+    hessian = x.T.double() @ x.double()
+    fast = inverse_hessian_cholesky(hessian, 0.01)
+    reference = inverse_hessian_cholesky(hessian, 0.01, reference=True)
+    assert torch.equal(fast, fast.triu()) and bool((fast.diagonal() > 0).all())
+    assert torch.allclose(fast, reference, rtol=1e-9, atol=1e-12 * float(reference.abs().max()))
+    damped = hessian + 0.01 * hessian.diagonal().mean() * torch.eye(width, dtype=torch.float64)
+    assert torch.allclose(fast.T @ fast @ damped, torch.eye(width, dtype=torch.float64), atol=1e-8)

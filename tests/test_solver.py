@@ -13,7 +13,8 @@ from tiny import tiny_bert, token_ids
 import sparsepress as sp
 from sparsepress.calibration import make_batches
 from sparsepress.evaluate import mean_cosine, pooled_output
-from sparsepress.passes.blocks import capture_block_inputs
+from sparsepress.experts.calibration import LayerCalibration
+from sparsepress.passes.blocks import capture_block_inputs, layer_inputs
 from sparsepress.passes.context import CompressionContext
 from sparsepress.passes.layer_solve import BlockSolver
 from sparsepress.prune.refit import damped, refit_kept
@@ -159,3 +160,41 @@ def test_solver_values_are_validated():
         Recipe.from_yaml_text("stages:\n  - prune: {sparsity: 0.5}\nsolver: {dense_target: 1.5}\n")
     with pytest.raises(RecipeError, match="known keys: sequential, dense_target, refit, bias_correction, mask_search"):
         Recipe.from_yaml_text("stages:\n  - prune: {sparsity: 0.5}\nsolver:\n  refits: true\n")
+
+
+def test_statistics_passes_stop_after_the_group_and_see_the_same_inputs():
+    model = tiny_bert()
+    batches = make_batches(token_ids(2), 2, 0)
+    block = model.encoder.layer[0]
+    item = capture_block_inputs(model, block, batches)[0]
+    group = {"attention.self.query": block.attention.self.query, "attention.self.key": block.attention.self.key}
+    calls = []
+    handle = block.output.dense.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        full = layer_inputs(block, group, item)
+        assert len(calls) == 1
+        stopped = layer_inputs(block, group, item, stop=True)
+    finally:
+        handle.remove()
+    assert len(calls) == 1  # the stopped pass never reached the FFN
+    assert stopped.keys() == full.keys()
+    assert all(torch.equal(stopped[n], full[n]) for n in full)
+    assert stopped["attention.self.query"] is stopped["attention.self.key"]  # shared inputs stay shared
+
+
+@pytest.mark.parametrize("solver", [{}, {"dense_target": 0.0, "bias_correction": False}])
+def test_stopping_statistics_passes_early_changes_no_weight(monkeypatch, solver):
+    ids = token_ids(8, length=12)
+    recipe = {"stages": [{"prune": {"method": "sparsegpt", "sparsity": 0.5}}, {"quantize": {"method": "gptq"}}],
+              "solver": solver, "format": "dense"}
+
+    def weights() -> dict[str, torch.Tensor]:
+        model = sp.compress(tiny_bert(), recipe, calibration=ids)
+        return {f"{n}.{part}": t for n, m in model.named_modules() if hasattr(m, "packed")
+                for part, t in (("weight", m.packed.unpack()), ("bias", m.bias)) if t is not None}
+
+    fast = weights()
+    monkeypatch.setattr(LayerCalibration, "stops_early", False)  # the reference: every pass runs the whole block
+    full = weights()
+    assert fast.keys() == full.keys() and len(fast) > 0
+    assert all(torch.equal(fast[n], full[n]) for n in full)

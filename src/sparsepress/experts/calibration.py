@@ -47,7 +47,13 @@ from ..prune.stats import LayerStats
 
 
 class LayerCalibration:
-    """What a model family adds to the layer solve's statistics; this base adds nothing (dense models)."""
+    """What a model family adds to the layer solve's statistics; this base adds nothing (dense models).
+
+    `stops_early`: whether a statistics pass may end the block's forward once the group's layers have
+    their inputs (nothing after them is read).
+    """
+
+    stops_early = True
 
     def solve_groups(self, groups: list[list[str]]) -> list[list[str]]:
         """The solve's groups of layers (each solved on one pass over the block), reordered or merged."""
@@ -71,6 +77,10 @@ def _qualified(model: nn.Module) -> dict[int, str]:
 class ExpertCalibration(LayerCalibration):
     """Per-expert statistics for MoE models (see the module docstring). `min_tokens`: routed tokens an
     expert matrix needs before no pooling applies (None: its input width)."""
+
+    # The dense twin replays the routing the compressed block taped, call for call, and the cold
+    # experts' pools run their own passes: every statistics pass runs the whole block.
+    stops_early = False
 
     def __init__(self, model: nn.Module, min_tokens: int | None = None):
         self.model = model

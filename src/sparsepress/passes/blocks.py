@@ -33,7 +33,7 @@ from ..prune.stats import LayerStats
 
 
 class _StopForward(Exception):
-    """Raised by the capture hook once block 0's inputs are recorded."""
+    """Raised by a hook once the forward has reached what it was run for (block 0's inputs, say)."""
 
 
 @dataclass
@@ -208,8 +208,51 @@ def collecting(layers: dict[str, nn.Module], stats: dict[str, LayerStats], nonfi
             stats[name] = stats[owner]
 
 
-def layer_inputs(block: nn.Module, layers: dict[str, nn.Module], item: BlockInputs) -> dict[str, torch.Tensor]:
-    """Each layer's input tensor during one forward of `block` (shared tensors stay the same object)."""
+@contextmanager
+def stopping_once_seen(layers: dict[str, nn.Module]) -> Iterator[Callable[[], None]]:
+    """Stop the forward once every layer in `layers` has received its input; yields `arm`, called
+    before each forward. Hooks registered earlier (the recording ones) still see that last input.
+
+    The layer solve's statistics passes need a block's forward only up to the group being solved:
+    the q/k/v group is fed at the block's start, so its pass costs almost nothing. Run the block with
+    `run_block_until_stopped`.
+
+    Example:
+        >>> import torch
+        >>> block = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2))
+        >>> with stopping_once_seen({"0": block[0]}) as arm:
+        ...     arm(); run_block_until_stopped(block, BlockInputs((torch.ones(1, 2),), {})) is None
+        True
+    """
+    waiting: set[str] = set()
+
+    def hook(name: str) -> None:
+        waiting.discard(name)
+        if not waiting:
+            raise _StopForward
+
+    handles = [layer.register_forward_pre_hook(lambda _m, _args, _n=name: hook(_n)) for name, layer in layers.items()]
+    try:
+        yield lambda: waiting.update(layers)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def run_block_until_stopped(block: nn.Module, inputs: BlockInputs) -> torch.Tensor | None:
+    """`run_block`, or None when a hook stopped the forward early (`stopping_once_seen`)."""
+    try:
+        return run_block(block, inputs)
+    except _StopForward:
+        return None
+
+
+def layer_inputs(block: nn.Module, layers: dict[str, nn.Module], item: BlockInputs, *,
+                 stop: bool = False) -> dict[str, torch.Tensor]:
+    """Each layer's input tensor during one forward of `block` (shared tensors stay the same object).
+
+    `stop`: end the forward as soon as every layer has been seen (what follows is not needed).
+    """
     seen: dict[str, torch.Tensor] = {}
 
     def record(name: str, args: tuple[Any, ...]) -> None:  # a hook that returned a value would replace the input
@@ -217,7 +260,12 @@ def layer_inputs(block: nn.Module, layers: dict[str, nn.Module], item: BlockInpu
 
     handles = [layer.register_forward_pre_hook(lambda _m, args, _n=name: record(_n, args)) for name, layer in layers.items()]
     try:
-        run_block(block, item)
+        if stop:
+            with stopping_once_seen(layers) as arm:
+                arm()
+                run_block_until_stopped(block, item)
+        else:
+            run_block(block, item)
     finally:
         for handle in handles:
             handle.remove()

@@ -55,8 +55,9 @@ from .blocks import (
     hidden_in,
     layer_inputs,
     model_inputs,
-    run_block,
+    run_block_until_stopped,
     shared_inputs,
+    stopping_once_seen,
     warn_dropped,
     with_hidden,
 )
@@ -204,20 +205,23 @@ class BlockSolver:
         ctx = self.ctx
         layers = {name: ctx.model.get_submodule(name) for name in group}
         stats = {name: LayerStats(layer.in_features, name=name) for name, layer in layers.items()}
+        stop = self.calibration.stops_early  # the forward goes no further than the group's last layer
         with self.calibration.pass_over(block, dense_block) as begin_batch:
             if dense_block is None:
                 running: list[torch.Tensor | None] = [None]
-                with collecting(layers, stats, ctx.nonfinite, ctx.dropped, lambda: running[0]):
+                with collecting(layers, stats, ctx.nonfinite, ctx.dropped, lambda: running[0]), \
+                        stopping_once_seen(layers if stop else {}) as arm:
                     for item in inputs:
                         running[0] = item.tokens
                         begin_batch(item.tokens)
-                        run_block(block, item)
+                        arm()
+                        run_block_until_stopped(block, item)
             else:
                 dense_layers = {n: dense_block.get_submodule(n[len(prefix):]) for n in group}
                 for item, dense_item in zip(inputs, self.dense_inputs):
                     begin_batch(item.tokens)
-                    seen = layer_inputs(block, layers, item)
-                    dense_seen = layer_inputs(dense_block, dense_layers, dense_item)
+                    seen = layer_inputs(block, layers, item, stop=stop)
+                    dense_seen = layer_inputs(dense_block, dense_layers, dense_item, stop=stop)
                     for owner, names in shared_inputs(seen).items():
                         x, dense_x = finite_rows(owner, [seen[owner], dense_seen[owner]], ctx.nonfinite, ctx.dropped,
                                                  item.tokens)

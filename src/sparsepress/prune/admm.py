@@ -14,7 +14,7 @@ error at 50%; SparseGPT's mask: 0.0102). Patterns whose sparsity can be any frac
 bbs, block) ramp it up over the first two thirds of the iterations (a cubic schedule: pruning
 everything at once fixes the mask before W has moved); N:M implies its sparsity and projects at it.
 
-H's eigendecomposition, computed once, turns every ridge solve into two matrix products.
+Each ridge solve is a Cholesky solve of H + rho I (rho changes every step).
 
 Example:
     >>> import torch
@@ -53,13 +53,41 @@ def _sparsity_at(step: int, steps: int, spec: MaskSpec) -> float:
     return spec.sparsity * (1.0 - (1.0 - done) ** 3)
 
 
+class _CholeskyRidge:
+    """Each ridge solve from a fresh Cholesky factor of H + rho I (float64 factor, float32 solve)."""
+
+    def __init__(self, work: torch.Tensor):
+        self.work = work
+
+    def solve(self, rhs: torch.Tensor, rho: float) -> torch.Tensor:
+        shifted = self.work.clone()
+        shifted.diagonal().add_(rho)
+        lower = torch.linalg.cholesky(shifted).float()
+        del shifted
+        return torch.cholesky_solve(rhs.T, lower).T
+
+
+class _EigenRidge:
+    """The reference: H's eigendecomposition once, then every ridge solve is two matrix products."""
+
+    def __init__(self, work: torch.Tensor):
+        eigenvalues, eigenvectors = torch.linalg.eigh(work)
+        self.basis, self.eigenvalues = eigenvectors.float(), eigenvalues.float()
+
+    def solve(self, rhs: torch.Tensor, rho: float) -> torch.Tensor:
+        return (rhs @ self.basis / (self.eigenvalues + rho)) @ self.basis.T
+
+
 def admm_mask(
-    weight: torch.Tensor, hessian: torch.Tensor, spec: MaskSpec, *, iterations: int = 30, dampening: float = 0.01
+    weight: torch.Tensor, hessian: torch.Tensor, spec: MaskSpec, *, iterations: int = 30, dampening: float = 0.01,
+    reference: bool = False,
 ) -> torch.Tensor:
     """Keep-mask (bool [out, in], obeys `spec`) found by ADMM for `weight` under the Hessian `X^T X`.
 
     `iterations` steps of the schedule above; `dampening` adds that share of mean(H_jj) to H (as the
-    sweep does). Inputs never active (H_jj == 0) score 0 and are pruned first.
+    sweep does). Inputs never active (H_jj == 0) score 0 and are pruned first. Each ridge solve
+    factors H + rho I by Cholesky; `reference` solves through H's eigendecomposition instead (the same
+    solves up to rounding: MKL's eigensolver took 9 s on 1536 inputs, 30 Cholesky solves 3 s).
 
     Example:
         >>> import torch
@@ -69,18 +97,15 @@ def admm_mask(
     """
     if iterations < 1:
         raise ValueError(f"admm_mask needs at least one iteration, got {iterations}")
-    # One float64 working copy of H, damped in place and freed once decomposed: for a wide layer it and
-    # the eigensolver's workspace are the peak (5504 inputs: 0.24 GB each).
+    # One float64 working copy of H, damped in place: for a wide layer it and the factor are the peak
+    # (5504 inputs: 0.24 GB each).
     work, target = repair_dead_inputs(hessian, weight)
     damp_(work, dampening)
     mean = float(work.diagonal().mean())
     energy = work.diagonal().sqrt().float()
     pull = target @ work.float()
-    eigenvalues, eigenvectors = torch.linalg.eigh(work)
-    del work
+    ridge = (_EigenRidge if reference else _CholeskyRidge)(work)
     # The iterations run in float32 (half float64's memory, twice its rate): the mask only needs ranks.
-    basis, eigenvalues = eigenvectors.float(), eigenvalues.float()
-    del eigenvectors
     w, dual = target.clone(), torch.zeros_like(target)
     keep = torch.ones_like(target, dtype=torch.bool)
     for step in range(iterations):
@@ -89,5 +114,5 @@ def admm_mask(
         keep = select_mask(moved.abs() * energy, replace(spec, sparsity=_sparsity_at(step, iterations, spec)))
         z = moved * keep
         dual += w - z
-        w = ((pull + rho * (z - dual)) @ basis / (eigenvalues + rho)) @ basis.T
+        w = ridge.solve(pull + rho * (z - dual), rho)
     return keep

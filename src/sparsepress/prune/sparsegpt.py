@@ -41,12 +41,41 @@ def repair_dead_inputs(hessian: torch.Tensor, weight: torch.Tensor) -> tuple[tor
     return hessian, weight
 
 
-def inverse_hessian_cholesky(hessian: torch.Tensor, dampening: float) -> torch.Tensor:
+def _damped_copy(hessian: torch.Tensor, damp: float, *, reversed_: bool = False) -> torch.Tensor:
+    work = (hessian.flip(0, 1) if reversed_ else hessian).to(torch.float64, copy=True)
+    work.diagonal().add_(damp)  # the reversal keeps the diagonal on the diagonal
+    return work
+
+
+def _upper_inverse_factor(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, int]:
+    # U with U^T U = A^-1 from one Cholesky and one triangular inverse: with J the reversal, J A J = M M^T
+    # gives A = (J M J)(J M J)^T with J M J upper, so U = (J M J)^-1 = J M^-1 J. cholesky_inverse and a
+    # second Cholesky (the reference) cost 20x more on MKL for a 1536-wide layer (3.5 s against 0.2).
+    lower, info = torch.linalg.cholesky_ex(_damped_copy(hessian, damp, reversed_=True))
+    if int(info) != 0:
+        return lower, int(info)
+    inverse = torch.linalg.solve_triangular(lower, torch.eye(lower.shape[0], dtype=lower.dtype), upper=False)
+    del lower
+    return inverse.flip(0, 1), 0
+
+
+def _upper_inverse_factor_reference(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, int]:
+    lower, info = torch.linalg.cholesky_ex(_damped_copy(hessian, damp))
+    if int(info) != 0:
+        return lower, int(info)
+    inverse = torch.cholesky_inverse(lower)
+    del lower
+    upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+    return upper, int(info)
+
+
+def inverse_hessian_cholesky(hessian: torch.Tensor, dampening: float, *, reference: bool = False) -> torch.Tensor:
     """Upper Cholesky factor U of (H + damp * mean(diag H) * I)^-1, in float64.
 
     Row j of U is the inverse Hessian of the columns j.. (still to process) scaled by 1/sqrt of its
     diagonal, which is what the OBS update of column j needs. Dampening grows x10 until H is positive
-    definite.
+    definite. `reference`: the textbook route (Cholesky, its inverse, the inverse's Cholesky), which
+    the default one-factorisation route equals up to rounding.
 
     Example:
         >>> import torch
@@ -55,20 +84,13 @@ def inverse_hessian_cholesky(hessian: torch.Tensor, dampening: float) -> torch.T
     """
     # One working copy, damped on its diagonal in place, and each factor freed as soon as the next
     # exists: the Hessian of a wide layer (11008 inputs: ~1 GB in float64) must not be held 5 times.
+    factor = _upper_inverse_factor_reference if reference else _upper_inverse_factor
     mean_diag = float(hessian.diagonal().double().mean())
     damp = dampening * mean_diag if mean_diag > 0 else dampening
     for _ in range(6):
-        work = hessian.to(torch.float64, copy=True)
-        work.diagonal().add_(damp)
-        lower, info = torch.linalg.cholesky_ex(work)
-        del work
-        if int(info) == 0:
-            inverse = torch.cholesky_inverse(lower)
-            del lower
-            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
-            del inverse
-            if int(info) == 0:
-                return upper
+        upper, info = factor(hessian, damp)
+        if info == 0:
+            return upper
         damp = max(damp * 10.0, 1e-8)
     raise ValueError("the calibration Hessian is not positive definite even with strong dampening")
 
