@@ -721,22 +721,36 @@ static inline void micro_quads(const LinearArgs& a, const int8_t* buf, const Qua
 
 constexpr int kQuadMR = 5;
 
-template <int NJ>
-static void quad_tokens(const LinearArgs& a, const int8_t* buf, const QuadRun* runs, int64_t nruns, int64_t m0,
-                        int64_t m1, int64_t n0, int nr) {
+template <int MR>
+struct QuadTokens {  // the token count of a micro-kernel call, as a type (quad_token_blocks)
+  static constexpr int n = MR;
+};
+
+// Tokens [m0, m1) in blocks of near-equal size of at most kQuadMR: fn(QuadTokens<size>{}, first token)
+// per block, so each block's micro-kernel is instantiated for its size.
+template <typename Fn>
+static inline void quad_token_blocks(int64_t m0, int64_t m1, Fn&& fn) {
   const TokenBlocks tb(m1 - m0, kQuadMR);
   int64_t m = m0;
   for (int64_t b = 0; b < tb.blocks; ++b) {
     const int size = tb.size(b);
     switch (size) {
-      case 5: micro_quads<5, NJ>(a, buf, runs, nruns, m, n0, nr); break;
-      case 4: micro_quads<4, NJ>(a, buf, runs, nruns, m, n0, nr); break;
-      case 3: micro_quads<3, NJ>(a, buf, runs, nruns, m, n0, nr); break;
-      case 2: micro_quads<2, NJ>(a, buf, runs, nruns, m, n0, nr); break;
-      default: micro_quads<1, NJ>(a, buf, runs, nruns, m, n0, nr); break;
+      case 5: fn(QuadTokens<5>{}, m); break;
+      case 4: fn(QuadTokens<4>{}, m); break;
+      case 3: fn(QuadTokens<3>{}, m); break;
+      case 2: fn(QuadTokens<2>{}, m); break;
+      default: fn(QuadTokens<1>{}, m); break;
     }
     m += size;
   }
+}
+
+template <int NJ>
+static void quad_tokens(const LinearArgs& a, const int8_t* buf, const QuadRun* runs, int64_t nruns, int64_t m0,
+                        int64_t m1, int64_t n0, int nr) {
+  quad_token_blocks(m0, m1, [&](auto tokens, int64_t m) {
+    micro_quads<decltype(tokens)::n, NJ>(a, buf, runs, nruns, m, n0, nr);
+  });
 }
 
 // Quad panels win while a tile needs at most this share of the dense steps (a quad costs about
@@ -826,19 +840,9 @@ static void micro_sum(const LinearArgs& a, const PartTile* tiles, int n, int64_t
 template <int NJ>
 static void sum_tokens(const LinearArgs& a, const PartTile* tiles, int n, int64_t windows, int64_t m0, int64_t m1,
                        int64_t n0, int nr) {
-  const TokenBlocks tb(m1 - m0, kQuadMR);
-  int64_t m = m0;
-  for (int64_t b = 0; b < tb.blocks; ++b) {
-    const int size = tb.size(b);
-    switch (size) {
-      case 5: micro_sum<5, NJ>(a, tiles, n, windows, m, n0, nr); break;
-      case 4: micro_sum<4, NJ>(a, tiles, n, windows, m, n0, nr); break;
-      case 3: micro_sum<3, NJ>(a, tiles, n, windows, m, n0, nr); break;
-      case 2: micro_sum<2, NJ>(a, tiles, n, windows, m, n0, nr); break;
-      default: micro_sum<1, NJ>(a, tiles, n, windows, m, n0, nr); break;
-    }
-    m += size;
-  }
+  quad_token_blocks(m0, m1, [&](auto tokens, int64_t m) {
+    micro_sum<decltype(tokens)::n, NJ>(a, tiles, n, windows, m, n0, nr);
+  });
 }
 
 template <bool kMasked>
