@@ -219,6 +219,7 @@ NB_MODULE(_native, m) {
   sp::bind_elastic(m);
   m.def("detect_isa", &sp::detect_isa, "Best ISA level of this CPU: 'avx512', 'avx2' or 'scalar'.");
   m.def("supported_isas", &sp::supported_isas, "ISA levels usable on this CPU, best last.");
+  m.def("known_isas", &sp::known_isas, "ISA levels this build has (usable here or not), lowest first.");
   m.def("set_isa", &sp::set_isa, nb::arg("name"), "Force an ISA level (ValueError if unsupported).");
   m.def("active_isa", [] { return std::string(sp::active_table().name); }, "The ISA level in use.");
   m.def("set_gemm_min_batch", &sp::set_gemm_min_batch, nb::arg("n"),

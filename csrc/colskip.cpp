@@ -132,6 +132,9 @@ const ColSkipKernels& active_colskip() {
   const KernelTable* t = &active_table();
 #if defined(__x86_64__)
   if (t == &avx512::table()) return avx512::colskip();
+#if defined(SP_HAVE_AMX)
+  if (t == &avx512::amx_table()) return avx512::colskip();
+#endif
   if (t == &avx2::table()) return avx2::colskip();
 #if defined(SP_HAVE_AVX2VNNI)
   if (t == &avx2vnni::table()) return avx2vnni::colskip();

@@ -200,7 +200,10 @@ namespace scalar { const KernelTable& table(); }
 #if defined(__x86_64__)
 namespace avx2 { const KernelTable& table(); }
 namespace avx2vnni { const KernelTable& table(); }  // built where the compiler has -mavxvnni (SP_HAVE_AVX2VNNI)
-namespace avx512 { const KernelTable& table(); }
+namespace avx512 {
+const KernelTable& table();
+const KernelTable& amx_table();  // level "amx": built where the compiler has -mamx-int8 (SP_HAVE_AMX)
+}
 #elif defined(__aarch64__)
 namespace neon { const KernelTable& table(); }
 namespace neondot { const KernelTable& table(); }

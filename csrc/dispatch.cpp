@@ -7,6 +7,11 @@
 #endif
 
 #include <atomic>
+#include <vector>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 #include <stdexcept>
 
 namespace sp {
@@ -30,7 +35,19 @@ struct CpuFeatures {
   bool avx2 = false;
   bool avx_vnni = false;
   bool avx512 = false;
+  bool amx = false;
 };
+
+// Linux hands out the tile registers' 8 KiB of state only to a process that asks for it
+// (arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA); without it the first tile instruction faults.
+bool amx_permitted() {
+#if defined(__linux__)
+  constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+  return false;
+#endif
+}
 
 CpuFeatures probe() {
   CpuFeatures f;
@@ -54,21 +71,28 @@ CpuFeatures probe() {
     __cpuid_count(7, 1, a, b, c, d);
     f.avx_vnni = f.avx2 && (a & (1u << 4));  // AVX-VNNI: vpdpbusd on ymm, VEX-encoded
   }
+  __cpuid_count(7, 0, a, b, c, d);
+  const bool amx_tile = d & (1u << 24), amx_int8 = d & (1u << 25);
+  const bool os_tiles = (xcr0 & 0x60000) == 0x60000;  // XTILECFG + XTILEDATA
+  f.amx = f.avx512 && amx_tile && amx_int8 && os_tiles && amx_permitted();
   return f;
 }
 
 const Level* levels(int* n) {
   static const CpuFeatures f = probe();
+  static const std::vector<Level> all = [] {
+    std::vector<Level> v = {{"scalar", scalar::table, true}, {"avx2", avx2::table, f.avx2}};
 #if defined(SP_HAVE_AVX2VNNI)
-  static const Level all[] = {{"scalar", scalar::table, true}, {"avx2", avx2::table, f.avx2},
-                              {"avx2vnni", avx2vnni::table, f.avx_vnni}, {"avx512", avx512::table, f.avx512}};
-  *n = 4;
-#else
-  static const Level all[] = {{"scalar", scalar::table, true}, {"avx2", avx2::table, f.avx2},
-                              {"avx512", avx512::table, f.avx512}};
-  *n = 3;
+    v.push_back({"avx2vnni", avx2vnni::table, f.avx_vnni});
 #endif
-  return all;
+    v.push_back({"avx512", avx512::table, f.avx512});
+#if defined(SP_HAVE_AMX)
+    v.push_back({"amx", avx512::amx_table, f.amx});
+#endif
+    return v;
+  }();
+  *n = int(all.size());
+  return all.data();
 }
 #elif defined(__aarch64__)
 const Level* levels(int* n) {

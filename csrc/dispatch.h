@@ -8,7 +8,7 @@
 
 namespace sp {
 
-// Best level this CPU and OS support: "avx512", "avx2vnni", "avx2" or "scalar" on x86-64; "neondot", "neon" or
+// Best level this CPU and OS support: "amx", "avx512", "avx2vnni", "avx2" or "scalar" on x86-64; "neondot", "neon" or
 // "scalar" on aarch64.
 std::string detect_isa();
 // Levels usable here, best last.

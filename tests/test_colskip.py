@@ -109,7 +109,7 @@ def test_the_measured_policy_skips_by_the_share_of_listed_columns(policy):
     policy(0)
     full = torch.randn(1, 4096).sign() * 2.0  # every |x| = 2 > threshold
     mostly_zero = full * (torch.rand(1, 4096, generator=torch.Generator().manual_seed(0)) < 0.1)
-    for x, skips in ((full, False), (mostly_zero, native.active_isa() in ("avx512", "avx2", "avx2vnni"))):
+    for x, skips in ((full, False), (mostly_zero, native.active_isa() in ("amx", "avx512", "avx2", "avx2vnni"))):
         y = packed_linear(x, packed, threshold=0.5)
         assert handle.last_skipped == skips
         assert torch.allclose(y, reference_linear(x, packed, None), atol=1e-3, rtol=1e-4)

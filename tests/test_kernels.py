@@ -14,7 +14,7 @@ from sparsepress.formats import BBSWeight, BitmaskWeight, CSRWeight, DenseWeight
 
 needs_native = pytest.mark.skipif(not native.native_available(), reason="sparsepress._native not built")
 # Trees whose GEMM keeps prepared panels (the others pack nothing, their row kernels serve every batch).
-PANEL_ISAS = ("avx2", "avx512")
+PANEL_ISAS = ("avx2", "avx2vnni", "avx512", "amx")
 
 
 def random_sparse(out_features: int, in_features: int, density: float, seed: int) -> torch.Tensor:
@@ -236,6 +236,32 @@ def test_prepared_tile_layouts_match_per_call_panels(make, layout, monkeypatch):
     assert tiles[layout] == sum(tiles) and sum(tiles) == (packed.out_features + 31) // 32
     assert torch.equal(prepared, per_call)
     assert_matches_reference(packed, x, bias)
+
+
+@pytest.mark.native
+@pytest.mark.parametrize("density,layout", [(0.5, 0), (0.1, 2)], ids=["half-dense-tiles", "sparse-quads"])
+def test_amx_prepared_tiles_match_per_call(density, layout, monkeypatch):
+    """The AMX level: prepared panels (dense tiles as the tile unit's B operand; quads kept for very
+    sparse tiles) and the per-call GEMM (packed rows expanded into the A operand) give the same bits,
+    for few tokens (one window at a time) and many (rows expanded once), and equal the reference."""
+    if native.active_isa() != "amx":
+        pytest.skip("needs the AMX level (AMX-INT8 CPU)")
+    for batch in (5, 16, 32, 70):
+        bias = torch.randn(100)
+        x = torch.randn(batch, 700)
+        monkeypatch.setattr(kernels, "PANELS", "none")
+        native.module().set_gemm_min_batch(1)
+        try:
+            per_call = kernels.packed_linear(x, BitmaskWeight.pack(random_sparse(100, 700, density, 3), dtype="int8"), bias)
+            monkeypatch.setattr(kernels, "PANELS", "all")
+            packed = BitmaskWeight.pack(random_sparse(100, 700, density, 3), dtype="int8")
+            prepared = kernels.packed_linear(x, packed, bias)
+        finally:
+            native.module().set_gemm_min_batch(0)
+        tiles = kernels._plan_of(packed).handle.panel_tiles
+        assert tiles[layout] == sum(tiles) == 4
+        assert torch.equal(prepared, per_call), batch
+        assert_matches_reference(packed, x, bias)
 
 
 def test_default_panels_come_to_big_layers_only_with_mid_size_calls():

@@ -40,9 +40,36 @@ def test_set_isa_round_trip_and_errors():
         native.set_isa(before)
 
 
+def cpu_flags() -> set[str]:
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+@needs_native
+def test_amx_level_follows_the_cpu():
+    """A build with the AMX GEMM offers level "amx" exactly where the CPU has AMX-INT8 and AVX-512 (and
+    Linux grants the tile state); it is then the detected level."""
+    lib = native.module()
+    if "amx" not in lib.known_isas():
+        pytest.skip("this build has no AMX GEMM (compiler without -mamx-int8)")
+    flags = cpu_flags()
+    if not {"amx_tile", "amx_int8"} <= flags:
+        assert "amx" not in native.supported_isas()
+        return
+    if "avx512" in native.supported_isas():
+        assert "amx" in native.supported_isas()
+        assert lib.detect_isa() == "amx"
+
+
 @needs_native
 def test_unsupported_level_is_an_error():
-    missing = [isa for isa in ("avx2", "avx512") if isa not in native.supported_isas()]
+    missing = [isa for isa in ("avx2", "avx512", "amx") if isa not in native.supported_isas()]
     if not missing:
         pytest.skip("this CPU supports every level")
     with pytest.raises(ValueError, match="does not support"):

@@ -15,6 +15,9 @@ const RuntimeOps& runtime_ops() {
 #if defined(__x86_64__) || defined(_M_X64)
   const KernelTable& t = active_table();
   if (&t == &avx512::table()) return avx512::runtime_ops();
+#if defined(SP_HAVE_AMX)
+  if (&t == &avx512::amx_table()) return avx512::runtime_ops();  // the avx512 tree with tile GEMMs
+#endif
   if (&t == &avx2::table()) return avx2::runtime_ops();
 #if defined(SP_HAVE_AVX2VNNI)
   if (&t == &avx2vnni::table()) return avx2::runtime_ops();  // same flags but VNNI: avx2's row ops

@@ -1,7 +1,7 @@
 """Loader of the compiled kernels `sparsepress._native`, and the switches that control it.
 
 `SPARSEPRESS_DISABLE_NATIVE=1` makes the extension count as unavailable (everything runs the
-pure-torch reference path). `SPARSEPRESS_ISA=scalar|avx2|avx2vnni|avx512` (x86-64) or `scalar|neon|neondot`
+pure-torch reference path). `SPARSEPRESS_ISA=scalar|avx2|avx2vnni|avx512|amx` (x86-64) or `scalar|neon|neondot`
 (aarch64) forces an ISA level at load; it is an error when this CPU lacks that level.
 
 Threads: parallel kernel calls run on torch's own OpenMP team when torch uses OpenMP (the default),
@@ -24,7 +24,7 @@ import torch
 
 _BACKENDS = ("openmp", "own")
 # Every kernel tree a build can have, lowest first per architecture (csrc/dispatch.cpp).
-ISA_LEVELS = ("scalar", "avx2", "avx2vnni", "avx512", "neon", "neondot")
+ISA_LEVELS = ("scalar", "avx2", "avx2vnni", "avx512", "amx", "neon", "neondot")
 
 
 def _load() -> ModuleType | None:

@@ -4,6 +4,7 @@
 // stored values into their columns with vpexpandb (VBMI2), so zeros cost no bytes.
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstdlib>
 
 #define SP_ISA_NS avx512
@@ -424,6 +425,17 @@ static void pack_panel(const LinearArgs& a, int64_t n0, int nr, int nj, int64_t 
   }
 }
 
+// y[m, n .. n+16) (lanes km) from one token's int32 dots: row-sum surplus off, row scales s, token
+// scale, bias, then the fused activation in registers (the table says the GEMM applies it).
+static inline __attribute__((always_inline)) void store_outputs(const LinearArgs& a, __m512i acc, __m512i surplus,
+                                                                __m512 s, __m512 bias, int64_t m, int64_t n,
+                                                                __mmask16 km) {
+  const __m512 f = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc, surplus));
+  __m512 v = _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(f, s), _mm512_set1_ps(a.sx[m])), bias);
+  if (a.activation != Activation::None) v = __m512(act::activate(act::Vec(v), a.activation));
+  _mm512_mask_storeu_ps(a.y + m * a.out + n, km, v);
+}
+
 // Scales, row-sum surplus, token scale and bias applied to MR x NJ int32 accumulators; stores
 // y[m0 .. m0+MR, n0 .. n0+nr).
 template <int MR, int NJ>
@@ -438,13 +450,7 @@ static inline void store_tile(const LinearArgs& a, const __m512i (&acc)[MR][NJ],
     const __m512 s = _mm512_maskz_loadu_ps(km, a.scales + n);
     const __m512 bias = a.bias ? _mm512_maskz_loadu_ps(km, a.bias + n) : _mm512_setzero_ps();
 #pragma GCC unroll 8
-    for (int i = 0; i < MR; ++i) {
-      const __m512 f = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[i][j], surplus));
-      __m512 v = _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(f, s), _mm512_set1_ps(a.sx[m0 + i])), bias);
-      // the fused activation in registers (the table says the GEMM applies it)
-      if (a.activation != Activation::None) v = __m512(act::activate(act::Vec(v), a.activation));
-      _mm512_mask_storeu_ps(a.y + (m0 + i) * a.out + n, km, v);
-    }
+    for (int i = 0; i < MR; ++i) store_outputs(a, acc[i][j], surplus, s, bias, m0 + i, n, km);
   }
 }
 
@@ -889,6 +895,337 @@ static void gemm(const LinearArgs& a, int64_t r0, int64_t r1) {
   }
 }
 
+
+#if defined(SP_HAVE_AMX)
+// ---------------------------------------------------------------------------------------------
+// AMX-INT8 (level "amx", Sapphire Rapids and later). The dense panel above, buf[k4][NJ * 16][4],
+// is exactly the tile unit's B operand: a tile of 16 column quads (rows NJ * 64 bytes apart) x 16
+// output rows. The A operand is 16 tokens' xu bytes as they lie (x_stride apart),
+// and one tdpbusd (u8 x s8, like vpdpbusd) does 16 tokens x 16 rows x 64 columns. The epilogue is
+// store_tile's (rowsum surplus, scales, bias, activation). Tiles: C 0..3 (2 token blocks x 2 row
+// halves), A 4..5 (token blocks), B 6..7 (row halves), all 16 rows of 64 bytes.
+
+struct alignas(64) AmxConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Per call: another library in this thread (oneDNN under torch) may have left its own shapes.
+static inline void amx_configure() {
+  AmxConfig c;
+  for (int t = 0; t < 8; ++t) {
+    c.colsb[t] = 64;
+    c.rows[t] = 16;
+  }
+  _tile_loadconfig(&c);
+}
+
+constexpr int64_t kAmxAhead = 4;  // windows of panel prefetched ahead of the tile loads
+
+thread_local Scratch tl_amx;  // C tiles [4][16][16] int32, then two padded 16-token activation blocks
+
+// Accumulates MB token blocks x NJ row halves over all windows of the panel.
+template <int MB, int NJ>
+static inline void amx_block(const uint8_t* x0, const uint8_t* x1, int64_t xs, const int8_t* panel,
+                             int64_t windows) {
+  constexpr int64_t bs = NJ * 64, step = 16 * bs;  // panel row stride; one 64-column window
+  _tile_zero(0);
+  if constexpr (NJ == 2) _tile_zero(1);
+  if constexpr (MB == 2) _tile_zero(2);
+  if constexpr (MB == 2 && NJ == 2) _tile_zero(3);
+  for (int64_t w = 0; w < windows; ++w) {
+    // tile loads do not wake the hardware prefetcher: ask for the window kAmxAhead on
+    const char* ahead = reinterpret_cast<const char*>(panel + (w + kAmxAhead) * step);
+    if (w + kAmxAhead < windows)
+      for (int64_t l = 0; l < step; l += 64) _mm_prefetch(ahead + l, _MM_HINT_T0);
+    _tile_loadd(6, panel + w * step, bs);
+    if constexpr (NJ == 2) _tile_loadd(7, panel + w * step + 64, bs);
+    _tile_loadd(4, x0 + w * 64, xs);
+    _tile_dpbusd(0, 4, 6);
+    if constexpr (NJ == 2) _tile_dpbusd(1, 4, 7);
+    if constexpr (MB == 2) {
+      _tile_loadd(5, x1 + w * 64, xs);
+      _tile_dpbusd(2, 5, 6);
+      if constexpr (NJ == 2) _tile_dpbusd(3, 5, 7);
+    }
+  }
+}
+
+// The first `rows` of the 16 token rows at x (x_stride xs), the rest xu = 128 (xq = 0), in pad: a partial
+// token block must not have the tile load read past the activations.
+static inline const uint8_t* amx_pad_tokens(const uint8_t* x, int rows, int64_t xs, uint8_t* pad) {
+  std::memcpy(pad, x, size_t(rows * xs));
+  std::memset(pad + rows * xs, 128, size_t((16 - rows) * xs));
+  return pad;
+}
+
+// y for `mt` tokens from m of C tiles c[j][16 tokens][16 rows] (row halves j < NJ).
+static inline void amx_store(const LinearArgs& a, const int32_t* c, int mt, int64_t m, int64_t n0, int nr) {
+  for (int j = 0; j < 2; ++j) {
+    const int valid = int(generic::imin(16, nr - 16 * j));
+    if (valid <= 0) break;
+    const __mmask16 km = __mmask16(_bzhi_u32(0xFFFFu, unsigned(valid)));
+    const int64_t n = n0 + 16 * j;
+    const __m512i surplus = _mm512_slli_epi32(_mm512_maskz_loadu_epi32(km, a.rowsum + n), 7);
+    const __m512 s = _mm512_maskz_loadu_ps(km, a.scales + n);
+    const __m512 bias = a.bias ? _mm512_maskz_loadu_ps(km, a.bias + n) : _mm512_setzero_ps();
+    for (int i = 0; i < mt; ++i) store_outputs(a, _mm512_load_si512(c + (j * 16 + i) * 16), surplus, s, bias, m + i, n, km);
+  }
+}
+
+// Tokens [m0, m1) of the rows [n0, n0 + nr) whose dense panel is `panel`, 32 tokens at a time.
+static void amx_tokens(const LinearArgs& a, const int8_t* panel, int64_t windows, int64_t m0, int64_t m1,
+                       int64_t n0, int nr, int32_t* c, uint8_t* pad) {
+  const int64_t xs = a.x_stride;
+  for (int64_t m = m0; m < m1; m += 32) {
+    const int mt0 = int(generic::imin(16, m1 - m));
+    const int mt1 = int(generic::imin(16, m1 - m - mt0));
+    const uint8_t* x0 = a.xu + m * xs;
+    const uint8_t* x1 = x0 + 16 * xs;
+    if (mt0 < 16) x0 = amx_pad_tokens(x0, mt0, xs, pad);
+    if (mt1 > 0 && mt1 < 16) x1 = amx_pad_tokens(x1, mt1, xs, pad + 16 * xs);
+    if (mt1 > 0) {
+      if (nr > 16) amx_block<2, 2>(x0, x1, xs, panel, windows);
+      else amx_block<2, 1>(x0, x1, xs, panel, windows);
+      _tile_stored(2, c + 512, 64);
+      if (nr > 16) _tile_stored(3, c + 768, 64);
+    } else {
+      if (nr > 16) amx_block<1, 2>(x0, x1, xs, panel, windows);
+      else amx_block<1, 1>(x0, x1, xs, panel, windows);
+    }
+    _tile_stored(0, c, 64);
+    if (nr > 16) _tile_stored(1, c + 256, 64);
+    amx_store(a, c, mt0, m, n0, nr);
+    if (mt1 > 0) amx_store(a, c + 512, mt1, m + 16, n0, nr);
+  }
+}
+
+// Quads stay where they take at most this share of the dense panel's bytes: the tile unit multiplies
+// a dense panel far faster than the vector quads do, so only sparse tiles (~80% and up) gain more from
+// the fewer bytes of quads (4096 x 4096 at 16 tokens, Sapphire Rapids: 75% dense panel 1.00 ms, quads
+// 1.13 ms; 90% quads 0.67 ms). It also keeps the elastic segments (~80-90% sparse) on small quads.
+constexpr int64_t kAmxQuadShareNum = 11, kAmxQuadShareDen = 20;
+
+// ---- Without prepared panels: the packed rows as the A operand ----
+// vpexpandb leaves a row's 64 columns in place, which is how the A operand wants them (16 weight rows x
+// 64 columns), so the weights need no transpose: the bytes read per call are the packed stream's (0.62
+// per weight at 50%, against the dense panel's 1.0). The activations become the B operand (16 column
+// quads x 16 tokens: xt, transposed once per task) and the C tiles hold rows x tokens, transposed in
+// the epilogue (once per 16 x 16 outputs).
+
+// B tiles of tokens [m0, m1): xt[token block][window][16 quads][16 tokens][4 bytes]; tokens past m1 are
+// xu = 128 (their outputs are never stored).
+static void amx_transpose_tokens(const LinearArgs& a, int64_t m0, int64_t m1, int64_t windows, int8_t* xt) {
+  const int64_t xs = a.x_stride;
+  for (int64_t tb = 0; tb * 16 < m1 - m0; ++tb) {
+    const int64_t rows = generic::imin(16, m1 - m0 - tb * 16);
+    const uint8_t* x = a.xu + (m0 + tb * 16) * xs;
+    for (int64_t w = 0; w < windows; ++w) {
+      __m512i v[16];
+#pragma GCC unroll 16
+      for (int i = 0; i < 16; ++i)
+        v[i] = i < rows ? _mm512_loadu_si512(x + i * xs + w * 64) : _mm512_set1_epi8(char(0x80));
+      transpose16(v);
+      int8_t* dst = xt + (tb * windows + w) * 1024;
+#pragma GCC unroll 16
+      for (int g = 0; g < 16; ++g) _mm512_store_si512(dst + g * 64, v[g]);
+    }
+  }
+}
+
+// y of `mt` tokens from m and rows [n0, n0 + nr) from C tiles c[j][16 rows][16 tokens] (row halves j):
+// each 16 x 16 block transposed to tokens x rows, then store_tile's epilogue.
+static inline void amx_store_transposed(const LinearArgs& a, const int32_t* c, int mt, int64_t m, int64_t n0,
+                                        int nr) {
+  for (int j = 0; j < 2; ++j) {
+    const int valid = int(generic::imin(16, nr - 16 * j));
+    if (valid <= 0) break;
+    const __mmask16 km = __mmask16(_bzhi_u32(0xFFFFu, unsigned(valid)));
+    const int64_t n = n0 + 16 * j;
+    __m512i v[16];
+#pragma GCC unroll 16
+    for (int i = 0; i < 16; ++i) v[i] = _mm512_load_si512(c + (j * 16 + i) * 16);
+    transpose16(v);
+    const __m512i surplus = _mm512_slli_epi32(_mm512_maskz_loadu_epi32(km, a.rowsum + n), 7);
+    const __m512 s = _mm512_maskz_loadu_ps(km, a.scales + n);
+    const __m512 bias = a.bias ? _mm512_maskz_loadu_ps(km, a.bias + n) : _mm512_setzero_ps();
+    for (int t = 0; t < mt; ++t) store_outputs(a, v[t], surplus, s, bias, m + t, n, km);
+  }
+}
+
+// Rows [n0, n0 + nr) expanded, window after window, into win[32 rows][64] (rows past nr zero); p: the
+// rows' positions in the value stream, advanced past each window.
+template <bool kMasked>
+static inline void amx_expand_window(const LinearArgs& a, int64_t n0, int nr, int64_t c, int64_t* p, int8_t* win) {
+  const int8_t* vals = static_cast<const int8_t*>(a.values);
+  for (int i = 0; i < nr; ++i) {
+    const int64_t r = n0 + i;
+    const uint8_t* m = kMasked ? a.mask + r * a.mask_stride : nullptr;
+    _mm512_store_si512(win + i * 64, weights<kMasked>(vals, p[i], m, c, a.in, a.values_len));
+  }
+}
+
+// C tiles 0..3 of one 32-token pair: rows halves (A 4, 5) x token blocks (B 6, 7), stored to c.
+template <int MB, int NJ>
+static inline void amx_store_c(int32_t* c) {
+  _tile_stored(0, c, 64);
+  if constexpr (NJ == 2) _tile_stored(2, c + 256, 64);
+  if constexpr (MB == 2) _tile_stored(1, c + 512, 64);
+  if constexpr (MB == 2 && NJ == 2) _tile_stored(3, c + 768, 64);
+}
+
+template <int MB, int NJ>
+static inline void amx_zero_c() {
+  _tile_zero(0);
+  if constexpr (NJ == 2) _tile_zero(2);
+  if constexpr (MB == 2) _tile_zero(1);
+  if constexpr (MB == 2 && NJ == 2) _tile_zero(3);
+}
+
+// One window: A tiles from `w0` (row half 0) and `w1` (row half 1), `ws` bytes between rows; B tiles
+// from xt blocks b0, b1. C tile (row half h, token block t) is tile h * 2 + t.
+template <int MB, int NJ>
+static inline __attribute__((always_inline)) void amx_window(const int8_t* w0, const int8_t* w1, int64_t ws,
+                                                             const int8_t* b0, const int8_t* b1) {
+  _tile_loadd(6, b0, 64);
+  _tile_loadd(4, w0, ws);
+  _tile_dpbsud(0, 4, 6);
+  if constexpr (MB == 2) {
+    _tile_loadd(7, b1, 64);
+    _tile_dpbsud(1, 4, 7);
+  }
+  if constexpr (NJ == 2) {
+    _tile_loadd(5, w1, ws);
+    _tile_dpbsud(2, 5, 6);
+    if constexpr (MB == 2) _tile_dpbsud(3, 5, 7);
+  }
+}
+
+// Up to 32 tokens (one pair of token blocks): each window expanded into the L1 buffer `win` and
+// multiplied at once; the 32 rows' streams advance together (each prefetched ahead by weights()).
+template <bool kMasked, int MB, int NJ>
+static void amx_rows_few(const LinearArgs& a, int64_t n0, int nr, int64_t windows, const int8_t* xt, int8_t* win,
+                         int32_t* c) {
+  int64_t p[kGemmRows];
+  for (int i = 0; i < nr; ++i) p[i] = kMasked ? a.row_offsets[n0 + i] : (n0 + i) * a.in;
+  if (nr < kGemmRows) std::memset(win + nr * 64, 0, size_t((kGemmRows - nr) * 64));
+  amx_zero_c<MB, NJ>();
+  for (int64_t w = 0; w < windows; ++w) {
+    amx_expand_window<kMasked>(a, n0, nr, w * 64, p, win);
+    amx_window<MB, NJ>(win, win + 16 * 64, 64, xt + w * 1024, xt + (windows + w) * 1024);
+  }
+  amx_store_c<MB, NJ>(c);
+}
+
+// Many tokens: the 32 rows expanded once, one row after the other (sequential streams), into
+// panel[32][kpad]; then every token pair of xt reads them from there.
+template <int MB, int NJ>
+static void amx_rows_pair(const int8_t* panel, int64_t kpad, int64_t windows, const int8_t* xt, int32_t* c) {
+  amx_zero_c<MB, NJ>();
+  for (int64_t w = 0; w < windows; ++w)
+    amx_window<MB, NJ>(panel + w * 64, panel + 16 * kpad + w * 64, kpad, xt + w * 1024, xt + (windows + w) * 1024);
+  amx_store_c<MB, NJ>(c);
+}
+
+template <bool kMasked>
+static void amx_expand_rows(const LinearArgs& a, int64_t n0, int nr, int64_t kpad, int8_t* panel) {
+  const int8_t* vals = static_cast<const int8_t*>(a.values);
+  for (int i = 0; i < kGemmRows; ++i) {
+    int8_t* dst = panel + i * kpad;
+    if (i >= nr) {
+      std::memset(dst, 0, size_t(kpad));
+      continue;
+    }
+    const int64_t r = n0 + i;
+    int64_t p = kMasked ? a.row_offsets[r] : r * a.in;
+    const uint8_t* m = kMasked ? a.mask + r * a.mask_stride : nullptr;
+    for (int64_t cc = 0; cc < kpad; cc += 64) _mm512_store_si512(dst + cc, weights<kMasked>(vals, p, m, cc, a.in, a.values_len));
+  }
+}
+
+template <bool kMasked>
+static void amx_rows(const LinearArgs& a, int64_t r0, int64_t r1, int8_t* scratch, int64_t mc) {
+  const int64_t kpad = (a.in + 63) / 64 * 64, windows = kpad / 64;
+  int32_t* c = reinterpret_cast<int32_t*>(scratch);
+  int8_t* win = scratch + 4096;                   // 32 x 64 (few tokens) or 32 x kpad (many)
+  int8_t* xt = win + kGemmRows * kpad;            // round up(mc, 32) x kpad
+  for (int64_t m0 = 0; m0 < a.batch; m0 += mc) {
+    const int64_t m1 = generic::imin(a.batch, m0 + mc);
+    amx_transpose_tokens(a, m0, m1, windows, xt);
+    for (int64_t n0 = r0; n0 < r1; n0 += kGemmRows) {
+      const int nr = int(generic::imin(kGemmRows, r1 - n0));
+      const bool two_halves = nr > 16;
+      if (m1 - m0 <= 32) {
+        const int mt0 = int(generic::imin(16, m1 - m0)), mt1 = int(m1 - m0) - mt0;
+        if (mt1 > 0 && two_halves) amx_rows_few<kMasked, 2, 2>(a, n0, nr, windows, xt, win, c);
+        else if (mt1 > 0) amx_rows_few<kMasked, 2, 1>(a, n0, nr, windows, xt, win, c);
+        else if (two_halves) amx_rows_few<kMasked, 1, 2>(a, n0, nr, windows, xt, win, c);
+        else amx_rows_few<kMasked, 1, 1>(a, n0, nr, windows, xt, win, c);
+        amx_store_transposed(a, c, mt0, m0, n0, nr);
+        if (mt1 > 0) amx_store_transposed(a, c + 512, mt1, m0 + 16, n0, nr);
+        continue;
+      }
+      amx_expand_rows<kMasked>(a, n0, nr, kpad, win);
+      for (int64_t m = m0; m < m1; m += 32) {
+        const int mt0 = int(generic::imin(16, m1 - m)), mt1 = int(generic::imin(16, m1 - m - mt0));
+        const int8_t* x = xt + (m - m0) / 16 * windows * 1024;
+        if (mt1 > 0 && two_halves) amx_rows_pair<2, 2>(win, kpad, windows, x, c);
+        else if (mt1 > 0) amx_rows_pair<2, 1>(win, kpad, windows, x, c);
+        else if (two_halves) amx_rows_pair<1, 2>(win, kpad, windows, x, c);
+        else amx_rows_pair<1, 1>(win, kpad, windows, x, c);
+        amx_store_transposed(a, c, mt0, m, n0, nr);
+        if (mt1 > 0) amx_store_transposed(a, c + 512, mt1, m + 16, n0, nr);
+      }
+    }
+  }
+}
+
+template <bool kMasked>
+static void amx_gemm(const LinearArgs& a, int64_t r0, int64_t r1) {
+  const int64_t kpad = (a.in + 63) / 64 * 64, windows = kpad / 64, xs = a.x_stride;
+  if (a.n_groups != 1) {
+    gemm<kMasked>(a, r0, r1);
+    return;
+  }
+  if (a.panels) {  // prepared panels: weights as the B operand (amx_tokens)
+    int8_t* scratch = tl_amx.get(size_t(4096 + 32 * xs));
+    if (!scratch) {
+      gemm<kMasked>(a, r0, r1);
+      return;
+    }
+    int32_t* c = reinterpret_cast<int32_t*>(scratch);
+    uint8_t* pad = reinterpret_cast<uint8_t*>(scratch + 4096);
+    // token blocks whose activations stay in L2 while the panels of this range pass by
+    const int64_t mc = ((int64_t(768) << 10) / xs / 32 + 1) * 32;
+    amx_configure();
+    for (int64_t m0 = 0; m0 < a.batch; m0 += mc) {
+      const int64_t m1 = generic::imin(a.batch, m0 + mc);
+      for (int64_t n0 = r0; n0 < r1; n0 += kGemmRows) {
+        const int nr = int(generic::imin(kGemmRows, r1 - n0));
+        const int8_t* tile = a.panels + a.panel_off[n0 / kGemmRows];
+        if (PanelTile(tile[0]) == kDenseTile) amx_tokens(a, tile + 64, windows, m0, m1, n0, nr, c, pad);
+        else prepared_tokens(a, tile, windows, m0, m1, n0, nr);  // quads of a sparse tile
+      }
+    }
+    _tile_release();
+    return;
+  }
+  // per call: tokens in blocks whose transposed activations stay in L2 (a multiple of 32)
+  const int64_t mc = std::max<int64_t>(32, (int64_t(512) << 10) / kpad / 32 * 32);
+  const int64_t mpad = (generic::imin(mc, a.batch) + 31) / 32 * 32;
+  int8_t* scratch = tl_amx.get(size_t(4096 + kGemmRows * kpad + mpad * kpad));
+  if (!scratch) {
+    gemm<kMasked>(a, r0, r1);
+    return;
+  }
+  amx_configure();
+  amx_rows<kMasked>(a, r0, r1, scratch, mc);
+  _tile_release();
+}
+#endif  // SP_HAVE_AMX
+
 }  // namespace
 
 int64_t tile_panel_bytes(const LinearArgs& a, bool masked, int64_t n0, TileLayout* layout) {
@@ -927,6 +1264,26 @@ bool pack_tile_panel(const LinearArgs& a, bool masked, int64_t n0, TileLayout la
   }
   return true;
 }
+
+#if defined(SP_HAVE_AMX)
+void amx_masked_gemm_i8(const LinearArgs& a, int64_t r0, int64_t r1) { amx_gemm<true>(a, r0, r1); }
+void amx_dense_gemm_i8(const LinearArgs& a, int64_t r0, int64_t r1) { amx_gemm<false>(a, r0, r1); }
+
+int64_t amx_tile_panel_bytes(const LinearArgs& a, bool masked, int64_t n0, TileLayout* layout) {
+  const int64_t kpad = (a.in + 63) / 64 * 64;
+  const int64_t dense = kpad / 4 * (a.out - n0 > 16 ? 2 : 1) * 64;
+  const int64_t bytes = tile_panel_bytes(a, masked, n0, layout);
+  if (bytes < 0) return bytes;
+  if (layout->kind != kDenseTile && (bytes - tile_header(*layout)) * kAmxQuadShareDen <= dense * kAmxQuadShareNum)
+    return bytes;
+  *layout = {kDenseTile, 0};
+  return tile_header(*layout) + dense;
+}
+
+bool amx_pack_tile_panel(const LinearArgs& a, bool masked, int64_t n0, TileLayout layout, int8_t* tile) {
+  return pack_tile_panel(a, masked, n0, layout, tile);
+}
+#endif
 
 void masked_gemm_i8_sum(const LinearArgs* parts, int n_parts, const LinearArgs& sum, int64_t r0, int64_t r1) {
   const int64_t kpad = (sum.in + 63) / 64 * 64, windows = kpad / 64;

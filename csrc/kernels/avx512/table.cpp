@@ -16,5 +16,29 @@ const KernelTable& table() {
   return t;
 }
 
+#if defined(SP_HAVE_AMX)
+void amx_masked_gemm_i8(const LinearArgs& a, int64_t r0, int64_t r1);
+void amx_dense_gemm_i8(const LinearArgs& a, int64_t r0, int64_t r1);
+int64_t amx_tile_panel_bytes(const LinearArgs& a, bool masked, int64_t n0, TileLayout* layout);
+bool amx_pack_tile_panel(const LinearArgs& a, bool masked, int64_t n0, TileLayout layout, int8_t* tile);
+
+// Level "amx": this tree with the GEMMs on the tile unit. Prepared panels as the avx512 tree keeps them
+// (dense ones are the B operand; quads stay for sparse tiles); without panels (long prefill calls of big
+// layers included) the GEMM expands the packed rows straight into the A operand. The elastic levels'
+// summed GEMM stays avx512's: it reads both panel layouts, and their segments keep quads.
+const KernelTable& amx_table() {
+  static const KernelTable t = [] {
+    KernelTable k = table();
+    k.name = "amx";
+    k.masked_gemm_i8 = amx_masked_gemm_i8;
+    k.dense_gemm_i8 = amx_dense_gemm_i8;
+    k.tile_panel_bytes = amx_tile_panel_bytes;
+    k.pack_tile_panel = amx_pack_tile_panel;
+    return k;
+  }();
+  return t;
+}
+#endif
+
 }  // namespace avx512
 }  // namespace sp
