@@ -52,7 +52,7 @@ void for_each_stored(Kind kind, const LinearArgs& a, int64_t r0, int64_t r1, F f
 bool pack_dense(Kind kind, const LinearArgs& a, ColPanels& p, int threads) {
   const int64_t blocks = p.out_pad / kColBlock;
   p.bytes = p.out_pad * a.in;
-  p.data = static_cast<uint8_t*>(std::aligned_alloc(64, size_t(round_up(p.bytes + 64, 64))));
+  p.data = OwnedArray<uint8_t>::allocate(size_t(p.bytes + 64));
   if (!p.data) return false;
   for (int64_t c = 0; c < a.in; ++c) p.col_off[c] = c * p.out_pad;
   const int tasks = int(std::min<int64_t>(blocks, std::max(1, threads) * 4));
@@ -93,7 +93,7 @@ bool pack_sparse(const LinearArgs& a, ColPanels& p, int threads) {
   }
   p.bytes = off;
   // 64 readable bytes past the end: the kernels load a whole vector of values per block
-  p.data = static_cast<uint8_t*>(std::aligned_alloc(64, size_t(round_up(off + 64, 64))));
+  p.data = OwnedArray<uint8_t>::allocate(size_t(off + 64));
   if (!p.data) return false;
   std::memset(p.data + off, 0, 64);
   pool.run(tasks, threads, [&](int t) {
@@ -146,35 +146,6 @@ const ColSkipKernels& active_colskip() {
   return scalar::colskip();
 }
 
-ColPanels::ColPanels(ColPanels&& o) noexcept { *this = std::move(o); }
-
-ColPanels& ColPanels::operator=(ColPanels&& o) noexcept {
-  if (this != &o) {
-    std::free(data);
-    delete[] col_off;
-    delete[] scales_t;
-    sparse = o.sparse;
-    out_pad = o.out_pad;
-    in = o.in;
-    bytes = o.bytes;
-    data = o.data;
-    col_off = o.col_off;
-    scales_t = o.scales_t;
-    scales_bytes = o.scales_bytes;
-    o.data = nullptr;
-    o.col_off = nullptr;
-    o.scales_t = nullptr;
-    o.bytes = 0;
-  }
-  return *this;
-}
-
-ColPanels::~ColPanels() {
-  std::free(data);
-  delete[] col_off;
-  delete[] scales_t;
-}
-
 int64_t ColPanels::total_bytes() const {
   if (!data) return 0;
   return bytes + in * int64_t(sizeof(int64_t)) + scales_bytes;
@@ -194,12 +165,14 @@ ColPanels prepare_colpanels(Kind kind, const LinearArgs& a, int threads) {
   if (!colskip_supported(kind, a)) return p;
   p.out_pad = round_up(a.out, kColBlock);
   p.in = a.in;
-  p.col_off = new int64_t[size_t(a.in)];
+  p.col_off = OwnedArray<int64_t>::allocate(size_t(a.in));
+  if (!p.col_off) return ColPanels();
   p.sparse = kind == Kind::MaskedI8 && double(stored_values(kind, a)) <= kSparseChunkDensity * double(a.out * a.in);
   const bool ok = p.sparse ? pack_sparse(a, p, threads) : pack_dense(kind, a, p, threads);
   if (!ok) return ColPanels();
   if (a.n_groups > 1) {
-    p.scales_t = new float[size_t(a.n_groups * p.out_pad)]();
+    p.scales_t = OwnedArray<float>::zeroed(size_t(a.n_groups * p.out_pad));
+    if (!p.scales_t) return ColPanels();
     for (int64_t r = 0; r < a.out; ++r)
       for (int64_t g = 0; g < a.n_groups; ++g) p.scales_t[g * p.out_pad + r] = a.scales[r * a.n_groups + g];
     p.scales_bytes = a.n_groups * p.out_pad * int64_t(sizeof(float));

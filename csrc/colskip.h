@@ -22,6 +22,7 @@
 #include <cstdint>
 
 #include "colskip_args.h"
+#include "owned_array.h"
 #include "common.h"
 #include "plan.h"
 
@@ -34,15 +35,9 @@ const ColSkipKernels& active_colskip();
 struct ColPanels {
   bool sparse = false;
   int64_t out_pad = 0, in = 0, bytes = 0, scales_bytes = 0;
-  uint8_t* data = nullptr;
-  int64_t* col_off = nullptr;
-  float* scales_t = nullptr;
-  ColPanels() = default;
-  ColPanels(const ColPanels&) = delete;
-  ColPanels& operator=(const ColPanels&) = delete;
-  ColPanels(ColPanels&& o) noexcept;
-  ColPanels& operator=(ColPanels&& o) noexcept;
-  ~ColPanels();
+  OwnedArray<uint8_t> data;
+  OwnedArray<int64_t> col_off;
+  OwnedArray<float> scales_t;
   // Bytes beside the packed weight (chunks, offsets, transposed scales).
   int64_t total_bytes() const;
 };

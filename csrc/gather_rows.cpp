@@ -6,27 +6,6 @@
 
 namespace sp {
 
-GatherRows::GatherRows(GatherRows&& o) noexcept : records(o.records), chunks(o.chunks), out(o.out) {
-  o.records = nullptr;
-  o.chunks = nullptr;
-  o.out = 0;
-}
-
-GatherRows& GatherRows::operator=(GatherRows&& o) noexcept {
-  if (this != &o) {
-    std::free(records);
-    delete[] chunks;
-    records = o.records, chunks = o.chunks, out = o.out;
-    o.records = nullptr, o.chunks = nullptr, o.out = 0;
-  }
-  return *this;
-}
-
-GatherRows::~GatherRows() {
-  std::free(records);
-  delete[] chunks;
-}
-
 namespace {
 
 // Builds one row's records: values are appended in column order; a record is closed when full or when
@@ -101,12 +80,13 @@ GatherRows prepare_gather_rows(const LinearArgs& a) {
   GatherRows g;
   if (a.out <= 0) return g;
   g.out = a.out;
-  g.chunks = new int64_t[size_t(a.out + 1)];
+  g.chunks = OwnedArray<int64_t>::allocate(size_t(a.out + 1));
+  if (!g.chunks) return GatherRows();
   g.chunks[0] = 0;
   for (int64_t r = 0; r < a.out; ++r) g.chunks[r + 1] = g.chunks[r] + pack_gather_row(a, r, nullptr);
   // + one zeroed record of slack past the last row's
   const size_t bytes = size_t((g.chunks[a.out] + 1) * kGatherRecordBytes + 63) / 64 * 64;
-  g.records = static_cast<uint8_t*>(std::aligned_alloc(64, bytes));
+  g.records = OwnedArray<uint8_t>::allocate(bytes);
   if (!g.records) return GatherRows();
   for (int64_t r = 0; r < a.out; ++r) pack_gather_row(a, r, g.records + g.chunks[r] * kGatherRecordBytes);
   std::memset(g.records + g.chunks[a.out] * kGatherRecordBytes, 0, bytes - size_t(g.chunks[a.out] * kGatherRecordBytes));

@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "common.h"
+#include "owned_array.h"
 
 namespace sp {
 
@@ -19,15 +20,9 @@ constexpr int64_t kGatherRecordBytes = 16;  // their eight offsets, then the eig
 constexpr double kGatherMaxDensity = 0.2;
 
 struct GatherRows {
-  uint8_t* records = nullptr;
-  int64_t* chunks = nullptr;  // [out + 1], in records
+  OwnedArray<uint8_t> records;
+  OwnedArray<int64_t> chunks;  // [out + 1], in records
   int64_t out = 0;
-  GatherRows() = default;
-  GatherRows(const GatherRows&) = delete;
-  GatherRows& operator=(const GatherRows&) = delete;
-  GatherRows(GatherRows&& o) noexcept;
-  GatherRows& operator=(GatherRows&& o) noexcept;
-  ~GatherRows();
   int64_t bytes() const { return records ? chunks[out] * kGatherRecordBytes + (out + 1) * 8 : 0; }
 };
 

@@ -99,32 +99,6 @@ void quantize_rows(const float* x, int64_t batch, int64_t in, int64_t stride, in
   active_table().quantize(x, 0, batch, in, stride, xq, xu, sx);
 }
 
-PreparedPanels::PreparedPanels(PreparedPanels&& o) noexcept
-    : table(o.table), data(o.data), offsets(o.offsets) {
-  o.table = nullptr;
-  o.data = nullptr;
-  o.offsets = nullptr;
-}
-
-PreparedPanels& PreparedPanels::operator=(PreparedPanels&& o) noexcept {
-  if (this != &o) {
-    std::free(data);
-    delete[] offsets;
-    table = o.table;
-    data = o.data;
-    offsets = o.offsets;
-    o.table = nullptr;
-    o.data = nullptr;
-    o.offsets = nullptr;
-  }
-  return *this;
-}
-
-PreparedPanels::~PreparedPanels() {
-  std::free(data);
-  delete[] offsets;
-}
-
 PreparedPanels prepare_panels(Kind kind, const LinearArgs& a, int64_t max_weights, int threads) {
   PreparedPanels p;
   const KernelTable& table = active_table();
@@ -133,7 +107,8 @@ PreparedPanels prepare_panels(Kind kind, const LinearArgs& a, int64_t max_weight
     return p;
   const bool masked = kind == Kind::MaskedI8;
   const int64_t tiles = (a.out + kGemmRows - 1) / kGemmRows;
-  p.offsets = new int64_t[size_t(tiles + 1)];
+  p.offsets = OwnedArray<int64_t>::allocate(size_t(tiles + 1));
+  if (!p.offsets) return p;
   // tiles are independent: sized, then packed, by every thread in contiguous tile ranges
   const int tasks = int(std::min<int64_t>(tiles, threads > 1 ? threads * 4 : 1));
   std::atomic<bool> ok{true};
@@ -148,7 +123,7 @@ PreparedPanels prepare_panels(Kind kind, const LinearArgs& a, int64_t max_weight
   if (!ok.load()) return PreparedPanels();
   p.offsets[0] = 0;
   for (int64_t i = 0; i < tiles; ++i) p.offsets[i + 1] += p.offsets[i];
-  p.data = static_cast<int8_t*>(std::aligned_alloc(64, size_t((p.offsets[tiles] + 63) / 64 * 64)));
+  p.data = OwnedArray<int8_t>::allocate(size_t(p.offsets[tiles]));
   if (!p.data) return PreparedPanels();
   pool.run(tasks, threads, [&](int t) {
     for (int64_t i = tiles * t / tasks; i < tiles * (t + 1) / tasks; ++i)

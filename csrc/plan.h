@@ -2,6 +2,7 @@
 // output rows into tasks, and run the active ISA's row kernel on the thread pool.
 #pragma once
 #include "common.h"
+#include "owned_array.h"
 
 namespace sp {
 
@@ -36,14 +37,8 @@ void quantize_rows(const float* x, int64_t batch, int64_t in, int64_t stride, in
 // GEMM panels of a weight prepared once (see LinearArgs::panels), owned here.
 struct PreparedPanels {
   const KernelTable* table = nullptr;  // the tree that packed them: only its GEMM may read them
-  int8_t* data = nullptr;
-  int64_t* offsets = nullptr;
-  PreparedPanels() = default;
-  PreparedPanels(const PreparedPanels&) = delete;
-  PreparedPanels& operator=(const PreparedPanels&) = delete;
-  PreparedPanels(PreparedPanels&& o) noexcept;
-  PreparedPanels& operator=(PreparedPanels&& o) noexcept;
-  ~PreparedPanels();
+  OwnedArray<int8_t> data;
+  OwnedArray<int64_t> offsets;
 };
 
 // Panels for int8 weights with one scale per row of fewer than `max_weights` weights; empty
