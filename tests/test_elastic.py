@@ -4,12 +4,11 @@ compression with every method, save / load at a level."""
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from switching_helpers import calls_while_switching
 from tiny import tiny_bert, token_ids
 
 import sparsepress as sp
@@ -240,35 +239,9 @@ def test_concurrent_calls_each_see_one_level():
         sp.set_sparsity(model, level)
         with torch.no_grad():
             expected.append(model(**batch).last_hidden_state)
-    stop = threading.Event()
-    mixed: list[int] = []
-    errors: list[BaseException] = []
-
-    def caller() -> None:
-        try:
-            for _ in range(15):
-                with torch.no_grad():
-                    out = model(**batch).last_hidden_state
-                if not any(torch.allclose(out, e, atol=1e-6) for e in expected):
-                    mixed.append(1)
-        except BaseException as exc:  # pragma: no cover - reported below
-            errors.append(exc)
-
-    def switcher() -> None:
-        while not stop.is_set():
-            for level in LEVELS:
-                sp.set_sparsity(model, level)
-
-    threads = [threading.Thread(target=caller) for _ in range(3)]
-    flipper = threading.Thread(target=switcher)
-    flipper.start()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    stop.set()
-    flipper.join()
-    assert not errors and not mixed
+    mixed = calls_while_switching(lambda: model(**batch).last_hidden_state, expected,
+                                  switch=lambda: [sp.set_sparsity(model, level) for level in LEVELS], calls=15)
+    assert mixed == 0
 
 
 def test_save_load_at_a_level(tmp_path):

@@ -4,10 +4,9 @@ rebuilt, and a call never mixes levels; the fused GEMM over a level's segments e
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
+from switching_helpers import calls_while_switching
 from tiny import tiny_bert, token_ids
 
 import sparsepress as sp
@@ -81,33 +80,11 @@ def test_native_calls_each_see_one_level_while_another_thread_switches(model):
         expected.append(_run(model, inputs, native_path=True))
     forward = native_blocks_of(model)
     before = forward.native_calls
-    stop = threading.Event()
-    mixed: list[int] = []
-
-    def caller() -> None:
-        for _ in range(10):
-            with torch.inference_mode():
-                out = model(**inputs).last_hidden_state
-            if not any(torch.allclose(out, e, atol=1e-6) for e in expected):
-                mixed.append(1)
-
-    def switcher() -> None:
-        while not stop.is_set():
-            for level in LEVELS:
-                sp.set_sparsity(model, level)
-
-    callers = [threading.Thread(target=caller) for _ in range(3)]
-    flipper = threading.Thread(target=switcher)
-    flipper.start()
-    for thread in callers:
-        thread.start()
-    for thread in callers:
-        thread.join()
-    stop.set()
-    flipper.join()
+    mixed = calls_while_switching(lambda: model(**inputs).last_hidden_state, expected,
+                                  switch=lambda: [sp.set_sparsity(model, level) for level in LEVELS])
     sp.set_sparsity(model, LEVELS[0])
-    assert not mixed
-    assert forward.native_calls == before + 30
+    assert mixed == 0
+    assert forward.native_calls == before + 30  # 3 callers x 10 calls, all on the native Stack
 
 
 def test_a_level_outside_the_stack_is_refused(model):
