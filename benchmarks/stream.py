@@ -6,6 +6,8 @@ writing it never holds more than one block. A child process then compresses it w
 `load_source(..., stream=True)` + `sp.compress(..., weights=...)` and saves the packed folder; it reports
 each block's time and its resident memory (psutil, sampled every 50 ms in a thread), and the parent reads
 the child's peak RSS from getrusage(RUSAGE_CHILDREN). Target: peak RSS <= 6 GiB on a 24 GiB machine.
+Finished blocks are spilled to disk as they are solved (`sparsepress.spill`); `--no-spill` keeps them in
+memory until the save, as before, for comparison.
 
 Example:
     PYTHONPATH=src python benchmarks/stream.py --workdir /scratch --layers 4        # check: 4 blocks of 7B shape
@@ -26,6 +28,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -132,6 +135,7 @@ def child(args: argparse.Namespace) -> None:
     """Stream-compress and save in this process, printing one JSON line per stage."""
     import sparsepress as sp
     from sparsepress.sources import load_source
+    from sparsepress.spill import BlockSpill
 
     def report(stage: str, **extra: object) -> None:
         print(json.dumps({"stage": stage, "seconds": round(time.perf_counter() - start, 1),
@@ -155,14 +159,15 @@ def child(args: argparse.Namespace) -> None:
             report("block", index=done, of=total, block_seconds=round(now - last[0], 1))
             last[0] = now
 
-        model = sp.compress(source.model, recipe, calibration=ids, samples=args.samples, seq_len=args.seq_len,
-                            batch_size=args.batch_size, progress=progress, weights=source.weights)
-        report("compressed")
-        if args.save:
-            out = Path(args.out)
-            sp.save(model, out, overwrite=True)
-            report("saved", bytes=(out / "sparsepress.safetensors").stat().st_size)
-    report("done", recipe=recipe)
+        out = Path(args.out)
+        with BlockSpill.beside(out) if args.spill else nullcontext() as spill:
+            model = sp.compress(source.model, recipe, calibration=ids, samples=args.samples, seq_len=args.seq_len,
+                                batch_size=args.batch_size, progress=progress, weights=source.weights, spill=spill)
+            report("compressed")
+            if args.save:
+                sp.save(model, out, overwrite=True)
+                report("saved", bytes=(out / "sparsepress.safetensors").stat().st_size)
+    report("done", recipe=recipe, spill=args.spill)
 
 
 def cpu_model() -> str:
@@ -191,6 +196,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--solver", default="default", choices=sorted(SOLVERS))
     parser.add_argument("--no-save", dest="save", action="store_false")
+    parser.add_argument("--no-spill", dest="spill", action="store_false",
+                        help="keep finished blocks' packed tensors in memory until the save (as before spilling)")
     parser.add_argument("--workdir", type=Path, default=Path("."), help="where the model and the output go")
     parser.add_argument("--model", type=Path, default=None, help="a model folder this script wrote before")
     parser.add_argument("--keep", action="store_true", help="keep the written model and the output")
@@ -214,7 +221,8 @@ def main() -> None:
         size = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
         command = [sys.executable, __file__, "--child", str(folder), "--out", str(out), "--method", args.method,
                    "--sparsity", str(args.sparsity), "--samples", str(args.samples), "--seq-len", str(args.seq_len),
-                   "--batch-size", str(args.batch_size), "--solver", args.solver] + ([] if args.save else ["--no-save"])
+                   "--batch-size", str(args.batch_size), "--solver", args.solver] + ([] if args.save else ["--no-save"]) + \
+            ([] if args.spill else ["--no-spill"])
         start = time.perf_counter()
         done = subprocess.run(command, env=os.environ.copy(), check=False)
         wall = time.perf_counter() - start
@@ -222,10 +230,11 @@ def main() -> None:
         status = "ok" if done.returncode == 0 else f"child failed ({done.returncode})"
         packed = (out / "sparsepress.safetensors").stat().st_size if (out / "sparsepress.safetensors").exists() else 0
         print(f"\nCPU: {cpu_model()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}\n"
-              f"| layers | method | solver | samples x seq | wall s | peak RSS GiB | bf16 GB | packed GB | status |\n"
-              f"|---|---|---|---|---|---|---|---|---|\n"
-              f"| {args.layers} | {args.method} {args.sparsity:.0%} + int8 | {args.solver} | {args.samples} x "
-              f"{args.seq_len} | {wall:.0f} | {peak / GIB:.2f} | {size / 1e9:.2f} | {packed / 1e9:.2f} | {status} |")
+              f"| layers | method | solver | spill | samples x seq | wall s | peak RSS GiB | bf16 GB | packed GB | status |\n"
+              f"|---|---|---|---|---|---|---|---|---|---|\n"
+              f"| {args.layers} | {args.method} {args.sparsity:.0%} + int8 | {args.solver} | {'yes' if args.spill else 'no'} | "
+              f"{args.samples} x {args.seq_len} | {wall:.0f} | {peak / GIB:.2f} | {size / 1e9:.2f} | {packed / 1e9:.2f} | "
+              f"{status} |")
     finally:
         if not args.keep:
             shutil.rmtree(out, ignore_errors=True)
