@@ -162,6 +162,33 @@ def test_an_interrupted_streamed_compression_leaves_no_output(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 
+def test_a_resumed_spilled_run_makes_the_same_folder(tmp_path):
+    """Interrupted after block 0, resumed from the checkpoint: the restored block is spilled too, and the folder
+    is byte for byte the uninterrupted in-memory run's."""
+    from sparsepress.checkpoint import Checkpoint
+
+    source = _write(tmp_path / "src", "llama")
+    ids, recipe = token_ids(4, length=16), RECIPES["sparsegpt+gptq"]
+    sp.save(sp.compress(load_source(source).model, recipe, calibration=ids), tmp_path / "ref")
+    out = tmp_path / "out"
+
+    def stop(_what, done, _total):
+        if done == 1:
+            raise KeyboardInterrupt
+
+    model, weights = open_streamed(source)
+    with pytest.raises(KeyboardInterrupt), BlockSpill.beside(out) as spill:
+        sp.compress(model, recipe, calibration=ids, weights=weights, spill=spill, progress=stop,
+                    checkpoint=Checkpoint.for_output(out, source))
+    model, weights = open_streamed(source)
+    with BlockSpill.beside(out) as spill:
+        model = sp.compress(model, recipe, calibration=ids, weights=weights, spill=spill,
+                            checkpoint=Checkpoint.for_output(out, source, resume=True))
+        assert all(isinstance(model.get_submodule(n), SpilledLinear) for n in model.sparsepress_record.layers)
+        sp.save(model, out)
+    assert (out / "sparsepress.safetensors").read_bytes() == (tmp_path / "ref" / "sparsepress.safetensors").read_bytes()
+
+
 def test_the_cli_streams_through_a_spill_folder_and_a_failure_leaves_no_output(tmp_path, tiny_bert_dir):
     """`compress --stream`: the folder matches the in-memory CLI run's; with block 1 damaged, exit 1 and no output
     (the checkpoint of the finished block stays for --resume)."""
@@ -275,16 +302,20 @@ def _write_by_hand(folder: Path, layers: int, hidden: int = 512) -> int:
 
 
 # The child measures the RSS it gains while loading, compressing and saving; it starts after a run on a
-# tiny model, so only what the model's size costs counts.
+# tiny model, so only what the model's size costs counts. Its peak is VmHWM, reset when the measured run
+# starts: getrusage's ru_maxrss starts at the RSS of the forking test process (Linux carries it across
+# exec), which is what had made these bounds flaky once that process had written a large model.
 _PEAK_CHILD = textwrap.dedent("""
     import contextlib, json, resource, sys, torch
     import sparsepress as sp
     from sparsepress.sources import load_source
     from sparsepress.spill import BlockSpill
     torch.set_num_threads(1)
-    def rss():
+    def status(field):
         with open("/proc/self/status") as handle:
-            return next(int(l.split()[1]) for l in handle if l.startswith("VmRSS")) * 1024
+            return next(int(l.split()[1]) for l in handle if l.startswith(field)) * 1024
+    def rss():
+        return status("VmRSS")
     recipe = json.loads(sys.argv[5])
     ids = [torch.randint(0, 64, (16,), generator=torch.Generator().manual_seed(i)) for i in range(2)]
     def run(folder, out):
@@ -294,9 +325,16 @@ _PEAK_CHILD = textwrap.dedent("""
             sp.save(model, out, overwrite=True)
     run(sys.argv[4], sys.argv[2])  # a tiny model first: lazy imports, kernels and thread pools start here
     start = rss()
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")  # the high-water mark starts again from the current RSS
+        def peak():
+            return status("VmHWM")
+    except OSError:
+        def peak():
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     run(sys.argv[1], sys.argv[2])
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"start": start, "peak": peak}))
+    print(json.dumps({"start": start, "peak": peak()}))
 """)
 
 
