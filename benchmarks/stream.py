@@ -4,8 +4,10 @@ The model (default hidden 4096, intermediate 11008, 32 layers, 32 heads, vocab 3
 13.5 GB in bf16) is written one shard per block (the embeddings and the head in shards of their own), so
 writing it never holds more than one block. A child process then compresses it with
 `load_source(..., stream=True)` + `sp.compress(..., weights=...)` and saves the packed folder; it reports
-each block's time and its resident memory (psutil, sampled every 50 ms in a thread), and the parent reads
-the child's peak RSS from getrusage(RUSAGE_CHILDREN). Target: peak RSS <= 6 GiB on a 24 GiB machine.
+each block's time and its resident memory (psutil, sampled every 50 ms in a thread) and, at the end, its
+peak RSS (VmHWM, reset when the child starts), which the parent's table shows. Target: peak RSS <= 6 GiB on a 24 GiB machine.
+Finished blocks are spilled to disk as they are solved (`sparsepress.spill`); `--no-spill` keeps them in
+memory until the save, as before, for comparison.
 
 Example:
     PYTHONPATH=src python benchmarks/stream.py --workdir /scratch --layers 4        # check: 4 blocks of 7B shape
@@ -26,6 +28,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -128,16 +131,45 @@ class RssSampler:
         self._thread.join()
 
 
+def reset_high_water_mark() -> None:
+    """Start this process's peak RSS (VmHWM) again from its current RSS, where Linux allows it.
+
+    A child's getrusage peak starts at the RSS of the process that forked it (Linux carries it across
+    exec): after the parent wrote a large model that would count, so the child measures its own VmHWM.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        pass
+
+
+def high_water_mark() -> int:
+    """This process's peak RSS in bytes since its start or the last reset (VmHWM; getrusage elsewhere).
+
+    Example:
+        >>> high_water_mark() > 0
+        True
+    """
+    try:
+        with open("/proc/self/status") as handle:
+            return next(int(line.split()[1]) for line in handle if line.startswith("VmHWM")) * 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def child(args: argparse.Namespace) -> None:
     """Stream-compress and save in this process, printing one JSON line per stage."""
     import sparsepress as sp
     from sparsepress.sources import load_source
+    from sparsepress.spill import BlockSpill
 
     def report(stage: str, **extra: object) -> None:
         print(json.dumps({"stage": stage, "seconds": round(time.perf_counter() - start, 1),
                           "rss_now_gib": round(sampler.process.memory_info().rss / GIB, 3),
                           "rss_peak_gib": round(sampler.peak / GIB, 3), **extra}), flush=True)
 
+    reset_high_water_mark()
     with RssSampler() as sampler:
         start = time.perf_counter()
         source = load_source(args.folder, stream=True)
@@ -155,14 +187,15 @@ def child(args: argparse.Namespace) -> None:
             report("block", index=done, of=total, block_seconds=round(now - last[0], 1))
             last[0] = now
 
-        model = sp.compress(source.model, recipe, calibration=ids, samples=args.samples, seq_len=args.seq_len,
-                            batch_size=args.batch_size, progress=progress, weights=source.weights)
-        report("compressed")
-        if args.save:
-            out = Path(args.out)
-            sp.save(model, out, overwrite=True)
-            report("saved", bytes=(out / "sparsepress.safetensors").stat().st_size)
-    report("done", recipe=recipe)
+        out = Path(args.out)
+        with BlockSpill.beside(out) if args.spill else nullcontext() as spill:
+            model = sp.compress(source.model, recipe, calibration=ids, samples=args.samples, seq_len=args.seq_len,
+                                batch_size=args.batch_size, progress=progress, weights=source.weights, spill=spill)
+            report("compressed")
+            if args.save:
+                sp.save(model, out, overwrite=True)
+                report("saved", bytes=(out / "sparsepress.safetensors").stat().st_size)
+    report("done", recipe=recipe, spill=args.spill, peak_gib=round(high_water_mark() / GIB, 3))
 
 
 def cpu_model() -> str:
@@ -191,6 +224,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--solver", default="default", choices=sorted(SOLVERS))
     parser.add_argument("--no-save", dest="save", action="store_false")
+    parser.add_argument("--no-spill", dest="spill", action="store_false",
+                        help="keep finished blocks' packed tensors in memory until the save (as before spilling)")
     parser.add_argument("--workdir", type=Path, default=Path("."), help="where the model and the output go")
     parser.add_argument("--model", type=Path, default=None, help="a model folder this script wrote before")
     parser.add_argument("--keep", action="store_true", help="keep the written model and the output")
@@ -214,18 +249,25 @@ def main() -> None:
         size = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
         command = [sys.executable, __file__, "--child", str(folder), "--out", str(out), "--method", args.method,
                    "--sparsity", str(args.sparsity), "--samples", str(args.samples), "--seq-len", str(args.seq_len),
-                   "--batch-size", str(args.batch_size), "--solver", args.solver] + ([] if args.save else ["--no-save"])
+                   "--batch-size", str(args.batch_size), "--solver", args.solver] + ([] if args.save else ["--no-save"]) + \
+            ([] if args.spill else ["--no-spill"])
         start = time.perf_counter()
-        done = subprocess.run(command, env=os.environ.copy(), check=False)
+        peak = 0
+        with subprocess.Popen(command, env=os.environ.copy(), stdout=subprocess.PIPE, text=True) as done:
+            for line in done.stdout:  # type: ignore[union-attr]
+                print(line, end="", flush=True)
+                if line.startswith("{") and '"peak_gib"' in line:
+                    peak = int(json.loads(line)["peak_gib"] * GIB)
         wall = time.perf_counter() - start
-        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # Linux reports KiB
+        peak = peak or resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # Linux reports KiB
         status = "ok" if done.returncode == 0 else f"child failed ({done.returncode})"
         packed = (out / "sparsepress.safetensors").stat().st_size if (out / "sparsepress.safetensors").exists() else 0
         print(f"\nCPU: {cpu_model()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}\n"
-              f"| layers | method | solver | samples x seq | wall s | peak RSS GiB | bf16 GB | packed GB | status |\n"
-              f"|---|---|---|---|---|---|---|---|---|\n"
-              f"| {args.layers} | {args.method} {args.sparsity:.0%} + int8 | {args.solver} | {args.samples} x "
-              f"{args.seq_len} | {wall:.0f} | {peak / GIB:.2f} | {size / 1e9:.2f} | {packed / 1e9:.2f} | {status} |")
+              f"| layers | method | solver | spill | samples x seq | wall s | peak RSS GiB | bf16 GB | packed GB | status |\n"
+              f"|---|---|---|---|---|---|---|---|---|---|\n"
+              f"| {args.layers} | {args.method} {args.sparsity:.0%} + int8 | {args.solver} | {'yes' if args.spill else 'no'} | "
+              f"{args.samples} x {args.seq_len} | {wall:.0f} | {peak / GIB:.2f} | {size / 1e9:.2f} | {packed / 1e9:.2f} | "
+              f"{status} |")
     finally:
         if not args.keep:
             shutil.rmtree(out, ignore_errors=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -70,11 +71,12 @@ def run_compression(model_name: str, recipe_path: Path | None, out: Path, calibr
 
     from .checkpoint import Checkpoint
     from .errors import NonFiniteWarning
-    from .io import _atomic_folder
+    from .io import _atomic_folder, save
     from .pipeline import NONFINITE_POLICIES
     from .pipeline import compress
     from .recipe import Recipe
     from .sources import calibration_samples, load_source, read_text
+    from .spill import BlockSpill
 
     if nonfinite not in NONFINITE_POLICIES:
         raise InputError("--on-nonfinite", f"got {nonfinite!r}; allowed: {' | '.join(NONFINITE_POLICIES)}")
@@ -90,28 +92,29 @@ def run_compression(model_name: str, recipe_path: Path | None, out: Path, calibr
                               source=str(calibration or "bundled calibration text"))
     checkpoint = Checkpoint.for_output(out, source.path, resume=resume)
     progress, update = _progress()
-    try:
-        with progress, warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", NonFiniteWarning)
-            try:
-                model = compress(source.model, recipe, calibration=ids, tokenizer=source.tokenizer, samples=len(ids),
-                                 seq_len=seq_len, progress=update, nonfinite=nonfinite, checkpoint=checkpoint,
-                                 weights=source.weights)
-            finally:
-                for item in caught:
-                    if issubclass(item.category, NonFiniteWarning):
-                        errors.print(f"[yellow]warning:[/yellow] {item.message}", highlight=False)
-                    else:
-                        warnings.warn_explicit(item.message, item.category, item.filename, item.lineno)
-    except BaseException:
-        if any(p.name != "fingerprint.json" for p in checkpoint.folder.glob("*.json")):
-            errors.print(f"finished work is kept in {checkpoint.folder}; rerun with --resume to continue",
-                         highlight=False)
-        raise
-    model.sparsepress_source = source.path
-    from .io import save
-
-    save(model, out, tokenizer=None, source=source.path, overwrite=overwrite)
+    # Streamed, each finished block's packed layers go to disk at once (a spill folder beside --out,
+    # removed however the run ends), so memory does not grow with the blocks done.
+    with BlockSpill.beside(out) if stream else nullcontext() as spill:
+        try:
+            with progress, warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", NonFiniteWarning)
+                try:
+                    model = compress(source.model, recipe, calibration=ids, tokenizer=source.tokenizer,
+                                     samples=len(ids), seq_len=seq_len, progress=update, nonfinite=nonfinite,
+                                     checkpoint=checkpoint, weights=source.weights, spill=spill)
+                finally:
+                    for item in caught:
+                        if issubclass(item.category, NonFiniteWarning):
+                            errors.print(f"[yellow]warning:[/yellow] {item.message}", highlight=False)
+                        else:
+                            warnings.warn_explicit(item.message, item.category, item.filename, item.lineno)
+        except BaseException:
+            if any(p.name != "fingerprint.json" for p in checkpoint.folder.glob("*.json")):
+                errors.print(f"finished work is kept in {checkpoint.folder}; rerun with --resume to continue",
+                             highlight=False)
+            raise
+        model.sparsepress_source = source.path
+        save(model, out, tokenizer=None, source=source.path, overwrite=overwrite)
     checkpoint.discard()
     return source, model
 

@@ -35,8 +35,10 @@ from .experts.record import experts_manifest, restore_experts_
 from .fusion import fuse_activations
 from .models import convert_conv1d_, replace_module
 from .nn import QuantizedEmbedding, SparseLinear
+from .nn.spilled import SpilledLinear
 from .nn.activation import install_thresholds
 from .runtime import use_native_blocks
+from .tensorfile import StoredTensor, check_stored, write_tensor_file
 from .nn.elastic import ElasticLinear, install_levels, linear_module, sparsity_levels
 
 FORMAT_VERSION = 1
@@ -71,7 +73,29 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _collect_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any], dict[str, str]]:
+def layer_entry(name: str, module: SparseLinear) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A packed layer's tensors (by full key) and what it says of itself in the manifest (format metadata,
+    bias, sparsity, nbytes; the compression record adds how it was made).
+
+    Example:
+        >>> layer = SparseLinear.from_linear(nn.Linear(8, 2), format="dense")
+        >>> own, entry = layer_entry("fc", layer)
+        >>> sorted(own), entry["format"], entry["bias"]
+        (['fc.bias', 'fc.values'], 'dense', True)
+    """
+    own = {f"{name}.{suffix}": tensor for suffix, tensor in module.packed.tensors().items()}
+    if module.bias is not None:
+        own[f"{name}.bias"] = module.bias
+    if module.act_thresholds is not None:
+        own[f"{name}.act_thresholds"] = module.act_thresholds
+    meta = module.packed.meta()
+    meta["bias"] = module.bias is not None
+    meta["sparsity"] = round(module.packed.sparsity, 6)
+    meta["nbytes"] = module.nbytes
+    return own, meta
+
+
+def _collect_tensors(model: nn.Module) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], dict[str, str]]:
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, Any] = {}
     embeddings: dict[str, Any] = {}
@@ -85,19 +109,12 @@ def _collect_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[st
             embeddings[name] = {"bits": module.bits, "shape": [module.num_embeddings, module.embedding_dim],
                                 "padding_idx": module.padding_idx, "tied_to": heads[module.codes.data_ptr()]}
             packed_prefixes.append(name + ".")
-        elif isinstance(module, SparseLinear):
-            for suffix, tensor in module.packed.tensors().items():
-                tensors[f"{name}.{suffix}"] = tensor
-            if module.bias is not None:
-                tensors[f"{name}.bias"] = module.bias
-            if module.act_thresholds is not None:
-                tensors[f"{name}.act_thresholds"] = module.act_thresholds
-            meta = module.packed.meta()
-            meta["bias"] = module.bias is not None
+        elif isinstance(module, (SparseLinear, SpilledLinear)):
+            own, meta = (layer_entry(name, module) if isinstance(module, SparseLinear)
+                         else (module.tensors, dict(module.entry)))
+            tensors.update(own)
             extra = history["layers"].get(name, {})
             meta.update({k: extra[k] for k in ("method", "pattern", "target_sparsity", "quant_method") if k in extra})
-            meta["sparsity"] = round(module.packed.sparsity, 6)
-            meta["nbytes"] = module.nbytes
             layers[name] = meta
             packed_prefixes.append(name + ".")
         elif isinstance(module, QuantizedEmbedding):
@@ -180,13 +197,19 @@ def save(
     staging = _atomic_folder(out, overwrite)
     try:
         tensors, layers, embeddings, aliases = _collect_tensors(model)
+        spilled = {k: v for k, v in tensors.items() if isinstance(v, StoredTensor)}
+        nonfinite = {k for m in model.modules() if isinstance(m, SpilledLinear) for k in m.nonfinite}
         for key, tensor in tensors.items():
-            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            if key in nonfinite or (key not in spilled and tensor.is_floating_point() and not torch.isfinite(tensor).all()):
                 raise FormatError(out, f"refusing to save: tensor '{key}' holds NaN or Inf")
-        contiguous = {k: v.detach().contiguous().cpu() for k, v in sorted(tensors.items())}
+        contiguous = {k: v if k in spilled else v.detach().contiguous().cpu() for k, v in sorted(tensors.items())}
         # One metadata key only: safetensors writes metadata in hash order, so more keys would make
         # two saves of the same model differ in bytes.
-        save_file(contiguous, str(staging / TENSORS), metadata={"format": "pt"})
+        if spilled:  # blocks a streamed compression wrote to disk: copied over, the same bytes as save_file's
+            check_stored(spilled)
+            write_tensor_file(staging / TENSORS, contiguous, metadata={"format": "pt"})
+        else:
+            save_file(contiguous, str(staging / TENSORS), metadata={"format": "pt"})
         config = getattr(model, "config", None)
         if config is not None:
             config.save_pretrained(staging)

@@ -28,6 +28,7 @@ from .attention import use_native_attention
 from .errors import InputError
 from .fusion import fuse_activations
 from .models import convert_conv1d_, unfuse_experts_
+from .nn.spilled import SpilledLinear
 from .passes import CompressionContext, plan_passes
 from .passes.context import Progress
 from .recipe import Recipe
@@ -50,6 +51,7 @@ def compress(
     nonfinite: str = "error",
     checkpoint: Any = None,
     weights: StreamedWeights | None = None,
+    spill: Any = None,
 ) -> nn.Module:
     """Compress `model` in place with `recipe` and return it (Linear layers become SparseLinear).
 
@@ -60,6 +62,11 @@ def compress(
     `sparsepress.checkpoint.Checkpoint`) saves each finished block and, when resuming, restores them.
     `weights` (with a skeleton `model`, both from `sparsepress.stream.open_streamed`) streams the
     model from disk block by block, for models larger than memory (see `sparsepress.stream`).
+    `spill` (a `sparsepress.spill.BlockSpill`) writes each finished block's packed layers to disk as soon
+    as it is solved and leaves `SpilledLinear` placeholders (no tensors) in its place, so memory does not
+    grow with the blocks done: the model returned is then for `sp.save` only (inside the spill's `with`
+    block); run the saved folder with `sp.load`. A recipe with a pass that runs the packed model after the
+    solve (activation_sparsity) keeps its blocks in memory, `spill` or not.
     """
     if nonfinite not in NONFINITE_POLICIES:
         raise InputError("nonfinite", f"got {nonfinite!r}; allowed: {' | '.join(NONFINITE_POLICIES)}")
@@ -73,14 +80,18 @@ def compress(
     unfuse_experts_(model)  # MoE: one Linear per expert matrix, so every pass reaches each expert
     if weights is not None:
         weights.load_before_blocks_(model)  # the embeddings; each block is read by the layer solve
+    if any(step.runs_packed_model for step in passes):
+        spill = None  # that pass needs every packed block in memory
     ctx = CompressionContext(model, recipe, calibration, tokenizer, samples=samples, seq_len=seq_len,
                              batch_size=batch_size, progress=progress, nonfinite=nonfinite, checkpoint=checkpoint,
-                             weights=weights)
+                             weights=weights, spill=spill)
     for step in passes:
         step.run(ctx)
     if weights is not None:
         weights.load_rest_(model)  # whatever no pass read (blocks without a selected layer)
     model.sparsepress_record = ctx.record  # type: ignore[attr-defined]
+    if any(isinstance(m, SpilledLinear) for m in model.modules()):
+        return model  # placeholders cannot run: fusion and native plans come with sp.load
     fuse_activations(model)
     use_native_attention(model)
     use_native_blocks(model)

@@ -93,6 +93,7 @@ class ActivationSparsityPass(CompressionPass):
     name = "activation_sparsity"
     handles = ("activation_sparsity",)
     order = ORDER_FINISH - 5  # on the final weights, before the embedding tables change
+    runs_packed_model = True
 
     def __init__(self, stage: ActivationSparsityStage):
         self.stage = stage

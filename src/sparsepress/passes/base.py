@@ -37,6 +37,9 @@ class CompressionPass(ABC):
     name: ClassVar[str]
     handles: ClassVar[tuple[str, ...]] = ()  # recipe stage kinds (or "budget") this pass implements
     order: float = ORDER_SOLVE
+    # Whether the pass runs the packed model forward after the layer solve: finished blocks then stay in
+    # memory rather than being spilled to disk (sparsepress.spill).
+    runs_packed_model: ClassVar[bool] = False
 
     @classmethod
     @abstractmethod

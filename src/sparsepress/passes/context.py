@@ -85,7 +85,8 @@ class CompressionContext:
     keep-masks of layers pruned but not yet packed (kept fixed by distillation and the quantize solve
     after it); `teacher` a copy of the model as it was before any pass changed it, when a pass
     (distillation) asked for one; `weights` the reader of a streamed model's files (`sparsepress.stream`),
-    None when the model is in memory.
+    None when the model is in memory; `spill` where finished blocks' packed layers go as soon as they are
+    solved (`sparsepress.spill.BlockSpill`), None to keep them in the model.
     """
 
     model: nn.Module
@@ -99,6 +100,7 @@ class CompressionContext:
     nonfinite: str = "error"
     checkpoint: Any = None
     weights: Any = None
+    spill: Any = None
     targets: dict[str, LayerTarget] = field(default_factory=dict)
     embedding_bits: dict[str, int] = field(default_factory=dict)
     masks: dict[str, torch.Tensor] = field(default_factory=dict)

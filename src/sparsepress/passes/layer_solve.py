@@ -334,6 +334,13 @@ class BlockSolver:
                        for n, m in modules.items()}
         return modules, {n: record[n] for n in names}
 
+    def spill_block(self, index: int) -> None:
+        """Write block `index`'s packed layers to the run's spill folder; the model (and this solver) keep
+        only their placeholders, so the packed tensors leave memory."""
+        names = [n for n, meta in self.ctx.record.layers.items() if meta.get("block") == index and n in self.layers]
+        self.ctx.spill.spill_(self.ctx.model, index, names)
+        self.layers.update({name: self.ctx.model.get_submodule(name) for name in names})
+
     def _restore_trainable(self, name: str, module: SparseLinear) -> None:
         layer = self.layers[name]
         weight = module.packed.unpack().to(layer.weight.dtype)
@@ -410,9 +417,13 @@ class LayerSolvePass(CompressionPass):
             prefix = f"round{self.round}-{prefix}" if self.round > 1 else prefix
             checkpoint = BlockCheckpoint(ctx.open_checkpoint(), prefix) if ctx.checkpoint is not None else None
             start = 0
+            spills = ctx.spill is not None and self.mode == "full"
             finished = checkpoint.load_finished() if checkpoint is not None else None
             if finished is not None:
                 start = solver.restore(finished, len(blocks))
+                finished.layers.clear()  # installed now; this dict would keep spilled layers alive
+                for index in range(start if spills else 0):
+                    solver.spill_block(index)
                 if finished.hidden is not None:
                     inputs = [with_hidden(item, hidden) for item, hidden in zip(inputs, finished.hidden)]
                 if solver.follows_dense and finished.dense_hidden is not None:
@@ -428,6 +439,8 @@ class LayerSolvePass(CompressionPass):
                     dense = None if last or not solver.follows_dense else [hidden_in(i) for i in solver.dense_inputs]
                     checkpoint.save_block(index, *solver.block_layers(index),
                                           None if last else [hidden_in(i) for i in inputs], dense)
+                if spills and index >= start:
+                    solver.spill_block(index)
                 ctx.tick(PROGRESS_LABELS[self.mode], index + 1, len(blocks))
             if ctx.weights is not None:
                 ctx.weights.load_rest_(ctx.model)  # the final norm and head, for the passes after this one
