@@ -71,7 +71,8 @@ def isa_summary() -> str:
 
 
 # fbgemm and ATen held to a tree's level when it is below the CPU's best
-BASELINE_LEVEL = {"avx2": {"FBGEMM_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}}
+AVX2_BASELINE = {"FBGEMM_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+BASELINE_LEVEL = {"avx2": AVX2_BASELINE, "avx2vnni": AVX2_BASELINE}
 
 
 def llc_bytes() -> int:
