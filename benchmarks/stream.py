@@ -41,14 +41,15 @@ SOLVERS = {
 
 
 def write_random_llama_bf16(folder: Path, hidden: int, layers: int, intermediate: int, vocab: int, heads: int,
-                            kv_heads: int, seed: int = 0) -> int:
+                            kv_heads: int, seed: int = 0, progress: bool = True) -> int:
     """Write a random-weight LlamaForCausalLM folder in bf16, one shard per block; returns the bf16 bytes.
 
-    Shapes come from a meta-device model; one block's tensors are in memory at a time.
+    Shapes come from a meta-device model; one block's tensors are in memory at a time. `progress` prints a
+    line per shard written.
 
     Example:
         >>> import tempfile
-        >>> write_random_llama_bf16(Path(tempfile.mkdtemp()), 32, 2, 64, 100, 4, 2) > 0
+        >>> write_random_llama_bf16(Path(tempfile.mkdtemp()), 32, 2, 64, 100, 4, 2, progress=False) > 0
         True
     """
     from safetensors.torch import save_file
@@ -83,7 +84,8 @@ def write_random_llama_bf16(folder: Path, hidden: int, layers: int, intermediate
         total += sum(t.numel() * 2 for t in shard.values())
         weight_map.update({n: file for n in names})
         del shard
-        print(f"  wrote {group} ({number}/{len(groups)})", flush=True)
+        if progress:
+            print(f"  wrote {group} ({number}/{len(groups)})", flush=True)
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
                                                                       "weight_map": weight_map}, indent=2))
     return total

@@ -937,9 +937,10 @@ static inline void amx_block(const uint8_t* x0, const uint8_t* x1, int64_t xs, c
   if constexpr (MB == 2 && NJ == 2) _tile_zero(3);
   for (int64_t w = 0; w < windows; ++w) {
     // tile loads do not wake the hardware prefetcher: ask for the window kAmxAhead on
-    const char* ahead = reinterpret_cast<const char*>(panel + (w + kAmxAhead) * step);
-    if (w + kAmxAhead < windows)
+    if (w + kAmxAhead < windows) {
+      const char* ahead = reinterpret_cast<const char*>(panel + (w + kAmxAhead) * step);
       for (int64_t l = 0; l < step; l += 64) _mm_prefetch(ahead + l, _MM_HINT_T0);
+    }
     _tile_loadd(6, panel + w * step, bs);
     if constexpr (NJ == 2) _tile_loadd(7, panel + w * step + 64, bs);
     _tile_loadd(4, x0 + w * 64, xs);
