@@ -264,6 +264,24 @@ def test_amx_prepared_tiles_match_per_call(density, layout, monkeypatch):
         assert_matches_reference(packed, x, bias)
 
 
+@pytest.mark.native
+@pytest.mark.parametrize("fmt", ["bitmask", "dense"])
+def test_amx_per_call_gemm_over_several_token_blocks(fmt, monkeypatch):
+    """A long row (4096 columns) takes the per-call AMX GEMM in token blocks of 128 (their transposed
+    activations sized for L2): 150 tokens run one block of rows expanded once (many tokens) and one of
+    22 tokens (window by window); both equal the reference, on a masked and a dense weight."""
+    if native.active_isa() != "amx":
+        pytest.skip("needs the AMX level (AMX-INT8 CPU)")
+    monkeypatch.setattr(kernels, "PANELS", "none")
+    density = 0.5 if fmt == "bitmask" else 1.0
+    packed = pack(fmt, random_sparse(40, 4096, density, 11), "int8", None)
+    native.module().set_gemm_min_batch(1)
+    try:
+        assert_matches_reference(packed, torch.randn(150, 4096), torch.randn(40))
+    finally:
+        native.module().set_gemm_min_batch(0)
+
+
 def test_default_panels_come_to_big_layers_only_with_mid_size_calls():
     """auto: small layers at once; a big one on its first 12..63-token call, never from decode or
     long prefill calls; the results are the same before and after."""
