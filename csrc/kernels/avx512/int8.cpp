@@ -392,27 +392,32 @@ static inline void transpose16(__m512i v[16]) {
   }
 }
 
-// Panel of rows [n0, n0 + nr) (nr <= 16 * nj), columns [0, kpad): buf[k4][nj * 16][4]. Rows are
-// first expanded one after the other into rowbuf [16][kpad] (one sequential stream at a time:
-// sixteen interleaved streams defeat the hardware prefetcher), then transposed from L1/L2.
+// Rows [r0, r0 + rows) expanded one after the other into dst, kpad bytes apart (one sequential stream
+// at a time: sixteen interleaved streams defeat the hardware prefetcher); rows [rows, count) zero.
+template <bool kMasked>
+static void expand_rows(const LinearArgs& a, int64_t r0, int rows, int count, int64_t kpad, int8_t* dst) {
+  const int8_t* vals = static_cast<const int8_t*>(a.values);
+  for (int i = 0; i < count; ++i) {
+    int8_t* row = dst + i * kpad;
+    if (i >= rows) {
+      std::memset(row, 0, size_t(kpad));
+      continue;
+    }
+    const int64_t r = r0 + i;
+    int64_t p = kMasked ? a.row_offsets[r] : r * a.in;
+    const uint8_t* m = kMasked ? a.mask + r * a.mask_stride : nullptr;
+    for (int64_t c = 0; c < kpad; c += 64) _mm512_store_si512(row + c, weights<kMasked>(vals, p, m, c, a.in, a.values_len));
+  }
+}
+
+// Panel of rows [n0, n0 + nr) (nr <= 16 * nj), columns [0, kpad): buf[k4][nj * 16][4]: each half's
+// rows expanded into rowbuf [16][kpad], then transposed from L1/L2.
 template <bool kMasked>
 static void pack_panel(const LinearArgs& a, int64_t n0, int nr, int nj, int64_t kpad, int8_t* rowbuf,
                        int8_t* buf) {
-  const int8_t* vals = static_cast<const int8_t*>(a.values);
-  const int64_t in = a.in, len = a.values_len, step = int64_t(nj) * 64;
+  const int64_t step = int64_t(nj) * 64;
   for (int h = 0; h < nj; ++h) {
-    const int rows = int(generic::imin(16, nr - 16 * h));
-    for (int i = 0; i < 16; ++i) {
-      int8_t* dst = rowbuf + i * kpad;
-      if (i >= rows) {
-        std::memset(dst, 0, size_t(kpad));
-        continue;
-      }
-      const int64_t r = n0 + 16 * h + i;
-      int64_t p = kMasked ? a.row_offsets[r] : r * in;
-      const uint8_t* m = kMasked ? a.mask + r * a.mask_stride : nullptr;
-      for (int64_t c = 0; c < kpad; c += 64) _mm512_store_si512(dst + c, weights<kMasked>(vals, p, m, c, in, len));
-    }
+    expand_rows<kMasked>(a, n0 + 16 * h, int(generic::imin(16, nr - 16 * h)), 16, kpad, rowbuf);
     for (int64_t c = 0; c < kpad; c += 64) {
       __m512i v[16];
 #pragma GCC unroll 16
@@ -425,32 +430,43 @@ static void pack_panel(const LinearArgs& a, int64_t n0, int nr, int nj, int64_t 
   }
 }
 
-// y[m, n .. n+16) (lanes km) from one token's int32 dots: row-sum surplus off, row scales s, token
-// scale, bias, then the fused activation in registers (the table says the GEMM applies it).
-static inline __attribute__((always_inline)) void store_outputs(const LinearArgs& a, __m512i acc, __m512i surplus,
-                                                                __m512 s, __m512 bias, int64_t m, int64_t n,
-                                                                __mmask16 km) {
-  const __m512 f = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc, surplus));
-  __m512 v = _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(f, s), _mm512_set1_ps(a.sx[m])), bias);
-  if (a.activation != Activation::None) v = __m512(act::activate(act::Vec(v), a.activation));
-  _mm512_mask_storeu_ps(a.y + m * a.out + n, km, v);
-}
+// The epilogue of row block j (rows [n0 + 16j, n0 + 16j + 16), lanes past the tile's nr rows masked off):
+// its rowsum surplus, scales and bias loaded once; store() then writes one token's outputs. Every GEMM
+// (VNNI tiles, AMX tiles either way round) ends in it.
+struct RowBlock {
+  __mmask16 km;
+  int64_t n;
+  __m512i surplus;
+  __m512 s, bias;
+
+  // Whether row block j holds rows of a tile of nr rows.
+  static bool present(int j, int nr) { return nr - 16 * j > 0; }
+
+  RowBlock(const LinearArgs& a, int64_t n0, int j, int nr)
+      : km(__mmask16(_bzhi_u32(0xFFFFu, unsigned(generic::imin(16, nr - 16 * j))))), n(n0 + 16 * j),
+        surplus(_mm512_slli_epi32(_mm512_maskz_loadu_epi32(km, a.rowsum + n), 7)),
+        s(_mm512_maskz_loadu_ps(km, a.scales + n)),
+        bias(a.bias ? _mm512_maskz_loadu_ps(km, a.bias + n) : _mm512_setzero_ps()) {}
+
+  // y[m, n .. n+16) from token m's int32 dots: surplus off, row scales, token scale, bias, then the fused
+  // activation in registers (the table says the GEMM applies it).
+  __attribute__((always_inline)) void store(const LinearArgs& a, __m512i acc, int64_t m) const {
+    const __m512 f = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc, surplus));
+    __m512 v = _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(f, s), _mm512_set1_ps(a.sx[m])), bias);
+    if (a.activation != Activation::None) v = __m512(act::activate(act::Vec(v), a.activation));
+    _mm512_mask_storeu_ps(a.y + m * a.out + n, km, v);
+  }
+};
 
 // Scales, row-sum surplus, token scale and bias applied to MR x NJ int32 accumulators; stores
 // y[m0 .. m0+MR, n0 .. n0+nr).
 template <int MR, int NJ>
 static inline void store_tile(const LinearArgs& a, const __m512i (&acc)[MR][NJ], int64_t m0, int64_t n0, int nr) {
 #pragma GCC unroll 2
-  for (int j = 0; j < NJ; ++j) {
-    const int valid = int(generic::imin(16, nr - 16 * j));
-    if (valid <= 0) break;
-    const __mmask16 km = __mmask16(_bzhi_u32(0xFFFFu, unsigned(valid)));
-    const int64_t n = n0 + 16 * j;
-    const __m512i surplus = _mm512_slli_epi32(_mm512_maskz_loadu_epi32(km, a.rowsum + n), 7);
-    const __m512 s = _mm512_maskz_loadu_ps(km, a.scales + n);
-    const __m512 bias = a.bias ? _mm512_maskz_loadu_ps(km, a.bias + n) : _mm512_setzero_ps();
+  for (int j = 0; j < NJ && RowBlock::present(j, nr); ++j) {
+    const RowBlock rb(a, n0, j, nr);
 #pragma GCC unroll 8
-    for (int i = 0; i < MR; ++i) store_outputs(a, acc[i][j], surplus, s, bias, m0 + i, n, km);
+    for (int i = 0; i < MR; ++i) rb.store(a, acc[i][j], m0 + i);
   }
 }
 
@@ -964,15 +980,9 @@ static inline const uint8_t* amx_pad_tokens(const uint8_t* x, int rows, int64_t 
 
 // y for `mt` tokens from m of C tiles c[j][16 tokens][16 rows] (row halves j < NJ).
 static inline void amx_store(const LinearArgs& a, const int32_t* c, int mt, int64_t m, int64_t n0, int nr) {
-  for (int j = 0; j < 2; ++j) {
-    const int valid = int(generic::imin(16, nr - 16 * j));
-    if (valid <= 0) break;
-    const __mmask16 km = __mmask16(_bzhi_u32(0xFFFFu, unsigned(valid)));
-    const int64_t n = n0 + 16 * j;
-    const __m512i surplus = _mm512_slli_epi32(_mm512_maskz_loadu_epi32(km, a.rowsum + n), 7);
-    const __m512 s = _mm512_maskz_loadu_ps(km, a.scales + n);
-    const __m512 bias = a.bias ? _mm512_maskz_loadu_ps(km, a.bias + n) : _mm512_setzero_ps();
-    for (int i = 0; i < mt; ++i) store_outputs(a, _mm512_load_si512(c + (j * 16 + i) * 16), surplus, s, bias, m + i, n, km);
+  for (int j = 0; j < 2 && RowBlock::present(j, nr); ++j) {
+    const RowBlock rb(a, n0, j, nr);
+    for (int i = 0; i < mt; ++i) rb.store(a, _mm512_load_si512(c + (j * 16 + i) * 16), m + i);
   }
 }
 
@@ -1040,19 +1050,13 @@ static void amx_transpose_tokens(const LinearArgs& a, int64_t m0, int64_t m1, in
 // each 16 x 16 block transposed to tokens x rows, then store_tile's epilogue.
 static inline void amx_store_transposed(const LinearArgs& a, const int32_t* c, int mt, int64_t m, int64_t n0,
                                         int nr) {
-  for (int j = 0; j < 2; ++j) {
-    const int valid = int(generic::imin(16, nr - 16 * j));
-    if (valid <= 0) break;
-    const __mmask16 km = __mmask16(_bzhi_u32(0xFFFFu, unsigned(valid)));
-    const int64_t n = n0 + 16 * j;
+  for (int j = 0; j < 2 && RowBlock::present(j, nr); ++j) {
     __m512i v[16];
 #pragma GCC unroll 16
     for (int i = 0; i < 16; ++i) v[i] = _mm512_load_si512(c + (j * 16 + i) * 16);
     transpose16(v);
-    const __m512i surplus = _mm512_slli_epi32(_mm512_maskz_loadu_epi32(km, a.rowsum + n), 7);
-    const __m512 s = _mm512_maskz_loadu_ps(km, a.scales + n);
-    const __m512 bias = a.bias ? _mm512_maskz_loadu_ps(km, a.bias + n) : _mm512_setzero_ps();
-    for (int t = 0; t < mt; ++t) store_outputs(a, v[t], surplus, s, bias, m + t, n, km);
+    const RowBlock rb(a, n0, j, nr);
+    for (int t = 0; t < mt; ++t) rb.store(a, v[t], m + t);
   }
 }
 
@@ -1131,22 +1135,6 @@ static void amx_rows_pair(const int8_t* panel, int64_t kpad, int64_t windows, co
 }
 
 template <bool kMasked>
-static void amx_expand_rows(const LinearArgs& a, int64_t n0, int nr, int64_t kpad, int8_t* panel) {
-  const int8_t* vals = static_cast<const int8_t*>(a.values);
-  for (int i = 0; i < kGemmRows; ++i) {
-    int8_t* dst = panel + i * kpad;
-    if (i >= nr) {
-      std::memset(dst, 0, size_t(kpad));
-      continue;
-    }
-    const int64_t r = n0 + i;
-    int64_t p = kMasked ? a.row_offsets[r] : r * a.in;
-    const uint8_t* m = kMasked ? a.mask + r * a.mask_stride : nullptr;
-    for (int64_t cc = 0; cc < kpad; cc += 64) _mm512_store_si512(dst + cc, weights<kMasked>(vals, p, m, cc, a.in, a.values_len));
-  }
-}
-
-template <bool kMasked>
 static void amx_rows(const LinearArgs& a, int64_t r0, int64_t r1, int8_t* scratch, int64_t mc) {
   const int64_t kpad = (a.in + 63) / 64 * 64, windows = kpad / 64;
   int32_t* c = reinterpret_cast<int32_t*>(scratch);
@@ -1168,7 +1156,7 @@ static void amx_rows(const LinearArgs& a, int64_t r0, int64_t r1, int8_t* scratc
         if (mt1 > 0) amx_store_transposed(a, c + 512, mt1, m0 + 16, n0, nr);
         continue;
       }
-      amx_expand_rows<kMasked>(a, n0, nr, kpad, win);
+      expand_rows<kMasked>(a, n0, nr, kGemmRows, kpad, win);
       for (int64_t m = m0; m < m1; m += 32) {
         const int mt0 = int(generic::imin(16, m1 - m)), mt1 = int(generic::imin(16, m1 - m - mt0));
         const int8_t* x = xt + (m - m0) / 16 * windows * 1024;
