@@ -10,8 +10,11 @@ WikiText-2 validation sample):
 
 speed (random weights, a Qwen3-MoE-shaped decoder: hidden 2048, 16 experts top-2, expert intermediate
 1408, 8 layers): greedy decode tokens/s of transformers' own fp32 model and of sparsepress dense int8 and
-50% + int8 (magnitude + RTN: data-free on random weights), measured round-robin in one process; the
-packed bytes read per token (counted by the grouped kernel) against what the selected experts hold.
+50% + int8 (magnitude + RTN: data-free on random weights), measured round-robin in one process; each
+sparsepress model twice: the native decode loop (`sparsepress.runtime.generate`, one native call per
+token, MoE blocks in the Stack) and the module path (transformers' `generate()`: its MoE blocks with
+sparsepress's grouped expert layer inside), and prefill likewise (native Stack / modules); the packed
+bytes read per token (counted by the grouped kernel) against what the selected experts hold.
 `prepare` builds and compresses the models into a folder (untimed); `speed` loads and times them. The fp32
 model takes ~4.4 GB, so the two comparisons run one after the other, each side by side (peak ~5.5 GB).
 
@@ -39,6 +42,8 @@ import torch
 import sparsepress as sp
 from sparsepress.evaluate import interleaved_ms
 from sparsepress.experts.adaptive import calibrate_routing, expert_counts, set_routing
+from sparsepress.runtime import generate as native_generate
+from sparsepress.runtime import native_blocks_of, native_blocks_reason
 from sparsepress.sources import bundled_text, calibration_samples
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -172,10 +177,25 @@ def decode_runner(model: torch.nn.Module, prompt: torch.Tensor, tokens: int):
     return run
 
 
-def prefill_runner(model: torch.nn.Module, ids: torch.Tensor):
+def native_decode_runner(model: torch.nn.Module, prompt: torch.Tensor, tokens: int):
     def run() -> None:
-        with torch.inference_mode():
-            model(input_ids=ids, use_cache=False)
+        native_generate(model, prompt, max_new_tokens=tokens)
+    return run
+
+
+def prefill_runner(model: torch.nn.Module, ids: torch.Tensor, modules: bool = False):
+    """model(ids) without a cache: the native Stack where installed, or (`modules`) the module path."""
+    forward = native_blocks_of(model)
+
+    def run() -> None:
+        if forward is not None:
+            forward.enabled = not modules
+        try:
+            with torch.inference_mode():
+                model(input_ids=ids, use_cache=False)
+        finally:
+            if forward is not None:
+                forward.enabled = True
     return run
 
 
@@ -231,35 +251,48 @@ def speed(args: argparse.Namespace) -> None:
         return ms
 
     sparse_name = "sparsepress 50% + int8 (bitmask)"
+    native, modules = " native decode", " module path"
+    for name, model in (("sparse-int8", sparse),):
+        if native_blocks_of(model) is None:
+            print(f"{name}: no native blocks ({native_blocks_reason(model)})")
     fp32 = AutoModelForCausalLM.from_pretrained(folder / "fp32", dtype=torch.float32).eval()
     results["decode fp32"] = table("decode, ms per token: transformers fp32 vs sparsepress", {
         "transformers fp32 (grouped_mm, its default)": _fp32_runner(fp32, "grouped_mm", prompt, args.tokens),
         "transformers fp32 (eager)": _fp32_runner(fp32, "eager", prompt, args.tokens),
-        sparse_name: decode_runner(sparse, prompt, args.tokens)}, args.tokens)
+        sparse_name + modules: decode_runner(sparse, prompt, args.tokens),
+        sparse_name + native: native_decode_runner(sparse, prompt, args.tokens)}, args.tokens)
     results["prefill fp32"] = table(f"prefill of {args.prefill} tokens, ms", {
         "transformers fp32 (grouped_mm, its default)": _fp32_runner(fp32, "grouped_mm", prefill, None),
         "transformers fp32 (eager)": _fp32_runner(fp32, "eager", prefill, None),
-        sparse_name: prefill_runner(sparse, prefill)}, 1, args.prefill)
+        sparse_name + modules: prefill_runner(sparse, prefill, modules=True),
+        sparse_name + " native Stack": prefill_runner(sparse, prefill)}, 1, args.prefill)
     del fp32
     gc.collect()
     dense_int8 = sp.load(folder / "dense-int8")
-    results["decode int8"] = table("decode, ms per token: sparsepress dense int8 vs 50% + int8",
-                                   {"sparsepress dense int8": decode_runner(dense_int8, prompt, args.tokens),
-                                    sparse_name: decode_runner(sparse, prompt, args.tokens)}, args.tokens)
-    results["prefill int8"] = table(f"prefill of {args.prefill} tokens, ms",
-                                    {"sparsepress dense int8": prefill_runner(dense_int8, prefill),
-                                     sparse_name: prefill_runner(sparse, prefill)}, 1, args.prefill)
+    if native_blocks_of(dense_int8) is None:
+        print(f"dense-int8: no native blocks ({native_blocks_reason(dense_int8)})")
+    dense_name = "sparsepress dense int8"
+    results["decode int8"] = table("decode, ms per token: sparsepress dense int8 vs 50% + int8", {
+        dense_name + modules: decode_runner(dense_int8, prompt, args.tokens),
+        sparse_name + modules: decode_runner(sparse, prompt, args.tokens),
+        dense_name + native: native_decode_runner(dense_int8, prompt, args.tokens),
+        sparse_name + native: native_decode_runner(sparse, prompt, args.tokens)}, args.tokens)
+    results["prefill int8"] = table(f"prefill of {args.prefill} tokens, ms", {
+        dense_name + modules: prefill_runner(dense_int8, prefill, modules=True),
+        sparse_name + modules: prefill_runner(sparse, prefill, modules=True),
+        dense_name + " native Stack": prefill_runner(dense_int8, prefill),
+        sparse_name + " native Stack": prefill_runner(sparse, prefill)}, 1, args.prefill)
     # bytes read per token: what the grouped kernel counted against top-k experts' packed bytes
     print("\n### packed expert bytes read per decoded token and MoE layer (counted by the grouped kernel)\n")
     print("| model | counted | 2 selected experts | all 16 experts |\n|---|---|---|---|")
-    for name, model in (("sparsepress dense int8", dense_int8), (sparse_name, sparse)):
+    for name, model in ((dense_name, dense_int8), (sparse_name, sparse)):
         expert_counts(model, reset=True)
-        prefill_runner(model, prompt)()  # what generate's first forward (the prompt) reads
+        prefill_runner(model, prompt)()  # what generate's first step (the prompt) reads
         prompt_counts = expert_counts(model, reset=True)
-        decode_runner(model, prompt, args.tokens)()
+        native_decode_runner(model, prompt, args.tokens)()
         counts = expert_counts(model, reset=True)
         per_expert = expert_bytes(model)
-        # decode steps only: generate's prompt forward taken out; tokens counted once per MoE layer
+        # decode steps only: generate's prompt step taken out; tokens counted once per MoE layer
         counted = (counts.bytes_read - prompt_counts.bytes_read) / (counts.tokens - prompt_counts.tokens)
         results[f"bytes {name}"] = {"counted": counted, "two_experts": 2 * per_expert}
         print(f"| {name} | {counted / 1e6:.3f} MB | {2 * per_expert / 1e6:.3f} MB | {16 * per_expert / 1e6:.2f} MB |")

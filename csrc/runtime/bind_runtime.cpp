@@ -10,8 +10,10 @@
 #include <vector>
 
 #include "elastic.h"
+#include "native_experts.h"
 #include "native_linear.h"
 #include "runtime/decoder.h"
+#include "runtime/moe.h"
 #include "runtime/stack.h"
 
 namespace nb = nanobind;
@@ -21,6 +23,7 @@ namespace runtime {
 
 namespace {
 
+using py::NativeExperts;
 using py::NativeLinear;
 using py::require;
 using F32Vec = nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
@@ -77,6 +80,51 @@ struct PyProjection {
   }
 };
 
+// A mixture-of-experts block: the layer's NativeExperts, its router and an optional shared expert.
+class PyMoe {
+ public:
+  PyMoe(nb::object experts, PyProjection& router, int64_t top_k, bool normalize, PyProjection* shared_gate,
+        PyProjection* shared_up, PyProjection* shared_down, PyProjection* shared_scale) {
+    NativeExperts& e = nb::cast<NativeExperts&>(experts);
+    hidden = e.hidden();
+    const int64_t n = e.num_experts();
+    require(!router.levels && router.in == hidden && router.out == n,
+            "the router must be one [" + std::to_string(n) + ", " + std::to_string(hidden) + "] weight");
+    require(top_k >= 1 && top_k <= n, "top_k must be in [1, " + std::to_string(n) + "]");
+    const bool any = shared_gate || shared_up || shared_down || shared_scale;
+    require(!any || (shared_gate && shared_up && shared_down), "a shared expert needs gate, up and down");
+    block.experts = &e.experts();
+    block.inter = e.inter();
+    block.act = e.activation();
+    block.router = router.proj;
+    block.top_k = top_k;
+    block.normalize = normalize;
+    block.slot = -1;
+    keep_ = {experts, nb::find(router)};
+    if (shared_gate) {
+      const int64_t inter = shared_gate->out;
+      require(shared_gate->in == hidden && shared_up->in == hidden && shared_up->out == inter &&
+                  shared_down->in == inter && shared_down->out == hidden,
+              "the shared expert must be gate / up [inter, hidden] and down [hidden, inter]");
+      require(!shared_scale || (shared_scale->in == hidden && shared_scale->out == 1 && !shared_scale->levels),
+              "the shared expert's gate must be one [1, hidden] weight");
+      block.shared_gate = shared_gate->proj, block.shared_up = shared_up->proj, block.shared_down = shared_down->proj;
+      block.shared_inter = inter;
+      for (PyProjection* p : {shared_gate, shared_up, shared_down}) keep_.push_back(nb::find(*p));
+      if (shared_scale) {
+        block.shared_scale = shared_scale->proj;
+        keep_.push_back(nb::find(*shared_scale));
+      }
+    }
+  }
+
+  MoeBlock block;
+  int64_t hidden = 0;
+
+ private:
+  std::vector<nb::object> keep_;
+};
+
 class PyStack {
  public:
   PyStack(int64_t hidden, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t intermediate, bool pre_norm,
@@ -90,8 +138,8 @@ class PyStack {
   }
 
   void add_block(PyNorm& norm1, PyNorm& norm2, PyProjection& q, PyProjection& k, PyProjection& v, PyProjection& o,
-                 PyProjection& up, PyProjection& down, PyProjection* gate, PyNorm* q_norm, PyNorm* k_norm,
-                 int activation) {
+                 PyProjection* up, PyProjection* down, PyProjection* gate, PyNorm* q_norm, PyNorm* k_norm,
+                 int activation, PyMoe* moe, bool qk_norm_full) {
     const Shape& s = stack_->shape();
     const int64_t hq = s.heads * s.head_dim, hk = s.kv_heads * s.head_dim;
     require(norm1.width == s.hidden && norm2.width == s.hidden, "block norms must have hidden_size weights");
@@ -104,31 +152,54 @@ class PyStack {
     fits(k, s.hidden, hk, "key");
     fits(v, s.hidden, hk, "value");
     fits(o, hq, s.hidden, "output");
-    fits(up, s.hidden, s.intermediate, "up");
-    fits(down, s.intermediate, s.hidden, "down");
+    require(moe ? !up && !down && !gate : up && down, "a block has up and down projections or a MoE block, not both");
+    if (up) fits(*up, s.hidden, s.intermediate, "up");
+    if (down) fits(*down, s.intermediate, s.hidden, "down");
     if (gate) fits(*gate, s.hidden, s.intermediate, "gate");
     require(!gate || s.pre_norm, "gated MLPs are supported in pre-norm blocks only");
-    require(!q_norm || q_norm->width == s.head_dim, "q_norm must have head_dim weights");
-    require(!k_norm || k_norm->width == s.head_dim, "k_norm must have head_dim weights");
+    if (moe) {
+      require(s.pre_norm, "MoE blocks are supported in pre-norm blocks only");
+      require(moe->hidden == s.hidden, "the MoE block's experts must take hidden_size inputs");
+      require(moe->block.slot < 0, "this MoE block is already in a stack");
+    }
+    const int64_t qw = qk_norm_full ? hq : s.head_dim, kw = qk_norm_full ? hk : s.head_dim;
+    require(!q_norm || q_norm->width == qw, std::string("q_norm must have ") + (qk_norm_full ? "heads * " : "") +
+                                                "head_dim weights");
+    require(!k_norm || k_norm->width == kw, std::string("k_norm must have ") + (qk_norm_full ? "kv_heads * " : "") +
+                                                "head_dim weights");
     Block b;
+    b.qk_norm_full = qk_norm_full;
     b.norm1 = norm1.norm, b.norm2 = norm2.norm;
     if (q_norm) b.q_norm = q_norm->norm;
     if (k_norm) b.k_norm = k_norm->norm;
-    b.q = q.proj, b.k = k.proj, b.v = v.proj, b.o = o.proj, b.up = up.proj, b.down = down.proj;
+    b.q = q.proj, b.k = k.proj, b.v = v.proj, b.o = o.proj;
+    if (up) b.up = up->proj;
+    if (down) b.down = down->proj;
     if (gate) b.gate = gate->proj;
     b.act = py::to_activation(activation);
     for (const Projection* p : {&b.q, &b.k, &b.v, &b.o, &b.up, &b.down, &b.gate}) slots_ = std::max(slots_, p->slot + 1);
-    for (const PyProjection* p : std::initializer_list<const PyProjection*>{&q, &k, &v, &o, &up, &down, gate}) {
+    if (moe) {
+      const MoeBlock& m = moe->block;
+      for (const Projection* p : {&m.shared_gate, &m.shared_up, &m.shared_down}) slots_ = std::max(slots_, p->slot + 1);
+    }
+    for (const PyProjection* p : std::initializer_list<const PyProjection*>{&q, &k, &v, &o, up, down, gate}) {
       if (!p || !p->levels) continue;
       require(elastic_levels_ == 0 || elastic_levels_ == p->levels, "elastic projections of one stack must store "
                                                                     "the same number of levels");
       elastic_levels_ = p->levels;
     }
     levels_ = std::max(1, elastic_levels_);
+    if (moe) {
+      moe->block.slot = int(moes_.size());
+      moes_.push_back(&moe->block);
+      b.moe = &moe->block;
+      keep_.push_back(nb::find(*moe));
+    }
     stack_->add_block(b);
-    for (nb::handle h : {nb::find(norm1), nb::find(norm2), nb::find(q), nb::find(k), nb::find(v), nb::find(o),
-                         nb::find(up), nb::find(down)})
+    for (nb::handle h : {nb::find(norm1), nb::find(norm2), nb::find(q), nb::find(k), nb::find(v), nb::find(o)})
       keep_.push_back(nb::borrow(h));
+    if (up) keep_.push_back(nb::find(*up));
+    if (down) keep_.push_back(nb::find(*down));
     if (gate) keep_.push_back(nb::find(*gate));
     if (q_norm) keep_.push_back(nb::find(*q_norm));
     if (k_norm) keep_.push_back(nb::find(*k_norm));
@@ -144,7 +215,7 @@ class PyStack {
   // none); cos, sin float32 [batch * seq, head_dim] (0: no rotary embedding).
   void forward_raw(uintptr_t x, uintptr_t out, int64_t batch, int64_t seq, uintptr_t mask,
                    const std::vector<int64_t>& mask_strides, bool causal, uintptr_t cos, uintptr_t sin,
-                   bool final_norm, int threads, uintptr_t thresholds, int level) {
+                   bool final_norm, int threads, uintptr_t thresholds, int level, uintptr_t top_p) {
     require(batch >= 0 && seq >= 0 && x && out, "forward_raw: bad sizes or null pointers");
     require(level >= 0 && level < levels_, "forward_raw: level " + std::to_string(level) + " out of range for " +
                                                std::to_string(levels_) + " levels");
@@ -154,28 +225,39 @@ class PyStack {
     nb::gil_scoped_release unlocked;
     stack_->forward(reinterpret_cast<const float*>(x), reinterpret_cast<float*>(out), batch, seq, m, causal,
                     reinterpret_cast<const float*>(cos), reinterpret_cast<const float*>(sin), nullptr, final_norm,
-                    threads, reinterpret_cast<const float*>(thresholds), level);
+                    threads, reinterpret_cast<const float*>(thresholds), level, reinterpret_cast<const float*>(top_p));
   }
 
   // Unchecked as forward_raw, with the cache: the tokens are its next `seq` positions.
   void forward_cached_raw(uintptr_t x, uintptr_t out, int64_t seq, uintptr_t cos, uintptr_t sin, KVCache& cache,
-                          bool final_norm, int threads, uintptr_t thresholds) {
+                          bool final_norm, int threads, uintptr_t thresholds, uintptr_t top_p) {
     require(cache.layers == stack_->layers(), "the cache was made for another stack");
     require(cache.length + seq <= cache.capacity, "the cache is full (" + std::to_string(cache.capacity) +
                                                       " positions)");
     nb::gil_scoped_release unlocked;
     stack_->forward(reinterpret_cast<const float*>(x), reinterpret_cast<float*>(out), cache.batch, seq, MaskView{},
                     false, reinterpret_cast<const float*>(cos), reinterpret_cast<const float*>(sin), &cache,
-                    final_norm, threads, reinterpret_cast<const float*>(thresholds));
+                    final_norm, threads, reinterpret_cast<const float*>(thresholds), 0,
+                    reinterpret_cast<const float*>(top_p));
   }
 
   Stack& stack() { return *stack_; }
   // How many thresholds a call must give (the highest projection slot + 1).
   int slots() const { return slots_; }
   int elastic_levels() const { return elastic_levels_; }
+  // How many top_p values a call gives (one per MoE block).
+  int moe_blocks() const { return int(moes_.size()); }
+  // Each MoE block's (tokens, evaluations, bytes read) since the last read; reading zeroes them.
+  std::vector<std::vector<int64_t>> take_moe_counts() {
+    std::vector<std::vector<int64_t>> out;
+    for (const MoeBlock* m : moes_)
+      out.push_back({m->counts.tokens.exchange(0), m->counts.evaluations.exchange(0), m->counts.bytes.exchange(0)});
+    return out;
+  }
 
  private:
   std::unique_ptr<Stack> stack_;
+  std::vector<const MoeBlock*> moes_;
   int slots_ = 0;
   int elastic_levels_ = 0;  // levels of the elastic projections (0: none)
   int levels_ = 1;          // level indices a call may name
@@ -208,6 +290,7 @@ class PyCausalLM {
     e.table = table.data(), e.scales = scales ? scales->data() : nullptr, e.bits = bits, e.vocab = vocab, e.dim = sh.hidden;
     head_obj_ = nb::find(head);
     slots_ = std::max(s.slots(), head.proj.slot + 1);
+    moe_blocks_ = s.moe_blocks();
     vocab_ = vocab;
     lm_ = std::make_unique<CausalLM>(&s.stack(), e, head.proj, cos.data(), sin.data(), int64_t(cos.shape(0)));
   }
@@ -215,7 +298,7 @@ class PyCausalLM {
   // ids int64 [batch, seq] as the cache's next positions; next int64 [batch] gets each row's argmax;
   // logits float32 [batch, vocab] (optional) the last token's logits.
   void step(Ids ids, KVCache& cache, IdsOut next, std::optional<Logits> logits, int threads,
-            std::optional<F32Vec> thresholds) {
+            std::optional<F32Vec> thresholds, std::optional<F32Vec> top_p) {
     const int64_t batch = int64_t(ids.shape(0)), seq = int64_t(ids.shape(1));
     require(batch == cache.batch, "ids have " + std::to_string(batch) + " rows, the cache " + std::to_string(cache.batch));
     require(cache.layers == lm_->stack().layers(), "the cache was made for another model");
@@ -231,8 +314,10 @@ class PyCausalLM {
     float* out = logits ? logits->data() : nullptr;
     require(!thresholds || int64_t(thresholds->shape(0)) >= slots_, "thresholds must cover every projection's slot");
     const float* t = thresholds ? thresholds->data() : nullptr;
+    require(!top_p || int64_t(top_p->shape(0)) >= moe_blocks_, "top_p must have one value per MoE block");
+    const float* tp = top_p ? top_p->data() : nullptr;
     nb::gil_scoped_release unlocked;
-    lm_->step(p, batch, seq, cache, out, next.data(), threads, t);
+    lm_->step(p, batch, seq, cache, out, next.data(), threads, t, tp);
   }
 
   int64_t vocab() const { return lm_->vocab(); }
@@ -244,6 +329,7 @@ class PyCausalLM {
   F32Mat cos_, sin_;
   int64_t vocab_ = 0;
   int slots_ = 0;
+  int moe_blocks_ = 0;
   std::unique_ptr<CausalLM> lm_;
 };
 
@@ -254,9 +340,26 @@ nb::ndarray<nb::pytorch, float> cache_view(nb::handle self, KVCache& c, int64_t 
   return nb::ndarray<nb::pytorch, float>(data, 4, shape, self);
 }
 
+using I64Mat = nb::ndarray<int64_t, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
+using F32MatOut = nb::ndarray<float, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
+
+// The MoE blocks' routing alone (tests compare it with the routers' torch code).
+void moe_route(F32Mat logits, int64_t top_k, bool normalize, float top_p, I64Mat index, F32MatOut weight) {
+  const int64_t T = int64_t(logits.shape(0)), E = int64_t(logits.shape(1));
+  require(top_k >= 1 && top_k <= E, "top_k must be in [1, n_experts]");
+  require(int64_t(index.shape(0)) == T && int64_t(index.shape(1)) == top_k && int64_t(weight.shape(0)) == T &&
+              int64_t(weight.shape(1)) == top_k,
+          "index and weight must be [tokens, top_k]");
+  route(logits.data(), T, E, top_k, normalize, top_p, index.data(), weight.data());
+}
+
 }  // namespace
 
 void bind(nb::module_& m) {
+  m.def("moe_route", &moe_route, nb::arg("logits"), nb::arg("top_k"), nb::arg("normalize"), nb::arg("top_p"),
+        nb::arg("index"), nb::arg("weight"),
+        "A MoE block's routing of logits [tokens, n_experts]: softmax, top-k (renormalised when `normalize`),\n"
+        "adaptive top_p (< 1) dropping slots to index n_experts; written to index / weight [tokens, top_k].");
   nb::class_<PyNorm>(m, "Norm", "A LayerNorm (rms=False) or RMSNorm's weights for a native Stack.")
       .def(nb::init<F32Vec, std::optional<F32Vec>, float, bool>(), nb::arg("weight"), nb::arg("bias").none(),
            nb::arg("eps"), nb::arg("rms"));
@@ -266,25 +369,43 @@ void bind(nb::module_& m) {
            "linear: a NativeLinear or an ElasticLinear (whose level each Stack call names). slot >= 0: the\n"
            "index of this projection's activation-sparsity threshold in a call's thresholds. level_biases: an\n"
            "elastic projection's bias at each level (none: `bias` at every level).");
+  nb::class_<PyMoe>(m, "MoeBlock", "A mixture-of-experts block of a Stack (csrc/runtime/moe.h).")
+      .def(nb::init<nb::object, PyProjection&, int64_t, bool, PyProjection*, PyProjection*, PyProjection*,
+                    PyProjection*>(),
+           nb::arg("experts"), nb::arg("router"), nb::arg("top_k"), nb::arg("normalize"),
+           nb::arg("shared_gate").none() = nb::none(), nb::arg("shared_up").none() = nb::none(),
+           nb::arg("shared_down").none() = nb::none(), nb::arg("shared_scale").none() = nb::none(),
+           "experts: the layer's NativeExperts; router: its [n_experts, hidden] weight as a Projection; top_k\n"
+           "experts per token, their softmax weights renormalised when `normalize`; shared_*: a shared expert\n"
+           "down(act(gate(h)) * up(h)) added to every token, scaled by sigmoid(shared_scale(h)) when given.");
   nb::class_<PyStack>(m, "Stack", "Transformer blocks run natively, one call for all of them (csrc/runtime/stack.h).")
       .def(nb::init<int64_t, int64_t, int64_t, int64_t, int64_t, bool, float>(), nb::arg("hidden"), nb::arg("heads"),
            nb::arg("kv_heads"), nb::arg("head_dim"), nb::arg("intermediate"), nb::arg("pre_norm"), nb::arg("scale"))
       .def("add_block", &PyStack::add_block, nb::arg("norm1"), nb::arg("norm2"), nb::arg("q"), nb::arg("k"),
-           nb::arg("v"), nb::arg("o"), nb::arg("up"), nb::arg("down"), nb::arg("gate").none() = nb::none(),
-           nb::arg("q_norm").none() = nb::none(), nb::arg("k_norm").none() = nb::none(), nb::arg("activation") = 0)
+           nb::arg("v"), nb::arg("o"), nb::arg("up").none() = nb::none(), nb::arg("down").none() = nb::none(),
+           nb::arg("gate").none() = nb::none(), nb::arg("q_norm").none() = nb::none(),
+           nb::arg("k_norm").none() = nb::none(), nb::arg("activation") = 0, nb::arg("moe").none() = nb::none(),
+           nb::arg("qk_norm_full") = false,
+           "moe: a MoeBlock in place of up / down / gate; qk_norm_full: q_norm / k_norm span the whole\n"
+           "projection (OLMoE) instead of each head.")
       .def("set_final_norm", &PyStack::set_final_norm, nb::arg("norm"))
       .def_prop_ro("layers", [](PyStack& s) { return s.stack().layers(); })
       .def_prop_ro("slots", &PyStack::slots, "How many activation-sparsity thresholds a call gives.")
       .def_prop_ro("elastic_levels", &PyStack::elastic_levels, "Levels of its elastic projections (0: none).")
+      .def_prop_ro("moe_blocks", &PyStack::moe_blocks, "How many MoE blocks it has (top_p values a call gives).")
+      .def("take_moe_counts", &PyStack::take_moe_counts,
+           "Each MoE block's [tokens, evaluations, bytes read] since the last call (zeroed by reading).")
       .def("forward_raw", &PyStack::forward_raw, nb::arg("x_ptr"), nb::arg("out_ptr"), nb::arg("batch"), nb::arg("seq"),
            nb::arg("mask_ptr"), nb::arg("mask_strides"), nb::arg("causal"), nb::arg("cos_ptr"), nb::arg("sin_ptr"),
            nb::arg("final_norm"), nb::arg("n_threads") = 1, nb::arg("thresholds_ptr") = 0, nb::arg("level") = 0,
+           nb::arg("top_p_ptr") = 0,
            "Unchecked: out[T, hidden] = blocks(x[T, hidden]) for T = batch * seq tokens; thresholds_ptr: float32\n"
            "activation-sparsity thresholds indexed by the projections' slots (0: none); level: the elastic\n"
-           "level index every elastic projection runs in this call.")
+           "level index every elastic projection runs in this call; top_p_ptr: float32 adaptive-routing top_p\n"
+           "of each MoE block (0: plain top-k).")
       .def("forward_cached_raw", &PyStack::forward_cached_raw, nb::arg("x_ptr"), nb::arg("out_ptr"), nb::arg("seq"),
            nb::arg("cos_ptr"), nb::arg("sin_ptr"), nb::arg("cache"), nb::arg("final_norm"), nb::arg("n_threads") = 1,
-           nb::arg("thresholds_ptr") = 0,
+           nb::arg("thresholds_ptr") = 0, nb::arg("top_p_ptr") = 0,
            "Unchecked pointers: the next `seq` positions of every row of `cache`.");
   nb::class_<KVCache>(m, "KVCache", "Keys and values of every layer of a Stack for a batch of sequences.")
       .def("__init__",
@@ -312,8 +433,10 @@ void bind(nb::module_& m) {
            nb::arg("table"), nb::arg("scales").none(), nb::arg("bits"), nb::arg("head"), nb::arg("cos"), nb::arg("sin"))
       .def("step", &PyCausalLM::step, nb::arg("ids"), nb::arg("cache"), nb::arg("next"),
            nb::arg("logits").none() = nb::none(), nb::arg("n_threads") = 1, nb::arg("thresholds").none() = nb::none(),
+           nb::arg("top_p").none() = nb::none(),
            "Runs ids [batch, seq] as the cache's next positions; next[b] = argmax of row b's last logits;\n"
-           "thresholds: float32 activation-sparsity thresholds indexed by the projections' slots.")
+           "thresholds: float32 activation-sparsity thresholds indexed by the projections' slots; top_p: float32\n"
+           "adaptive-routing top_p of each MoE block (none: plain top-k).")
       .def_prop_ro("vocab", &PyCausalLM::vocab);
 }
 

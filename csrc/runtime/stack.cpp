@@ -7,6 +7,7 @@
 
 #include "attention.h"
 #include "dispatch.h"
+#include "runtime/moe.h"
 #include "threadpool.h"
 
 namespace sp {
@@ -129,7 +130,7 @@ void norm_rows(const Norm& n, float* stream, const float* delta, float* out, int
 
 void Stack::forward(const float* x, float* out, int64_t batch, int64_t seq, MaskView mask, bool causal,
                     const float* cos, const float* sin, KVCache* cache, bool final_norm, int threads,
-                    const float* thresholds, int level) const {
+                    const float* thresholds, int level, const float* top_p) const {
   const Shape& sh = shape_;
   const int64_t T = batch * seq, H = sh.hidden, d = sh.head_dim;
   const int64_t Hq = sh.heads * d, Hk = sh.kv_heads * d, I = sh.intermediate;
@@ -194,9 +195,12 @@ void Stack::forward(const float* x, float* out, int64_t batch, int64_t seq, Mask
     project(blk.k, in, T, k, Activation::None, threads, thresholds, level);
     project(blk.v, in, T, v, Activation::None, threads, thresholds, level);
     if (blk.q_norm.weight || blk.k_norm.weight || cos) {
+      // a norm over the whole projection is one "head" of its full width
+      const int64_t qh = blk.qk_norm_full ? 1 : sh.heads, qd = blk.qk_norm_full ? Hq : d;
+      const int64_t kh = blk.qk_norm_full ? 1 : sh.kv_heads, kd = blk.qk_norm_full ? Hk : d;
       for_rows(T, Hq + Hk, threads, [&](int64_t r0, int64_t r1) {
-        if (blk.q_norm.weight) ops.head_rms(q, Hq, sh.heads, d, blk.q_norm.weight, blk.q_norm.eps, r0, r1);
-        if (blk.k_norm.weight) ops.head_rms(k, Hk, sh.kv_heads, d, blk.k_norm.weight, blk.k_norm.eps, r0, r1);
+        if (blk.q_norm.weight) ops.head_rms(q, Hq, qh, qd, blk.q_norm.weight, blk.q_norm.eps, r0, r1);
+        if (blk.k_norm.weight) ops.head_rms(k, Hk, kh, kd, blk.k_norm.weight, blk.k_norm.eps, r0, r1);
         if (cos) {
           ops.rope(q, Hq, sh.heads, d, cos, sin, r0, r1);
           ops.rope(k, Hk, sh.kv_heads, d, cos, sin, r0, r1);
@@ -219,14 +223,18 @@ void Stack::forward(const float* x, float* out, int64_t batch, int64_t seq, Mask
       norm_rows(blk.norm1, out, tmp, out, T, H, threads);
       in = out;
     }
-    if (blk.gate.present()) {
-      project(blk.gate, in, T, gate, blk.act, threads, thresholds, level);
-      project(blk.up, in, T, up, Activation::None, threads, thresholds, level);
-      for_rows(T, I, threads, [&](int64_t r0, int64_t r1) { ops.mul(gate + r0 * I, up + r0 * I, (r1 - r0) * I); });
+    if (blk.moe) {
+      run_moe(*blk.moe, in, T, H, tmp, top_p ? top_p[blk.moe->slot] : 1.f, threads, thresholds, level);
     } else {
-      project(blk.up, in, T, gate, blk.act, threads, thresholds, level);
+      if (blk.gate.present()) {
+        project(blk.gate, in, T, gate, blk.act, threads, thresholds, level);
+        project(blk.up, in, T, up, Activation::None, threads, thresholds, level);
+        for_rows(T, I, threads, [&](int64_t r0, int64_t r1) { ops.mul(gate + r0 * I, up + r0 * I, (r1 - r0) * I); });
+      } else {
+        project(blk.up, in, T, gate, blk.act, threads, thresholds, level);
+      }
+      project(blk.down, gate, T, tmp, Activation::None, threads, thresholds, level);
     }
-    project(blk.down, gate, T, tmp, Activation::None, threads, thresholds, level);
     if (sh.pre_norm) {
       pending = tmp;
     } else {

@@ -1,7 +1,8 @@
 // A transformer stack run natively: one call runs every block (norms, packed projections, attention,
 // activation, residuals) on buffers reused from call to call, with an optional KV cache for decoding.
 //
-// Two block shapes cover the supported families:
+// Two block shapes cover the supported families (a pre-norm block's MLP may be a mixture of experts,
+// runtime/moe.h):
 //   post-norm (BERT, RoBERTa, MPNet, DistilBERT): x = norm1(x + o(attn(q, k, v)));
 //                                               x = norm2(x + down(act(up(x))))
 //   pre-norm (LLaMA, Mistral, Qwen2/3):           h = norm1(x); x += o(attn(rope(q(h)), rope(k(h)), v(h)));
@@ -39,10 +40,15 @@ struct Projection {
   bool present() const { return linear || elastic; }
 };
 
+struct MoeBlock;  // runtime/moe.h
+
 struct Block {
   Norm norm1, norm2, q_norm, k_norm;
+  // q_norm / k_norm over each head's head_dim features (Qwen3), or over the whole projection (OLMoE)
+  bool qk_norm_full = false;
   Projection q, k, v, o, gate, up, down;  // gate: pre-norm (gated MLP) blocks only
   Activation act = Activation::None;
+  const MoeBlock* moe = nullptr;  // set: a mixture-of-experts block in place of gate / up / down
 };
 
 struct Shape {
@@ -97,9 +103,10 @@ class Stack {
   // they see the cached ones and themselves causally (mask and causal are ignored). `thresholds`
   // (null: none): a projection with slot s zeroes inputs below thresholds[s] (activation sparsity).
   // `level`: the elastic level index every elastic projection of this call runs (0: the lowest sparsity).
+  // `top_p` (null: plain top-k everywhere): the adaptive-routing top_p of each MoE block, by its slot.
   void forward(const float* x, float* out, int64_t batch, int64_t seq, MaskView mask, bool causal,
                const float* cos, const float* sin, KVCache* cache, bool final_norm, int threads,
-               const float* thresholds = nullptr, int level = 0) const;
+               const float* thresholds = nullptr, int level = 0, const float* top_p = nullptr) const;
 
  private:
   Shape shape_;

@@ -49,7 +49,8 @@ class MoeFamily:
 
     `experts_key`: the config field with the number of routed experts per layer; `normalize_key`: the
     config flag saying whether the top-k weights are renormalised to sum 1 (None: always);
-    `router` / `experts`: the MoE block's children.
+    `router` / `experts`: the MoE block's children; `shared_expert` / `shared_gate`: a shared expert
+    every token goes through (a gated MLP) and the [1, hidden] Linear whose sigmoid scales it (Qwen2-MoE).
 
     Example:
         >>> MOE_FAMILIES["mixtral"].experts_key
@@ -61,6 +62,8 @@ class MoeFamily:
     top_k_key: str = "num_experts_per_tok"
     router: str = "gate"
     experts: str = "experts"
+    shared_expert: str | None = None
+    shared_gate: str | None = None
 
     def normalizes(self, config: Any) -> bool:
         return True if self.normalize_key is None else bool(getattr(config, self.normalize_key, False))
@@ -68,7 +71,7 @@ class MoeFamily:
 
 MOE_FAMILIES: dict[str, MoeFamily] = {
     "mixtral": MoeFamily("num_local_experts", normalize_key=None),
-    "qwen2_moe": MoeFamily("num_experts"),
+    "qwen2_moe": MoeFamily("num_experts", shared_expert="shared_expert", shared_gate="shared_expert_gate"),
     "qwen3_moe": MoeFamily("num_experts"),
     "olmoe": MoeFamily("num_experts"),
 }

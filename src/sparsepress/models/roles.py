@@ -2,9 +2,11 @@
 reads to run a block without its Python modules.
 
 A family is a table row, not code: the block's shape (post-norm encoders, pre-norm decoders with a
-gated MLP), where the block's Linear layers and norms sit relative to the block, and what the base
-model (whose forward the runtime takes over) runs around the blocks: embeddings, a pooler, MPNet's
-relative position bias, a decoder's rotary embeddings and final norm.
+gated MLP or a mixture of experts), where the block's Linear layers and norms sit relative to the
+block, and what the base model (whose forward the runtime takes over) runs around the blocks:
+embeddings, a pooler, MPNet's relative position bias, a decoder's rotary embeddings and final norm.
+A MoE family names where its blocks keep the MLP (`moe`); whether that MLP is a mixture of experts,
+and how it routes, is the MoE adapter's business (`sparsepress.models.moe`).
 
 Example:
     >>> roles_for("bert").q, roles_for("llama").gate, roles_for("gpt2") is None
@@ -25,6 +27,9 @@ class BlockRoles:
     outputs to the residual stream, post-norm ones add first and norm the sum. Paths of `embeddings`,
     `pooler`, `position_bias` (a module with `compute_position_bias`), `final_norm` and `rotary` are
     relative to the base model; `output` is the transformers output class the base model returns.
+    `qk_norm_full`: q_norm / k_norm span the whole projection (OLMoE) instead of each head (Qwen3).
+    `moe`: the block member that is a mixture-of-experts block in the layers that have one (the others
+    keep the dense `gate` / `up` / `down` MLP).
     """
 
     entry: str
@@ -48,6 +53,8 @@ class BlockRoles:
     rotary: str | None = None
     output: str = "BaseModelOutput"
     activation: tuple[str, ...] = ("hidden_act",)  # config fields naming the MLP activation, first found wins
+    qk_norm_full: bool = False
+    moe: str | None = None
 
     def linears(self) -> dict[str, str]:
         """Role -> relative path of every Linear of the block.
@@ -78,6 +85,7 @@ _LLAMA = BlockRoles(entry="decoder", pre_norm=True, q="self_attn.q_proj", k="sel
                     down="mlp.down_proj", norm1="input_layernorm", norm2="post_attention_layernorm",
                     embeddings="embed_tokens", final_norm="norm", rotary="rotary_emb", output="BaseModelOutputWithPast")
 _QWEN3 = BlockRoles(**{**_LLAMA.__dict__, "q_norm": "self_attn.q_norm", "k_norm": "self_attn.k_norm"})
+_MOE = {"moe": "mlp", "output": "MoeModelOutputWithPast"}
 
 # model_type -> roles. Families whose blocks match one of these shapes exactly; others run on modules.
 FAMILY_ROLES: dict[str, BlockRoles] = {
@@ -90,6 +98,10 @@ FAMILY_ROLES: dict[str, BlockRoles] = {
     "mistral": _LLAMA,
     "qwen2": _LLAMA,
     "qwen3": _QWEN3,
+    "mixtral": BlockRoles(**{**_LLAMA.__dict__, **_MOE}),
+    "qwen2_moe": BlockRoles(**{**_LLAMA.__dict__, **_MOE}),
+    "qwen3_moe": BlockRoles(**{**_QWEN3.__dict__, **_MOE}),
+    "olmoe": BlockRoles(**{**_QWEN3.__dict__, **_MOE, "qk_norm_full": True}),
 }
 
 

@@ -32,10 +32,9 @@ from torch import nn
 
 from .. import native
 from ..errors import InputError
-from ..formats.base import mask_to_bits
 from ..nn import QuantizedEmbedding
-from .plan import StackPlan, _projection
-from .switch import disable_native_blocks, native_blocks_of, use_native_blocks
+from .plan import StackPlan, _projection, float_projection
+from .switch import disable_native_blocks, native_blocks_of, native_blocks_reason, use_native_blocks
 
 # Rotary variants whose tables depend on the position only (dynamic / longrope rescale with the length).
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")
@@ -68,20 +67,6 @@ def _embedding(embed: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, int
     raise InputError(type(embed).__name__, "the native decoder reads nn.Embedding (float32) or QuantizedEmbedding tables")
 
 
-def _float_head(lib: Any, head: nn.Linear) -> Any:
-    """A float32 Linear as the float kernel's masked stream with every bit set: the values are the
-    weight's own storage (no copy), the mask one bit per weight."""
-    weight = head.weight.detach()
-    if weight.dtype != torch.float32 or not weight.is_contiguous():
-        raise InputError("lm_head", "a float32 contiguous weight is needed")
-    out_features, in_features = weight.shape
-    mask = mask_to_bits(torch.ones(out_features, in_features, dtype=torch.bool))
-    offsets = torch.arange(out_features + 1, dtype=torch.int64) * in_features
-    handle = lib.masked_linear(mask, weight.reshape(-1), offsets, in_features, panel_limit=0)
-    bias = None if head.bias is None else head.bias.detach().float().contiguous()
-    return lib.Projection(handle, bias), (mask, offsets, weight)
-
-
 class NativeDecoder:
     """Greedy decoding of a causal LM whose blocks run natively (see the module docstring).
 
@@ -95,7 +80,9 @@ class NativeDecoder:
         if forward is None and use_native_blocks(model):
             forward = native_blocks_of(model)
         if lib is None or forward is None or not forward.plan.roles.pre_norm:
-            raise InputError(type(model).__name__, "no native decoder plan (a supported causal LM with packed block layers)")
+            why = native_blocks_reason(model)
+            raise InputError(type(model).__name__, "no native decoder plan (a supported causal LM with packed block layers)"
+                             + (f": {why}" if why else ""))
         plan: StackPlan = forward.plan
         if plan.stack.elastic_levels:  # a decode step carries no level; the model's own generate runs them
             raise InputError(type(model).__name__, "the native decoder does not run elastic sparsity levels")
@@ -108,7 +95,9 @@ class NativeDecoder:
         self.model, self.plan, self.lib, self.forward = model, plan, lib, forward
         self.table, self.scales, self.bits = _embedding(plan.entry.embed_tokens)
         if isinstance(head, nn.Linear):
-            self.head, self._keep = _float_head(lib, head)
+            if head.weight.dtype != torch.float32 or not head.weight.is_contiguous():
+                raise InputError("lm_head", "a float32 contiguous weight is needed")
+            self.head, self._keep = float_projection(lib, head.weight, head.bias)
         else:
             self.head, self._keep = _projection(lib, head, "lm_head", forward.plan.guard), ()
         self.timing = DecodeTiming()
@@ -137,8 +126,16 @@ class NativeDecoder:
         lm, (cache, *_) = self._session(ids.shape[0], ids.shape[1], [0] * ids.shape[0])
         logits = torch.empty(ids.shape[0], lm.vocab)
         lm.step(ids, cache, torch.empty(ids.shape[0], dtype=torch.int64), logits, torch.get_num_threads(),
-                self.plan.guard.thresholds())
+                self.plan.guard.thresholds(), self._top_p())
+        self._flush()
         return logits
+
+    def _top_p(self) -> torch.Tensor | None:
+        return self.plan.moe.top_p() if self.plan.moe is not None else None
+
+    def _flush(self) -> None:
+        if self.plan.moe is not None:
+            self.plan.moe.flush()
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, attention_mask: torch.Tensor | None = None,
                  eos_token_id: int | None = None, pad_token_id: int | None = None,
@@ -155,12 +152,13 @@ class NativeDecoder:
         cache = keep[0]
         threads = torch.get_num_threads()
         thresholds = self.plan.guard.thresholds()  # one level for the whole generation
+        top_p = self._top_p()  # and one routing setting
         nxt = torch.empty(batch, dtype=torch.int64)
         pieces = [ids]
         finished = torch.zeros(batch, dtype=torch.bool)
         filler = eos_token_id if pad_token_id is None else pad_token_id
         start = time.perf_counter()
-        lm.step(ids, cache, nxt, None, threads, thresholds)
+        lm.step(ids, cache, nxt, None, threads, thresholds, top_p)
         self.timing = DecodeTiming(prompt_tokens=batch * prompt, prefill_s=time.perf_counter() - start)
         start = time.perf_counter()
         for produced in range(1, max_new_tokens + 1):
@@ -173,9 +171,10 @@ class NativeDecoder:
                 on_token(token)
             if produced == max_new_tokens or bool(finished.all()):
                 break
-            lm.step(token.unsqueeze(1), cache, nxt, None, threads, thresholds)
+            lm.step(token.unsqueeze(1), cache, nxt, None, threads, thresholds, top_p)
         self.timing.new_tokens = len(pieces) - 1
         self.timing.decode_s = time.perf_counter() - start
+        self._flush()
         return torch.cat(pieces, dim=1)
 
 

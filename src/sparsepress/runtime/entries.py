@@ -6,7 +6,8 @@ Two call conventions cover the supported families (`BlockRoles.entry`):
            padding mask goes to the attention kernel as one additive row per sequence.
   decoder: LLaMA-style `forward(input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache)`
            without a cache: embedding lookup, rotary embeddings and the causal mask by the model's own
-           modules and functions, the blocks and the final norm natively.
+           modules and functions, the blocks and the final norm natively (MoE decoders too: their
+           routers and experts are blocks of the Stack; router logits asked for go to the modules).
 Whatever a runner does not cover exactly (hidden states or attentions asked for, a cache, 3-D/4-D
 masks, training, autograd, hooks on the blocks, torch.compile, activation sparsity switched on, an
 argument it does not know) goes to the model's own forward unchanged.
@@ -119,10 +120,13 @@ def _run_stack(plan: StackPlan, hidden: torch.Tensor, mask: torch.Tensor | None,
     if rotary is not None:
         cos, sin = (t.expand(batch, seq, plan.head_dim).float().contiguous() for t in rotary)
     thresholds = plan.guard.thresholds()  # held until the call returns
+    top_p = plan.moe.top_p() if plan.moe is not None else None
     plan.stack.forward_raw(x.data_ptr(), out.data_ptr(), batch, seq, 0 if mask is None else mask.data_ptr(), strides,
                            causal, 0 if cos is None else cos.data_ptr(), 0 if sin is None else sin.data_ptr(),
                            final_norm, torch.get_num_threads(), 0 if thresholds is None else thresholds.data_ptr(),
-                           plan.guard.level())
+                           plan.guard.level(), 0 if top_p is None else top_p.data_ptr())
+    if plan.moe is not None:
+        plan.moe.flush()
     return out
 
 

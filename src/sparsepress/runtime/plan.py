@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from .. import native
+from ..formats.base import mask_to_bits
 from ..kernels import activation_code, elastic_native_plan, native_handle
 from ..models import find_layout
 from ..models.roles import BlockRoles, roles_for
@@ -152,6 +153,7 @@ class StackPlan:
     rotary: nn.Module | None = field(default=None, repr=False)
     final_norm: bool = False
     keep: list[Any] = field(default_factory=list, repr=False)  # native objects the Stack points into
+    moe: Any = field(default=None, repr=False)  # moe_plan.MoeRouting: the MoE blocks' top_p and counts
 
 
 class _Refused(Exception):
@@ -212,6 +214,28 @@ def _projection(lib: Any, module: nn.Module, name: str, guard: PlanGuard) -> Any
     return lib.Projection(handle, _float_tensor(bias, f"{name}.bias"), guard.slot(module))
 
 
+def float_projection(lib: Any, weight: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[Any, tuple]:
+    """A float32 weight [out, in] as a `_native.Projection` run by the float kernel, and what it points into.
+
+    The kernel reads a masked stream: here every mask bit is set and the values are the weight's own
+    storage (no copy); the mask costs one bit per weight. For small float layers the plans run beside
+    packed ones: an LM head left in float, a MoE router, a shared expert's gate.
+
+    Example:
+        >>> lib = native.module()
+        >>> proj, keep = float_projection(lib, torch.ones(2, 4)) if lib is not None else (None, ())
+    """
+    weight = weight.detach()
+    if weight.dtype != torch.float32 or not weight.is_contiguous() or weight.dim() != 2:
+        raise ValueError("a float32 contiguous [out, in] weight is needed")
+    out_features, in_features = weight.shape
+    mask = mask_to_bits(torch.ones(out_features, in_features, dtype=torch.bool))
+    offsets = torch.arange(out_features + 1, dtype=torch.int64) * in_features
+    handle = lib.masked_linear(mask, weight.reshape(-1), offsets, in_features, panel_limit=0)
+    bias = None if bias is None else bias.detach().float().contiguous()
+    return lib.Projection(handle, bias), (mask, offsets, weight, bias)
+
+
 def _elastic_projection(lib: Any, module: ElasticLinear, name: str, guard: PlanGuard) -> Any:
     """An elastic layer's projection: one handle for every level, each level's bias (its shift added)."""
     handle = elastic_native_plan(module.packed)
@@ -248,6 +272,8 @@ def _check_config(config: Any, roles: BlockRoles) -> None:
         raise _Refused("sliding-window attention")
     if getattr(config, "_attn_implementation", "sdpa") == "flex_attention":
         raise _Refused("flex attention")
+    if getattr(config, "clip_qkv", None) is not None:
+        raise _Refused(f"clip_qkv {config.clip_qkv} (clamped projections)")
 
 
 def _entry_of(model: nn.Module, container: nn.Module) -> tuple[str, nn.Module]:
@@ -299,21 +325,39 @@ def _build(lib: Any, model: nn.Module, config: Any, roles: BlockRoles) -> StackP
     if q.out_features != heads * head_dim or k.out_features % head_dim:
         raise _Refused(f"projection sizes do not fit {heads} heads of {head_dim}")
     kv_heads = k.out_features // head_dim
-    up = _member(first, roles.up, names[0], guard)
+    moe_layers = _moe_layers(model, roles)
+    dense = [b for b in blocks if not _is_moe(b, roles, moe_layers)]
+    # the dense MLP's width (1 where every block is a MoE block: they keep their own buffers)
+    intermediate = int(_member(dense[0], roles.up, names[blocks.index(dense[0])], guard).out_features) if dense else 1
     scale = float(getattr(q_parent(first, roles), "scaling", head_dim ** -0.5))
-    stack = lib.Stack(hidden, heads, kv_heads, head_dim, int(up.out_features), roles.pre_norm, scale)
+    stack = lib.Stack(hidden, heads, kv_heads, head_dim, intermediate, roles.pre_norm, scale)
     act = _activation(config, roles)
     keep: list[Any] = []
+    routing = None
     for name, block in zip(names, blocks):
+        linears = roles.linears()
+        extra: dict[str, Any] = {}
+        if _is_moe(block, roles, moe_layers):
+            from .moe_plan import MoeRouting, moe_block
+
+            _member(block, roles.moe, name, guard)  # type: ignore[arg-type]
+            layer = moe_layers[id(block.get_submodule(roles.moe))]  # type: ignore[arg-type]
+            extra["moe"], held = moe_block(lib, layer, guard)
+            keep += held
+            routing = routing or MoeRouting(stack)
+            routing.experts.append(layer.experts)
+            linears = {role: path for role, path in linears.items() if role in ("q", "k", "v", "o")}
         projections = {role: _projection(lib, _member(block, path, name, guard), f"{name}.{path}", guard)
-                       for role, path in roles.linears().items()}
+                       for role, path in linears.items()}
         norms = {role: _norm(lib, _member(block, path, name, guard), f"{name}.{path}", hidden, guard)
                  for role, path in (("norm1", roles.norm1), ("norm2", roles.norm2))}
+        qk_width = {"q_norm": heads * head_dim, "k_norm": kv_heads * head_dim} if roles.qk_norm_full else {}
         for role, path in (("q_norm", roles.q_norm), ("k_norm", roles.k_norm)):
             if path is not None:
-                norms[role] = _norm(lib, _member(block, path, name, guard), f"{name}.{path}", head_dim, guard)
+                width = qk_width.get(role, head_dim)
+                norms[role] = _norm(lib, _member(block, path, name, guard), f"{name}.{path}", width, guard)
         try:
-            stack.add_block(**norms, **projections, activation=act)
+            stack.add_block(**norms, **projections, **extra, activation=act, qk_norm_full=roles.qk_norm_full)
         except ValueError as exc:
             raise _Refused(f"{name}: {exc}") from None
         keep += [*projections.values(), *norms.values()]
@@ -326,7 +370,28 @@ def _build(lib: Any, model: nn.Module, config: Any, roles: BlockRoles) -> StackP
         final = True
     rotary = _member(entry, roles.rotary, entry_name or "model", guard) if roles.rotary is not None else None
     return StackPlan(stack=stack, roles=roles, entry=entry, guard=guard, heads=heads, kv_heads=kv_heads,
-                     head_dim=head_dim, hidden=hidden, layers=len(blocks), rotary=rotary, final_norm=final, keep=keep)
+                     head_dim=head_dim, hidden=hidden, layers=len(blocks), rotary=rotary, final_norm=final, keep=keep,
+                     moe=routing)
+
+
+def _moe_layers(model: nn.Module, roles: BlockRoles) -> dict[int, Any]:
+    """The model's MoE layers by their block's id (empty for families without MoE blocks)."""
+    if roles.moe is None:
+        return {}
+    from ..models.moe import find_moe_layers
+
+    return {id(layer.block): layer for layer in find_moe_layers(model)}
+
+
+def _is_moe(block: nn.Module, roles: BlockRoles, moe_layers: dict[int, Any]) -> bool:
+    if roles.moe is None:
+        return False
+    member = block
+    for part in roles.moe.split("."):
+        member = member._modules.get(part)  # type: ignore[assignment]
+        if member is None:
+            return False
+    return id(member) in moe_layers
 
 
 def q_parent(block: nn.Module, roles: BlockRoles) -> nn.Module:

@@ -61,18 +61,39 @@ def use_native_blocks(model: nn.Module, *, check: bool = True) -> bool:
     disagreement leaves the model on its modules. Safe to call again.
     """
     if not native_blocks_allowed():
-        return False
+        return _refused(model, f"{ENV_SWITCH} switches native blocks off")
     if native_blocks_of(model) is not None:
         return True
     plan = build_plan(model)
     if isinstance(plan, str):
-        return False
+        return _refused(model, plan)
     forward = NativeForward(plan, plan.entry.forward)
     plan.entry.forward = forward
     if check and not _agrees(model, forward):
         disable_native_blocks(model)
-        return False
+        return _refused(model, "the native path disagreed with the module path on a probe input")
+    model.__dict__.pop(_REASON, None)
     return True
+
+
+def native_blocks_reason(model: nn.Module) -> str | None:
+    """Why `model` runs on its modules: the reason its last `use_native_blocks` gave (None: it did not
+    refuse, or was never asked).
+
+    Example:
+        >>> model = torch.nn.Linear(2, 2)
+        >>> use_native_blocks(model), native_blocks_reason(model)
+        (False, 'no native block plan for model_type None')
+    """
+    return model.__dict__.get(_REASON)
+
+
+_REASON = "_sparsepress_native_reason"  # kept in the model's own __dict__ (copies carry it)
+
+
+def _refused(model: nn.Module, reason: str) -> bool:
+    model.__dict__[_REASON] = reason
+    return False
 
 
 def disable_native_blocks(model: nn.Module) -> bool:
@@ -174,5 +195,5 @@ def _parameters(model: nn.Module) -> set[str]:
         return set()
 
 
-__all__ = ["ENV_SWITCH", "disable_native_blocks", "native_blocks_allowed", "native_blocks_of", "outputs_agree",
-           "use_native_blocks"]
+__all__ = ["ENV_SWITCH", "disable_native_blocks", "native_blocks_allowed", "native_blocks_of", "native_blocks_reason",
+           "outputs_agree", "use_native_blocks"]
