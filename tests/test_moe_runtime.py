@@ -116,6 +116,21 @@ def test_native_moe_decode_matches_the_module_path(models, family, recipe):
         assert _close(logits, decoder.scores(ours[:, :ids.shape[1] + n]))
 
 
+@pytest.mark.parametrize("isa", native.supported_isas())
+def test_every_isa_tree_runs_the_moe_blocks_alike(models, isa):
+    model = models[("qwen2_moe", "50%+int8")]  # routed experts and the gated shared expert
+    previous = native.active_isa()
+    try:
+        native.set_isa(isa)
+        ids = _prompt(1, 5)
+        with torch.inference_mode():
+            fast = model(input_ids=ids, use_cache=False).logits
+        assert _close(_module_logits(model, ids), fast)
+        assert generate(model, ids, max_new_tokens=6).tolist() == _theirs(model, ids, 6).tolist()
+    finally:
+        native.set_isa(previous)
+
+
 def test_left_padded_batches_decode_alike(models):
     model = models[("qwen3_moe", "50%+int8")]
     ids = _prompt(2, 7, seed=5)

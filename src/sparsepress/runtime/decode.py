@@ -5,7 +5,9 @@ transformers' `generate()` keeps working on the same model (through its modules 
 is the faster path for greedy decoding. The embedding table may be float32 or int8 / int4
 (`QuantizedEmbedding`); the LM head a packed layer (int8, dense or sparse) or a float32 Linear (run
 from its own storage by the float kernel). Activation sparsity applies in every step at the level set
-when `generate` starts (`sp.set_activation_sparsity`).
+when `generate` starts (`sp.set_activation_sparsity`). MoE decoders decode the same way (their MoE
+blocks are blocks of the Stack, `moe_plan`), with the adaptive routing (`sp.set_routing`) set when
+`generate` starts; the experts' counts reach each layer's `RoutedExperts.counts` when it returns.
 
 Example:
     >>> import torch, sparsepress as sp
