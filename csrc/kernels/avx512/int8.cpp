@@ -149,6 +149,8 @@ static inline void row1_masked(const LinearArgs& a, int64_t r, int64_t b) {
 }
 
 // Token b of rows [r0, r1), masked: row1_masked where it may read 64 bytes past the row's values.
+// (Four rows in lockstep, sharing the activation loads, ran 0.54-0.64x as fast from DRAM on a Zen 4:
+// eight streams with their masks defeat the prefetching that one row's two sequential streams get.)
 static inline void rows1_masked(const LinearArgs& a, int64_t r0, int64_t r1, int64_t b) {
   for (int64_t r = r0; r < r1; ++r) {
     if (a.row_offsets[r + 1] + 64 <= a.values_len) row1_masked(a, r, b);
