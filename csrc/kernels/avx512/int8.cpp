@@ -415,6 +415,40 @@ static void rows_kblocked(const LinearArgs& a, int64_t r0, int64_t r1, int64_t b
   }
 }
 
+// Batch 1, dense rows: R rows in lockstep, the activation vectors loaded once per step for all of them.
+// Rows lie one after another, so R rows are R sequential streams a row apart: in a C loop on a Zen 4
+// one row at a time read a 4096 x 4096 weight at ~27 GB/s, eight at a time ~46 GB/s; in the kernel,
+// 1.03-1.22x over one row at a time on LLaMA-7B shapes (same outputs, bit for bit).
+template <int R>
+static inline void rows1_dense_lockstep(const LinearArgs& a, int64_t r, int64_t b) {
+  const int8_t* w = static_cast<const int8_t*>(a.values) + r * a.in;
+  const uint8_t* x = a.xu + b * a.x_stride;
+  const int64_t in = a.in, nfull = in / 64;
+  __m512i acc[R];
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i) acc[i] = _mm512_setzero_si512();
+  for (int64_t q = 0; q < nfull; ++q) {
+    const __m512i xv = _mm512_loadu_si512(x + 64 * q);
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i) acc[i] = _mm512_dpbusd_epi32(acc[i], xv, _mm512_loadu_si512(w + i * in + 64 * q));
+  }
+  if (nfull * 64 < in) {  // padding xu = 128 meets the masked-off (zero) weights
+    const __m512i xv = _mm512_loadu_si512(x + 64 * nfull);
+    const __mmask64 k = _bzhi_u64(~0ull, unsigned(in - 64 * nfull));
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i)
+      acc[i] = _mm512_dpbusd_epi32(acc[i], xv, _mm512_maskz_loadu_epi8(k, w + i * in + 64 * nfull));
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i) {
+    const float bias = a.bias ? a.bias[r + i] : 0.f;
+    a.y[b * a.out + r + i] =
+        float(_mm512_reduce_add_epi32(acc[i]) - 128 * a.rowsum[r + i]) * a.scales[r + i] * a.sx[b] + bias;
+  }
+}
+
+constexpr int kDenseLockstepRows = 8;
+
 template <bool kMasked>
 static void rows(const LinearArgs& a, int64_t r0, int64_t r1) {
   if (a.n_groups > 1 && a.group_size % 64 != 0) {
@@ -442,6 +476,13 @@ static void rows(const LinearArgs& a, int64_t r0, int64_t r1) {
       for (int64_t r = r0; a.batch - b >= 2 && r < r1; ++r) row_tile<2, true>(a, r, b);
       if (a.batch - b >= 2) b += 2;
       if (a.batch - b >= 1) rows1_masked(a, r0, r1, b);
+      return;
+    }
+  } else {
+    if (a.batch == 1) {
+      int64_t r = r0;
+      for (; r + kDenseLockstepRows <= r1; r += kDenseLockstepRows) rows1_dense_lockstep<kDenseLockstepRows>(a, r, 0);
+      for (; r < r1; ++r) row_tile<1, false>(a, r, 0);
       return;
     }
   }
