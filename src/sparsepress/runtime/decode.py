@@ -4,8 +4,8 @@ head and argmax in one call per token (`_native.CausalLM.step`).
 transformers' `generate()` keeps working on the same model (through its modules and HF's cache); this
 is the faster path for greedy decoding. The embedding table may be float32 or int8 / int4
 (`QuantizedEmbedding`); the LM head a packed layer (int8, dense or sparse) or a float32 Linear (run
-from its own storage by the float kernel). Activation sparsity applies in every step at the level set
-when `generate` starts (`sp.set_activation_sparsity`).
+from its own storage by the float kernel). Activation sparsity and nested elastic levels apply in every
+step at the levels set when `generate` starts (`sp.set_activation_sparsity`, `sp.set_sparsity`).
 
 Example:
     >>> import torch, sparsepress as sp
@@ -97,8 +97,6 @@ class NativeDecoder:
         if lib is None or forward is None or not forward.plan.roles.pre_norm:
             raise InputError(type(model).__name__, "no native decoder plan (a supported causal LM with packed block layers)")
         plan: StackPlan = forward.plan
-        if plan.stack.elastic_levels:  # a decode step carries no level; the model's own generate runs them
-            raise InputError(type(model).__name__, "the native decoder does not run elastic sparsity levels")
         rope_type = getattr(plan.rotary, "rope_type", "default")
         if plan.rotary is None or rope_type not in STATIC_ROPE:
             raise InputError(type(model).__name__, f"rotary embedding {rope_type!r} is not supported natively")
@@ -137,7 +135,7 @@ class NativeDecoder:
         lm, (cache, *_) = self._session(ids.shape[0], ids.shape[1], [0] * ids.shape[0])
         logits = torch.empty(ids.shape[0], lm.vocab)
         lm.step(ids, cache, torch.empty(ids.shape[0], dtype=torch.int64), logits, torch.get_num_threads(),
-                self.plan.guard.thresholds())
+                self.plan.guard.thresholds(), self.plan.guard.level())
         return logits
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, attention_mask: torch.Tensor | None = None,
@@ -154,13 +152,14 @@ class NativeDecoder:
         lm, keep = self._session(batch, prompt + max_new_tokens, pads)
         cache = keep[0]
         threads = torch.get_num_threads()
-        thresholds = self.plan.guard.thresholds()  # one level for the whole generation
+        # one activation level and one elastic level (`sp.set_sparsity`) for the whole generation
+        thresholds, level = self.plan.guard.thresholds(), self.plan.guard.level()
         nxt = torch.empty(batch, dtype=torch.int64)
         pieces = [ids]
         finished = torch.zeros(batch, dtype=torch.bool)
         filler = eos_token_id if pad_token_id is None else pad_token_id
         start = time.perf_counter()
-        lm.step(ids, cache, nxt, None, threads, thresholds)
+        lm.step(ids, cache, nxt, None, threads, thresholds, level)
         self.timing = DecodeTiming(prompt_tokens=batch * prompt, prefill_s=time.perf_counter() - start)
         start = time.perf_counter()
         for produced in range(1, max_new_tokens + 1):
@@ -173,7 +172,7 @@ class NativeDecoder:
                 on_token(token)
             if produced == max_new_tokens or bool(finished.all()):
                 break
-            lm.step(token.unsqueeze(1), cache, nxt, None, threads, thresholds)
+            lm.step(token.unsqueeze(1), cache, nxt, None, threads, thresholds, level)
         self.timing.new_tokens = len(pieces) - 1
         self.timing.decode_s = time.perf_counter() - start
         return torch.cat(pieces, dim=1)
