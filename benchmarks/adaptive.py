@@ -41,6 +41,7 @@ import torch
 import sparsepress as sp
 from sparsepress.adaptive import AdaptiveController, PointKey, cpu_signal, operating_points
 from sparsepress.evaluate import fidelity, interleaved_ms
+from sparsepress.io import MANIFEST
 from sparsepress.native import active_isa
 from sparsepress.sources import bundled_text, load_source, split_sentences, token_samples
 
@@ -70,7 +71,7 @@ def cpu_model() -> str:
 
 def compressed_model(source: Any, out: Path, activation: bool, samples: int) -> torch.nn.Module:
     folder = out / ("minilm-elastic-act" if activation else "minilm-elastic")
-    if not (folder / "manifest.json").is_file():
+    if not (folder / MANIFEST).is_file():
         start = time.perf_counter()
         model = sp.compress(copy.deepcopy(source.model), recipe(activation), tokenizer=source.tokenizer,
                             samples=samples)
