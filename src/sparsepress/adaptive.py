@@ -14,9 +14,9 @@ every call compares a moving percentile of the observed latency with the target:
 - comfortably below: one rung dearer, but only when the dearer point's cost, scaled by how much slower
   than calibrated the machine runs right now, is predicted to stay under `headroom` x target, and only
   after a full window at the current point (hysteresis: it does not oscillate);
-- under a lowered cap, once a full window ran at about calibrated speed (no sign of contention), one
-  call probes the next higher cap; a probe that runs far slower than calibrated goes back at once and
-  the wait before the next doubles (`probe_after_s`, up to `probe_max_s`);
+- under a lowered cap, once a full window ran at about calibrated speed (no sign of contention), the
+  next higher cap is probed; a call in the probe's first `dwell` that runs far slower than calibrated
+  sends it back at once, and the wait before the next probe doubles (`probe_after_s`, up to `probe_max_s`);
 - an optional `signal()` (a resource reading mapped to a ceiling in (0, 1], e.g. the CPU share other
   processes leave us, see `cpu_signal`) caps the threads at the cores it leaves (a quarter core of
   slack) and rules out points dearer than the share left per thread, at once.
@@ -109,9 +109,9 @@ CORE_SLACK = 0.25
 # A full window at a lowered thread cap with a median at most this much over calibrated cost counts as
 # calm: no sign of contention at this cap, so the next higher one is worth a probe.
 CALM_SLOWDOWN = 1.25
-# A probe of more threads fails on a call over the target that also ran this many times its point's
-# calibrated cost: longer requests than the calibration's run up to ~2x it unloaded (MiniLM, 16-64
-# tokens), a call stalled at the barriers of descheduled threads 10x and more.
+# A probe of more threads fails on any of its first `dwell` calls that runs this many times its point's
+# calibrated cost: longer requests than the calibration's run up to ~2-3x it unloaded (MiniLM, 16-64
+# tokens), calls stalled at the barriers of descheduled threads 10x and more (one in a few under a hog).
 PROBE_SLOWDOWN = 3.0
 
 
@@ -168,7 +168,7 @@ class AdaptiveController:
         self._cap = 0
         self._backoff = probe_after_s
         self._probe_at = 0.0
-        self._probation = False
+        self._probation = 0  # calls left in which a probe of more threads can still fail
         if self._costs is not None:
             self._set_order()
 
@@ -295,19 +295,21 @@ class AdaptiveController:
         signal_cap, _ = self._signal_caps(value)
         if self._cap < signal_cap:  # other processes take the cores our threads would run on
             self._set_cap(signal_cap, self._rung(self._order[self._index]))
-            self._probe_at, self._probation = now + self._backoff, False
+            self._probe_at, self._probation = now + self._backoff, 0
         _, floor = self._signal_caps(value)
         if self._index < floor:
             self._move(floor)
             return
-        if self._probation:  # the first call after raising the thread cap decides whether it stays
-            self._probation = False
-            if elapsed_ms > self.target_ms and elapsed_ms > PROBE_SLOWDOWN * costs[self._order[self._index]]:
+        if self._probation:  # the first `dwell` calls after raising the thread cap decide whether it stays
+            self._probation -= 1
+            if elapsed_ms > PROBE_SLOWDOWN * costs[self._order[self._index]]:
+                self._probation = 0
                 self._backoff = min(2.0 * self._backoff, self.probe_max_s)
                 self._probe_at = now + self._backoff
                 self._set_cap(self._cap + 1, self._rung(self._order[self._index]))
                 return
-            self._backoff = self.probe_after_s
+            if not self._probation:
+                self._backoff = self.probe_after_s
         if self._since_switch < self.dwell:
             return
         current = self._order[self._index]
@@ -316,7 +318,7 @@ class AdaptiveController:
         full = len(self._recent) == self.window
         if self._cap > signal_cap and full and slowdown <= CALM_SLOWDOWN and now >= self._probe_at:
             self._set_cap(self._cap - 1, self._rung(current))  # no sign of contention here: try more threads
-            self._probation = True
+            self._probation = max(1, self.dwell)
             return
         if _percentile(self._recent, self.percentile) > self.target_ms:
             if self._cap + 1 < len(self._caps) and costs[self._order[-1]] * slowdown > self.target_ms:
