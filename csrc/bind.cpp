@@ -233,7 +233,8 @@ NB_MODULE(_native, m) {
         "8 tokens).");
   m.def("colskip_policy", &sp::colskip_policy, "The column-skip policy (see set_colskip_policy).");
   m.attr("colskip_max_batch") = sp::kColSkipMaxBatch;
-  m.attr("gather_max_density") = sp::kGatherMaxDensity;  // stored share up to which weights get gather rows
+  m.def("gather_max_density", [] { return sp::gather_max_density(sp::active_table().gather_layout); },
+        "Stored share (values / weights) up to which int8 weights packed under the active tree get gather rows.");
 
   nb::class_<NativeExperts>(m, "NativeExperts", "The packed experts of one MoE layer, run by one grouped call.")
       .def(nb::init<const nb::list&, const nb::list&, const std::vector<std::optional<Vec>>&,

@@ -12,6 +12,10 @@ enum class Activation : int { None = 0, Gelu = 1, GeluTanh = 2, Relu = 3, Silu =
 // Everything a row-range kernel needs; filled once per call by plan.cpp.
 // Weight layouts are exactly those of docs/formats.md; nm and bbs weights are
 // handed over as masked streams (mask + flat values + row offsets).
+// How a weight's gather rows are laid out (LinearArgs::gather_recs): each tree's gather kernel reads one.
+enum class GatherLayout : uint8_t { Records8, Windows256 };
+constexpr int64_t kGatherWindow = 256;  // columns per window of the Windows256 layout
+
 struct LinearArgs {
   int64_t batch = 0, in = 0, out = 0;
   // Activations, row stride x_stride elements. Strides are padded to an odd number of
@@ -46,12 +50,18 @@ struct LinearArgs {
   const int8_t* panels = nullptr;
   const int64_t* panel_off = nullptr;
   // Gather rows of a very sparse masked int8 weight (csrc/gather_rows.h), prepared once; null: none.
-  // Row r's records are gather_chunks[r] .. gather_chunks[r + 1) of gather_recs, 16 bytes each: eight
-  // column offsets (uint8) then the eight values (int8); value j of record k sits in column
-  // base_k + offset_j, with base_0 = 0 and base_{k+1} = base_k + offset_7 of record k. Padding values
-  // are 0 (at a column inside the row), so every offset read stays below `in`.
+  // gather_layout says how they are laid out; row r's bytes start at gather_recs + gather_chunks[r]
+  // (Records8: in records of 16 bytes, gather_chunks[r] * 16) and end where row r + 1's start.
+  //  Records8: records of 16 bytes, eight column offsets (uint8) then the eight values (int8); value j
+  //   of record k sits in column base_k + offset_j, with base_0 = 0 and base_{k+1} = base_k + offset_7
+  //   of record k. Padding values are 0 (at a column inside the row), so every offset read stays below
+  //   `in`.
+  //  Windows256: per window of kGatherWindow columns, its count of stored values (uint16, the row's
+  //   counts first, one per window), then per window its n column offsets within the window (uint8)
+  //   followed by its n values (int8).
   const uint8_t* gather_recs = nullptr;
   const int64_t* gather_chunks = nullptr;
+  GatherLayout gather_layout = GatherLayout::Records8;
   // every mask byte keeps exactly four weights (2:4 and 4:8 patterns; mask_four_per_byte): the values
   // of mask byte k of a row start at 4k, so kernels may place them without counting bits
   bool four_per_byte = false;
@@ -167,6 +177,7 @@ struct KernelTable {
   // where a weight has them (very sparse layers, csrc/gather_rows.h) for up to gather_max_batch tokens.
   RowKernel gather_i8 = nullptr;
   int gather_max_batch = 0;
+  GatherLayout gather_layout = GatherLayout::Records8;  // the layout gather_i8 reads
 };
 
 constexpr int64_t kGemmRows = 32;  // output rows per GEMM tile

@@ -53,7 +53,8 @@ class NativeLinear : public sp::ExpertLinear {
       : kind_(kind), args_(args), keep_(std::move(keep)), lazy_(std::make_unique<Lazy>()) {
     if (kind == sp::Kind::MaskedI8) args_.four_per_byte = sp::mask_four_per_byte(args_);
     if (panel_limit > 0) lazy_->panels = sp::prepare_panels(kind, args, panel_limit);
-    if (gather_rows && wants_gather_rows(kind, args)) gather_ = sp::prepare_gather_rows(args);
+    if (gather_rows && wants_gather_rows(kind, args))
+      gather_ = sp::prepare_gather_rows(args, sp::active_table().gather_layout);
     lazy_->ready.store(lazy_->panels.data != nullptr, std::memory_order_release);
     lazy_->allowed.store(lazy_panels && !lazy_->ready.load(std::memory_order_relaxed), std::memory_order_relaxed);
   }
@@ -188,7 +189,8 @@ class NativeLinear : public sp::ExpertLinear {
   // Very sparse masked int8 rows with one scale each, where the active tree has a gather kernel.
   static bool wants_gather_rows(sp::Kind kind, const sp::LinearArgs& a) {
     return kind == sp::Kind::MaskedI8 && a.n_groups == 1 && sp::active_table().gather_i8 && a.out > 0 &&
-           double(a.row_offsets[a.out]) <= sp::kGatherMaxDensity * double(a.out) * double(a.in);
+           double(a.row_offsets[a.out]) <=
+               sp::gather_max_density(sp::active_table().gather_layout) * double(a.out) * double(a.in);
   }
 
   static inline thread_local bool last_skipped_ = false;

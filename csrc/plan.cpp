@@ -189,7 +189,7 @@ void run_parts(Kind kind, const LinearArgs* parts, int n_parts, const LinearArgs
     kernels[k] = pick(table, kind);
     gemm[k] = false;
     if (kind == Kind::MaskedI8 && p.n_groups == 1 && p.gather_recs && table.gather_i8 &&
-        batch <= table.gather_max_batch) {
+        p.gather_layout == table.gather_layout && batch <= table.gather_max_batch) {
       kernels[k] = table.gather_i8;  // very sparse, few tokens: work per stored value (gather_rows.h)
     } else if ((kind == Kind::MaskedI8 || kind == Kind::DenseI8) && p.n_groups == 1 &&
                batch >= gemm_cutover(table, kind, p)) {

@@ -137,3 +137,123 @@ def test_operating_points_combine_knobs_and_errors_name_the_problem():
 def test_psutil_signals_stay_in_range():
     for signal in (cpu_signal(), memory_signal()):
         assert 0.25 <= signal() <= 1.0
+
+
+class ThreadedModel(nn.Module):
+    """A scripted model with a thread count: a forward takes `base_ms[(level, threads)] * load[threads]`."""
+
+    def __init__(self, clock: FakeClock, base_ms: dict[tuple[float, float], float]):
+        super().__init__()
+        self.clock, self.base_ms = clock, base_ms
+        self.level, self.threads = 0.5, 2.0
+        self.load = {1.0: 1.0, 2.0: 1.0}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.clock.now += self.base_ms[(self.level, self.threads)] * self.load[self.threads] / 1000.0
+        return x
+
+
+# 2 threads are faster unloaded; under a hog a 2-thread call stalls at its barriers (x30), a 1-thread one
+# only shares its core (x1.4): no sparsity level spans x30.
+BASE_THREADS = {(0.5, 2.0): 10.0, (0.7, 2.0): 7.0, (0.9, 2.0): 4.0,
+                (0.5, 1.0): 16.0, (0.7, 1.0): 11.0, (0.9, 1.0): 6.0}
+HOG = {1.0: 1.4, 2.0: 30.0}
+
+
+def _threaded(clock: FakeClock, **kw) -> tuple[ThreadedModel, AdaptiveController]:
+    model = ThreadedModel(clock, BASE_THREADS)
+    knobs = [Knob("sparsity", levels=lambda m: [0.5, 0.7, 0.9], apply=lambda m, v: setattr(m, "level", v)),
+             Knob("threads", levels=lambda m: [1.0, 2.0], apply=lambda m, v: setattr(m, "threads", v), threads=True)]
+    return model, AdaptiveController(model, target_ms=13.0, knobs=knobs, clock=clock, **kw)
+
+
+def _points(ctl: AdaptiveController, since: int = 0) -> list[tuple[float, float]]:
+    return [(p["sparsity"], p["threads"]) for _, p in ctl.history[since:]]
+
+
+def test_thread_points_are_calibrated_and_each_rung_runs_at_its_fastest_count():
+    clock = FakeClock()
+    _, ctl = _threaded(clock)
+    ctl(torch.ones(1))
+    assert len(ctl.points) == 6 and ctl.points[0] == ({"sparsity": 0.5, "threads": 1.0}, pytest.approx(16.0))
+    assert ctl.ladder == [{"sparsity": 0.5, "threads": 2.0}, {"sparsity": 0.7, "threads": 2.0},
+                          {"sparsity": 0.9, "threads": 2.0}]
+    assert ctl.level == {"sparsity": 0.5, "threads": 2.0}
+
+
+def test_contention_drops_to_one_thread_and_comes_back_when_it_ends():
+    clock = FakeClock()
+    model, ctl = _threaded(clock, costs={(("sparsity", s), ("threads", t)): ms for (s, t), ms in BASE_THREADS.items()})
+    for _ in range(30):
+        ctl(torch.ones(1))
+    assert ctl.level == {"sparsity": 0.5, "threads": 2.0}
+    model.load = dict(HOG)
+    start = len(ctl.history)
+    for _ in range(200):
+        ctl(torch.ones(1))
+    hog = _points(ctl, start)
+    # a few calls at 2 threads (one rung down while the window still holds unloaded calls, then a dwell
+    # whose median shows x30), then 1 thread: the cheaper rungs at 2 threads would not have helped
+    first = next(i for i, (_, t) in enumerate(hog) if t == 1.0)
+    assert 1 <= first <= 8 and all(t == 2.0 for _, t in hog[:first]) and all(t == 1.0 for _, t in hog[first:])
+    assert max(ms for ms, _ in ctl.history[-100:]) <= 13.0
+    model.load = {1.0: 1.0, 2.0: 1.0}
+    for _ in range(200):
+        ctl(torch.ones(1))
+    assert ctl.level == {"sparsity": 0.5, "threads": 2.0}
+
+
+def test_a_uniform_slowdown_moves_the_rungs_not_the_threads():
+    clock = FakeClock()
+    model, ctl = _threaded(clock, costs={(("sparsity", s), ("threads", t)): ms for (s, t), ms in BASE_THREADS.items()})
+    model.load = {1.0: 1.5, 2.0: 1.5}  # a slower machine: 15 / 10.5 / 6 ms at 2 threads
+    for _ in range(300):
+        ctl(torch.ones(1))
+    assert ctl.level == {"sparsity": 0.7, "threads": 2.0}
+    assert all(t == 2.0 for _, t in _points(ctl))
+
+
+def test_failed_probes_back_off():
+    clock = FakeClock()
+    model, ctl = _threaded(clock, costs={(("sparsity", s), ("threads", t)): ms for (s, t), ms in BASE_THREADS.items()})
+    model.load = {1.0: 1.0, 2.0: 30.0}  # one hog on two cores: 1 thread runs at full speed, 2 threads stall
+    for _ in range(3000):
+        ctl(torch.ones(1))
+    points = _points(ctl)
+    probes = [i for i, (_, t) in enumerate(points) if t == 2.0 and i > 4]
+    # waits of 0.25, 0.5, 1, then 2 s (probe_max_s) between probes: one probe per 2 s of scripted time
+    assert 3 <= len(probes) <= 3 + clock.now / 2.0
+    assert all(points[i + 1][1] == 1.0 for i in probes if i + 1 < len(points))  # each probe goes back at once
+    assert ctl.level == {"sparsity": 0.7, "threads": 1.0}  # 0.7 fits at full single-thread speed, 0.5 does not
+
+
+def test_cpu_signal_caps_the_threads_at_once():
+    clock = FakeClock()
+    share = [1.0]
+    model, ctl = _threaded(clock, signal=lambda: share[0],
+                           costs={(("sparsity", s), ("threads", t)): ms for (s, t), ms in BASE_THREADS.items()})
+    ctl(torch.ones(1))
+    assert ctl.level == {"sparsity": 0.5, "threads": 2.0}
+    share[0], model.load = 0.25, dict(HOG)  # two busy processes on two cores
+    ctl(torch.ones(1))  # this call ran at 2 threads; the next one does not
+    # one thread gets at most half a core's worth of the share left: rungs up to half the dearest 1-thread cost
+    assert ctl.level == {"sparsity": 0.9, "threads": 1.0}
+    start = len(ctl.history)
+    for _ in range(100):
+        ctl(torch.ones(1))
+    assert all(t == 1.0 for _, t in _points(ctl, start))
+    share[0], model.load = 1.0, {1.0: 1.0, 2.0: 1.0}
+    for _ in range(200):
+        ctl(torch.ones(1))
+    assert ctl.level == {"sparsity": 0.5, "threads": 2.0}
+
+
+def test_costs_without_thread_counts_leave_the_threads_alone():
+    clock = FakeClock()
+    model = ThreadedModel(clock, BASE_THREADS)
+    knobs = [Knob("sparsity", levels=lambda m: [0.5, 0.9], apply=lambda m, v: setattr(m, "level", v)),
+             Knob("threads", levels=lambda m: [1.0, 2.0], apply=lambda m, v: setattr(m, "threads", v), threads=True)]
+    ctl = AdaptiveController(model, 13.0, knobs=knobs, clock=clock, costs={(("sparsity", 0.5),): 10.0,
+                                                                          (("sparsity", 0.9),): 4.0})
+    ctl(torch.ones(1))
+    assert ctl.level == {"sparsity": 0.5} and model.threads == 2.0

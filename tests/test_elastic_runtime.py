@@ -94,17 +94,33 @@ def test_a_level_outside_the_stack_is_refused(model):
         plan.stack.forward_raw(x.data_ptr(), x.data_ptr(), 1, 2, 0, [0, 0, 0], False, 0, 0, False, 1, 0, 3)
 
 
-def test_the_native_decoder_refuses_elastic_levels():
+def test_the_native_decoder_runs_the_level_set_when_generation_starts():
+    """Elastic decoders decode natively: scores equal the module path's last logits at every level, greedy
+    tokens equal transformers' generate, and `set_sparsity` between generations changes what runs."""
     import transformers as T
 
+    from sparsepress.runtime import generate
+
+    torch.manual_seed(0)
     llama = T.LlamaForCausalLM(T.LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=96,
-                                             num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2))
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
     recipe = {"stages": [{"prune": {"method": "magnitude", "sparsity": [0.5, 0.8]}}, {"quantize": {"method": "rtn"}}]}
     model = sp.compress(llama.eval(), recipe, calibration=token_ids(4, 12))
     if native_blocks_of(model) is None:
         pytest.skip("no native plan for this model here")
-    with pytest.raises(sp.InputError, match="elastic"):
-        NativeDecoder(model)
+    decoder = NativeDecoder(model)
+    ids = torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(5))
+    scores = []
+    for level in (0.5, 0.8):
+        sp.set_sparsity(model, level)
+        with torch.inference_mode():
+            logits = model(input_ids=ids, use_cache=False).logits[:, -1]
+            theirs = model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+        scores.append(decoder.scores(ids))
+        assert torch.allclose(scores[-1], logits, atol=1e-4, rtol=1e-4), level
+        assert generate(model, ids, max_new_tokens=6).tolist() == theirs.tolist(), level
+    assert not torch.allclose(scores[0], scores[1], atol=1e-3)
+    sp.set_sparsity(model, 0.5)
 
 
 @pytest.mark.parametrize("levels", [[0.05, 0.1, 0.6], [0.3, 0.5, 0.95], [0.2, 0.4, 0.6, 0.8]])

@@ -1,9 +1,10 @@
 """Gather rows (csrc/gather_rows.h): very sparse int8 weights run per stored value at few tokens.
 
-The layout is built when a weight is packed for a tree with a gather kernel (scalar, AVX2); every such
-tree's output equals the reference on masks of any shape (hypothesis), gaps wider than one record's
-255-column reach and empty rows included; denser weights, many tokens and the trees without the kernel
-keep the mask stream alone.
+The layout is built when a weight is packed for a tree with a gather kernel (scalar and AVX2: records of
+eight; AVX-512 and AMX: 256-column windows); every such tree's output equals the reference on masks of any
+shape (hypothesis), gaps wider than one record's 255-column reach, empty rows and windows holding more
+than 64 values included; denser weights, many tokens and the trees without the kernel keep the mask
+stream alone, and a weight laid out for one tree still runs right under another.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from sparsepress.kernels import native_handle, packed_linear, reference_linear
 pytestmark = [pytest.mark.native,
               pytest.mark.skipif(not native.native_available(), reason="native extension not built")]
 
-GATHER_TREES = [isa for isa in ("scalar", "avx2", "avx2vnni") if isa in native.supported_isas()]
+GATHER_TREES = [isa for isa in ("scalar", "avx2", "avx2vnni", "avx512", "amx") if isa in native.supported_isas()]
 
 
 @pytest.fixture()
@@ -50,7 +51,7 @@ def test_gather_rows_equal_the_reference_on_every_tree(out, inn, density, gap, b
         for tree in GATHER_TREES:
             native.set_isa(tree)
             packed = BitmaskWeight.pack(w, dtype="int8")  # packed under this tree: gather rows where sparse enough
-            sparse_enough = int(packed.values.numel()) <= native.module().gather_max_density * out * inn  # as C++ reads it
+            sparse_enough = int(packed.values.numel()) <= native.module().gather_max_density() * out * inn  # as C++ reads it
             assert (native_handle(packed).gather_bytes > 0) == sparse_enough, tree
             y = packed_linear(x, packed, None)
             ref = reference_linear(x, packed, None)
@@ -86,3 +87,34 @@ def test_many_tokens_of_a_gather_weight_take_the_other_kernels(tree, restore_isa
     for batch in (1, 4, 17, 40):
         x = torch.randn(batch, 640, generator=torch.Generator().manual_seed(batch))
         assert torch.allclose(packed_linear(x, packed, None), reference_linear(x, packed, None), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("tree", GATHER_TREES)
+def test_clustered_rows_with_full_windows_equal_the_reference(tree, restore_isa):
+    """A sparse weight whose rows keep whole stretches: windows of more than 64 (up to all 256) values."""
+    native.set_isa(tree)
+    gen = torch.Generator().manual_seed(7)
+    w = torch.zeros(9, 3000)
+    w[:, 512:768] = torch.randn(9, 256, generator=gen)  # one window kept whole
+    w[:3, 1000:1090] = torch.randn(3, 90, generator=gen)  # 90 values in one window
+    w[5, 2990:] = torch.randn(10, generator=gen)  # the last, partial window
+    packed = BitmaskWeight.pack(w, dtype="int8")
+    assert native_handle(packed).gather_bytes > 0
+    for batch in (1, 2, 3):
+        x = torch.randn(batch, 3000, generator=torch.Generator().manual_seed(batch))
+        assert torch.allclose(packed_linear(x, packed, None), reference_linear(x, packed, None), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(len(GATHER_TREES) < 2, reason="needs two trees with gather kernels")
+def test_a_weight_laid_out_for_one_tree_runs_right_under_another(restore_isa):
+    w = _very_sparse(33, 1500, 0.05, (200, 500), 5)
+    x = torch.randn(1, 1500, generator=torch.Generator().manual_seed(2))
+    for packed_on in GATHER_TREES:
+        native.set_isa(packed_on)
+        packed = BitmaskWeight.pack(w, dtype="int8")
+        handle = native_handle(packed)
+        assert handle.gather_bytes > 0
+        for run_on in GATHER_TREES:
+            native.set_isa(run_on)
+            assert torch.allclose(packed_linear(x, packed, None), reference_linear(x, packed, None),
+                                  atol=1e-4, rtol=1e-4), (packed_on, run_on)

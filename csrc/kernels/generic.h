@@ -128,23 +128,44 @@ static void rows_csr_i8(const LinearArgs& a, int64_t r0, int64_t r1) {
   }
 }
 
-// y[b, r] from gather rows (LinearArgs::gather_recs, one scale per row): the portable form of the
-// SIMD trees' gather kernels, one stored value at a time.
+// Row r's dot with token x over Records8 gather rows.
+static inline int32_t gather_records_dot(const LinearArgs& a, int64_t r, const int8_t* x) {
+  const uint8_t* rec0 = a.gather_recs + a.gather_chunks[r] * 16;
+  const int64_t n = a.gather_chunks[r + 1] - a.gather_chunks[r];
+  int64_t base = 0;
+  int32_t dot = 0;
+  for (const uint8_t* rec = rec0; rec < rec0 + 16 * n; rec += 16) {
+    for (int j = 0; j < 8; ++j) dot += int32_t(x[base + rec[j]]) * int32_t(int8_t(rec[8 + j]));
+    base += rec[7];
+  }
+  return dot;
+}
+
+// Row r's dot with token x over Windows256 gather rows.
+static inline int32_t gather_windows_dot(const LinearArgs& a, int64_t r, const int8_t* x) {
+  const int64_t windows = (a.in + kGatherWindow - 1) / kGatherWindow;
+  const uint8_t* row = a.gather_recs + a.gather_chunks[r];
+  const uint8_t* p = row + 2 * windows;
+  int32_t dot = 0;
+  for (int64_t w = 0; w < windows; ++w) {
+    uint16_t n;
+    std::memcpy(&n, row + 2 * w, 2);
+    for (int j = 0; j < n; ++j) dot += int32_t(x[w * kGatherWindow + p[j]]) * int32_t(int8_t(p[n + j]));
+    p += 2 * n;
+  }
+  return dot;
+}
+
+// y[b, r] from gather rows (LinearArgs::gather_recs, one scale per row, either layout): the portable
+// form of the SIMD trees' gather kernels, one stored value at a time.
 static void gather_i8(const LinearArgs& a, int64_t r0, int64_t r1) {
-  for (int64_t r = r0; r < r1; ++r) {
-    const uint8_t* rec0 = a.gather_recs + a.gather_chunks[r] * 16;
-    const int64_t n = a.gather_chunks[r + 1] - a.gather_chunks[r];
+  for (int64_t r = r0; r < r1; ++r)
     for (int64_t b = 0; b < a.batch; ++b) {
       const int8_t* x = a.xq + b * a.x_stride;
-      int64_t base = 0;
-      int32_t dot = 0;
-      for (const uint8_t* rec = rec0; rec < rec0 + 16 * n; rec += 16) {
-        for (int j = 0; j < 8; ++j) dot += int32_t(x[base + rec[j]]) * int32_t(int8_t(rec[8 + j]));
-        base += rec[7];
-      }
+      const int32_t dot = a.gather_layout == GatherLayout::Records8 ? gather_records_dot(a, r, x)
+                                                                    : gather_windows_dot(a, r, x);
       a.y[b * a.out + r] = finish(a, r, float(dot) * a.scales[r] * a.sx[b]);
     }
-  }
 }
 
 // Columns [from, in) of one token quantized with scale s (signed and +128 copies), then the padding

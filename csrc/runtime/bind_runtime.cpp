@@ -271,8 +271,9 @@ class PyCausalLM {
       : stack_obj_(stack), table_(table), scales_(scales), cos_(cos), sin_(sin) {
     PyStack& s = nb::cast<PyStack&>(stack);
     const Shape& sh = s.stack().shape();
-    // (its steps carry no level: elastic stacks run on the model's own forward)
-    require(s.elastic_levels() == 0 && head.levels == 0, "the native decoder does not run elastic sparsity levels");
+    // elastic stacks: every step runs the level it is given (the head may be elastic with the same levels)
+    require(head.levels == 0 || head.levels == s.elastic_levels(), "an elastic head must store the blocks' levels");
+    levels_ = std::max(1, s.elastic_levels());
     require(bits == 32 || bits == 8 || bits == 4, "embedding bits must be 32, 8 or 4");
     const int64_t vocab = int64_t(table.shape(0)), width = int64_t(table.shape(1));
     const int64_t want = bits == 4 ? (sh.hidden + 1) / 2 : sh.hidden;
@@ -298,7 +299,10 @@ class PyCausalLM {
   // ids int64 [batch, seq] as the cache's next positions; next int64 [batch] gets each row's argmax;
   // logits float32 [batch, vocab] (optional) the last token's logits.
   void step(Ids ids, KVCache& cache, IdsOut next, std::optional<Logits> logits, int threads,
-            std::optional<F32Vec> thresholds, std::optional<F32Vec> top_p) {
+            std::optional<F32Vec> thresholds, int level,
+            std::optional<F32Vec> top_p) {
+    require(level >= 0 && level < levels_, "step: level " + std::to_string(level) + " out of range for " +
+                                               std::to_string(levels_) + " levels");
     const int64_t batch = int64_t(ids.shape(0)), seq = int64_t(ids.shape(1));
     require(batch == cache.batch, "ids have " + std::to_string(batch) + " rows, the cache " + std::to_string(cache.batch));
     require(cache.layers == lm_->stack().layers(), "the cache was made for another model");
@@ -317,7 +321,7 @@ class PyCausalLM {
     require(!top_p || int64_t(top_p->shape(0)) >= moe_blocks_, "top_p must have one value per MoE block");
     const float* tp = top_p ? top_p->data() : nullptr;
     nb::gil_scoped_release unlocked;
-    lm_->step(p, batch, seq, cache, out, next.data(), threads, t, tp);
+    lm_->step(p, batch, seq, cache, out, next.data(), threads, t, level, tp);
   }
 
   int64_t vocab() const { return lm_->vocab(); }
@@ -330,6 +334,7 @@ class PyCausalLM {
   int64_t vocab_ = 0;
   int slots_ = 0;
   int moe_blocks_ = 0;
+  int levels_ = 1;  // elastic level count of the stack (1: one weight per projection)
   std::unique_ptr<CausalLM> lm_;
 };
 
@@ -433,10 +438,11 @@ void bind(nb::module_& m) {
            nb::arg("table"), nb::arg("scales").none(), nb::arg("bits"), nb::arg("head"), nb::arg("cos"), nb::arg("sin"))
       .def("step", &PyCausalLM::step, nb::arg("ids"), nb::arg("cache"), nb::arg("next"),
            nb::arg("logits").none() = nb::none(), nb::arg("n_threads") = 1, nb::arg("thresholds").none() = nb::none(),
-           nb::arg("top_p").none() = nb::none(),
+           nb::arg("level") = 0,
            "Runs ids [batch, seq] as the cache's next positions; next[b] = argmax of row b's last logits;\n"
-           "thresholds: float32 activation-sparsity thresholds indexed by the projections' slots; top_p: float32\n"
-           "adaptive-routing top_p of each MoE block (none: plain top-k).")
+           "thresholds: float32 activation-sparsity thresholds indexed by the projections' slots; level: the\n"
+           "elastic level index every elastic projection runs (0: the lowest sparsity); top_p: float32 adaptive-routing\n"
+           "top_p of each MoE block (none: plain top-k).")
       .def_prop_ro("vocab", &PyCausalLM::vocab);
 }
 

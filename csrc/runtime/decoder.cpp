@@ -24,7 +24,7 @@ float* grow(std::vector<float>& v, int64_t n) {
 }  // namespace
 
 void CausalLM::step(const int64_t* ids, int64_t batch, int64_t seq, KVCache& cache, float* logits, int64_t* next,
-                    int threads, const float* thresholds, const float* top_p) const {
+                    int threads, const float* thresholds, int level, const float* top_p) const {
   const Shape& sh = stack_->shape();
   const int64_t T = batch * seq, H = sh.hidden, d = sh.head_dim, V = vocab();
   if (T == 0) return;
@@ -43,13 +43,13 @@ void CausalLM::step(const int64_t* ids, int64_t batch, int64_t seq, KVCache& cac
       std::memcpy(cos + (b * seq + s) * d, cos_ + p * d, size_t(d) * sizeof(float));
       std::memcpy(sin + (b * seq + s) * d, sin_ + p * d, size_t(d) * sizeof(float));
     }
-  stack_->forward(x, x, batch, seq, MaskView{}, false, cos, sin, &cache, false, threads, thresholds, 0, top_p);
+  stack_->forward(x, x, batch, seq, MaskView{}, false, cos, sin, &cache, false, threads, thresholds, level, top_p);
   // only each row's last token goes on: final norm, head, argmax
   float* last = grow(buf.last, batch * H);
   for (int64_t b = 0; b < batch; ++b) std::memcpy(last + b * H, x + (b * seq + seq - 1) * H, size_t(H) * sizeof(float));
   if (stack_->final_norm().weight) norm_rows(stack_->final_norm(), last, nullptr, last, batch, H, threads);
   float* out = logits ? logits : grow(buf.logits, batch * V);
-  project(head_, last, batch, out, Activation::None, threads, thresholds);
+  project(head_, last, batch, out, Activation::None, threads, thresholds, level);
   for (int64_t b = 0; b < batch; ++b) next[b] = ops.argmax(out + b * V, V);
 }
 

@@ -26,10 +26,10 @@ class CausalLM {
   // Runs ids [batch, seq] as the next `seq` positions of every row of `cache`; writes the logits of
   // each row's last token to logits [batch, vocab] (null: kept internal) and their argmax to next.
   // The caller has checked ids < vocab and cache->length + seq <= min(capacity, positions).
-  // `thresholds`: activation sparsity of the blocks' and the head's projections; `top_p`: the MoE
-  // blocks' adaptive routing (both as Stack::forward).
+  // `thresholds`: activation sparsity of the blocks' and the head's projections; `level`: the elastic
+  // level every elastic projection runs; `top_p`: the MoE blocks' adaptive routing (all as Stack::forward).
   void step(const int64_t* ids, int64_t batch, int64_t seq, KVCache& cache, float* logits, int64_t* next,
-            int threads, const float* thresholds = nullptr, const float* top_p = nullptr) const;
+            int threads, const float* thresholds = nullptr, int level = 0, const float* top_p = nullptr) const;
 
   int64_t vocab() const { return head_.linear->args().out; }
   int64_t positions() const { return positions_; }

@@ -23,7 +23,13 @@ from .errors import (  # noqa: E402
 )
 from .experts.adaptive import set_routing  # noqa: E402
 from .io import load, save  # noqa: E402
-from .nn import QuantizedEmbedding, SparseLinear, set_activation_sparsity, set_sparsity  # noqa: E402
+from .nn import (  # noqa: E402
+    QuantizedEmbedding,
+    SparseLinear,
+    set_activation_sparsity,
+    set_num_threads,
+    set_sparsity,
+)
 from .pipeline import compress  # noqa: E402
 from .recipe import Recipe  # noqa: E402
 from .interop.hf.quantizer import register as _register_with_transformers  # noqa: E402
@@ -52,6 +58,7 @@ __all__ = [
     "load_sentence_transformer",
     "save",
     "set_activation_sparsity",
+    "set_num_threads",
     "set_sparsity",
     "set_routing",
 ]

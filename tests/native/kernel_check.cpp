@@ -287,7 +287,7 @@ void check_int8(const KernelTable& t, const std::string& isa, int64_t out, int64
   if (w.n_groups != 1) return;
   // gather rows (very sparse weights, few tokens; the layout is built the same at any density)
   if (t.gather_i8) {
-    const sp::GatherRows rows = sp::prepare_gather_rows(m);
+    const sp::GatherRows rows = sp::prepare_gather_rows(m, t.gather_layout);
     check(rows.records != nullptr, isa + " " + describe("prepare_gather_rows", w, batch, density));
     LinearArgs gr = m;
     sp::use_gather_rows(rows, gr);

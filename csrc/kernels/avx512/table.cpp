@@ -9,10 +9,13 @@ void activate(float* y, int64_t batch, int64_t stride, int64_t c0, int64_t c1, A
   act::activate(y, batch, stride, c0, c1, kind);
 }
 
+// gather rows up to this many tokens (measured: from there the row kernels win)
+constexpr int kGatherMaxBatch = 2;
+
 const KernelTable& table() {
   static const KernelTable t = {"avx512", masked_i8, dense_i8, masked_f32, masked_bf16, csr_f32, csr_i8,
                                  quantize, activate, masked_gemm_i8, dense_gemm_i8, false, true, true, 4, 17, tile_panel_bytes, pack_tile_panel, attend,
-                                 false, masked_gemm_i8_sum};
+                                 false, masked_gemm_i8_sum, gather_i8, kGatherMaxBatch, GatherLayout::Windows256};
   return t;
 }
 

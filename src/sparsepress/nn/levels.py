@@ -4,6 +4,9 @@ A model's `RuntimeLevels` holds the current value of each runtime knob. Switchin
 assignment; a forward pre-hook on the model's root takes a snapshot of the values for the calling
 thread when a call starts and drops it when the call ends, and the layers read that snapshot. So a call
 in flight keeps the level it started with while another thread switches: it never sees a mix.
+A knob that acts on the calling thread rather than on layers (the thread count, `nn/threads.py`)
+registers a per-call handler with `on_call`: it runs with the snapshot's value when the call starts, and
+what it returns undoes it when the call ends.
 
 Example:
     >>> import torch
@@ -18,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from torch import nn
@@ -31,6 +35,7 @@ class RuntimeLevels:
     def __init__(self) -> None:
         self._values: dict[str, float] = {}
         self._offered: dict[str, tuple[float, ...]] = {}
+        self._handlers: dict[str, Callable[[float], Callable[[], None]]] = {}
         self._local = threading.local()
 
     @classmethod
@@ -48,6 +53,7 @@ class RuntimeLevels:
         # a copied model follows its own levels (its copied hooks are bound to this copy)
         copy = RuntimeLevels()
         copy._values, copy._offered = dict(self._values), dict(self._offered)
+        copy._handlers = dict(self._handlers)
         memo[id(self)] = copy
         return copy
 
@@ -67,6 +73,21 @@ class RuntimeLevels:
             raise ValueError(f"{knob} level {value!r} is not stored in this model; stored levels: {stored}")
         self._values = {**self._values, knob: float(value)}  # one assignment: readers see old or new
 
+    def on_call(self, knob: str, enter: Callable[[float], Callable[[], None]]) -> None:
+        """Run `enter(value)` on the calling thread when a call starts with `knob` set; the callable it
+        returns runs when that call ends (also when it raises).
+
+        Example:
+            >>> import torch
+            >>> model, seen = torch.nn.Identity(), []
+            >>> levels = RuntimeLevels.of(model)
+            >>> levels.offer("demo", [1.0]); levels.set("demo", 1.0)
+            >>> levels.on_call("demo", lambda v: (seen.append(("in", v)), lambda: seen.append("out"))[1])
+            >>> _ = model(torch.ones(1)); seen
+            [('in', 1.0), 'out']
+        """
+        self._handlers = {**self._handlers, knob: enter}
+
     def get(self, knob: str, default: float = 0.0) -> float:
         """The value this thread's call started with (the current one outside a call)."""
         values = getattr(self._local, "values", None)
@@ -75,13 +96,18 @@ class RuntimeLevels:
     def _enter(self, _module: nn.Module, _args: Any) -> None:
         depth = getattr(self._local, "depth", 0)
         if depth == 0:
-            self._local.values = self._values
+            values = self._values
+            self._local.values = values
+            self._local.undo = [enter(values[knob]) for knob, enter in self._handlers.items() if knob in values]
         self._local.depth = depth + 1
 
     def _leave(self, _module: nn.Module, _args: Any, _output: Any) -> None:
         self._local.depth -= 1
         if self._local.depth == 0:
             self._local.values = None
+            for undo in reversed(self._local.undo):
+                undo()
+            self._local.undo = []
 
 
 def runtime_levels(module: nn.Module) -> RuntimeLevels | None:

@@ -4,8 +4,8 @@ head and argmax in one call per token (`_native.CausalLM.step`).
 transformers' `generate()` keeps working on the same model (through its modules and HF's cache); this
 is the faster path for greedy decoding. The embedding table may be float32 or int8 / int4
 (`QuantizedEmbedding`); the LM head a packed layer (int8, dense or sparse) or a float32 Linear (run
-from its own storage by the float kernel). Activation sparsity applies in every step at the level set
-when `generate` starts (`sp.set_activation_sparsity`). MoE decoders decode the same way (their MoE
+from its own storage by the float kernel). Activation sparsity and nested elastic levels apply in every
+step at the levels set when `generate` starts (`sp.set_activation_sparsity`, `sp.set_sparsity`). MoE decoders decode the same way (their MoE
 blocks are blocks of the Stack, `moe_plan`), with the adaptive routing (`sp.set_routing`) set when
 `generate` starts; the experts' counts reach each layer's `RoutedExperts.counts` when it returns.
 
@@ -86,8 +86,6 @@ class NativeDecoder:
             raise InputError(type(model).__name__, "no native decoder plan (a supported causal LM with packed block layers)"
                              + (f": {why}" if why else ""))
         plan: StackPlan = forward.plan
-        if plan.stack.elastic_levels:  # a decode step carries no level; the model's own generate runs them
-            raise InputError(type(model).__name__, "the native decoder does not run elastic sparsity levels")
         rope_type = getattr(plan.rotary, "rope_type", "default")
         if plan.rotary is None or rope_type not in STATIC_ROPE:
             raise InputError(type(model).__name__, f"rotary embedding {rope_type!r} is not supported natively")
@@ -128,7 +126,7 @@ class NativeDecoder:
         lm, (cache, *_) = self._session(ids.shape[0], ids.shape[1], [0] * ids.shape[0])
         logits = torch.empty(ids.shape[0], lm.vocab)
         lm.step(ids, cache, torch.empty(ids.shape[0], dtype=torch.int64), logits, torch.get_num_threads(),
-                self.plan.guard.thresholds(), self._top_p())
+                self.plan.guard.thresholds(), self.plan.guard.level(), self._top_p())
         self._flush()
         return logits
 
@@ -153,14 +151,15 @@ class NativeDecoder:
         lm, keep = self._session(batch, prompt + max_new_tokens, pads)
         cache = keep[0]
         threads = torch.get_num_threads()
-        thresholds = self.plan.guard.thresholds()  # one level for the whole generation
-        top_p = self._top_p()  # and one routing setting
+        # one activation level, one elastic level (`sp.set_sparsity`) and one routing setting for the generation
+        thresholds, level = self.plan.guard.thresholds(), self.plan.guard.level()
+        top_p = self._top_p()
         nxt = torch.empty(batch, dtype=torch.int64)
         pieces = [ids]
         finished = torch.zeros(batch, dtype=torch.bool)
         filler = eos_token_id if pad_token_id is None else pad_token_id
         start = time.perf_counter()
-        lm.step(ids, cache, nxt, None, threads, thresholds, top_p)
+        lm.step(ids, cache, nxt, None, threads, thresholds, level, top_p)
         self.timing = DecodeTiming(prompt_tokens=batch * prompt, prefill_s=time.perf_counter() - start)
         start = time.perf_counter()
         for produced in range(1, max_new_tokens + 1):
@@ -173,7 +172,7 @@ class NativeDecoder:
                 on_token(token)
             if produced == max_new_tokens or bool(finished.all()):
                 break
-            lm.step(token.unsqueeze(1), cache, nxt, None, threads, thresholds, top_p)
+            lm.step(token.unsqueeze(1), cache, nxt, None, threads, thresholds, level, top_p)
         self.timing.new_tokens = len(pieces) - 1
         self.timing.decode_s = time.perf_counter() - start
         self._flush()
