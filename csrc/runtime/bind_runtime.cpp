@@ -438,7 +438,7 @@ void bind(nb::module_& m) {
            nb::arg("table"), nb::arg("scales").none(), nb::arg("bits"), nb::arg("head"), nb::arg("cos"), nb::arg("sin"))
       .def("step", &PyCausalLM::step, nb::arg("ids"), nb::arg("cache"), nb::arg("next"),
            nb::arg("logits").none() = nb::none(), nb::arg("n_threads") = 1, nb::arg("thresholds").none() = nb::none(),
-           nb::arg("level") = 0,
+           nb::arg("level") = 0, nb::arg("top_p").none() = nb::none(),
            "Runs ids [batch, seq] as the cache's next positions; next[b] = argmax of row b's last logits;\n"
            "thresholds: float32 activation-sparsity thresholds indexed by the projections' slots; level: the\n"
            "elastic level index every elastic projection runs (0: the lowest sparsity); top_p: float32 adaptive-routing\n"
