@@ -51,16 +51,20 @@ def damped(hessian: torch.Tensor, dampening: float) -> torch.Tensor:
     return damp_(hessian.to(torch.float64, copy=True), dampening)
 
 
-def _solve_cg(target: torch.Tensor, hessian: torch.Tensor, keep: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+def _solve_cg(weight: torch.Tensor, hessian: torch.Tensor, dampening: float, keep: torch.Tensor,
+              start: torch.Tensor) -> torch.Tensor:
     # Every row at once: products are one GEMM with H, masked back onto each row's kept set. H is
     # scaled to a unit diagonal first (the Jacobi preconditioner, applied symmetrically), which also
-    # makes float32 products (twice float64's rate, half its memory) accurate enough.
-    scale = hessian.diagonal().clamp(min=1e-300).rsqrt()
-    scaled = hessian * scale.unsqueeze(1) * scale.unsqueeze(0)
+    # makes float32 products (twice float64's rate, half its memory) accurate enough. One float64 copy
+    # of H, damped and then scaled in place (the same bits as scaled copies), freed before the steps.
+    scaled = damped(hessian, dampening)
+    target = weight.to(torch.float64) @ scaled
+    scale = scaled.diagonal().clamp(min=1e-300).rsqrt()
+    scaled.mul_(scale.unsqueeze(1)).mul_(scale.unsqueeze(0))
     unit = scaled.float()
     mask = keep.float()
     rhs = (target * scale).float() * mask
-    y = (start / scale).float() * mask
+    y = (start.to(torch.float64) / scale).float() * mask
     residual = (rhs.double() - y.double() @ scaled).float() * mask  # the start's residual, exact
     del scaled
     direction = residual.clone()
@@ -97,7 +101,4 @@ def refit_kept(weight: torch.Tensor, hessian: torch.Tensor, keep: torch.Tensor, 
         [0.0, -2.0]
     """
     keep = keep & (hessian.diagonal() != 0).unsqueeze(0)
-    work = damped(hessian, dampening)
-    target = weight.to(torch.float64) @ work
-    seed = (start if start is not None else weight).to(torch.float64)
-    return _solve_cg(target, work, keep, seed).float() * keep
+    return _solve_cg(weight, hessian, dampening, keep, start if start is not None else weight).float() * keep
