@@ -71,3 +71,14 @@ def test_ridge_solves_in_one_buffer_equal_fresh_factors():
         shifted.diagonal().add_(rho)
         fresh = torch.cholesky_solve(rhs.T, torch.linalg.cholesky(shifted).float()).T
         assert torch.equal(ridge.solve(rhs, rho), fresh)
+
+
+def test_refit_in_row_chunks_equals_the_whole_rows(monkeypatch):
+    from sparsepress.prune import refit
+
+    hessian = _stats(90, dead=2, seed=7).hessian
+    g = torch.Generator().manual_seed(8)
+    weight, keep = torch.randn(600, 90, generator=g), torch.rand(600, 90, generator=g) < 0.5
+    chunked = refit.refit_kept(weight, hessian, keep)
+    monkeypatch.setattr(refit, "ROW_CHUNK", 10_000)  # the reference: every row in one float64 temporary
+    assert torch.equal(chunked, refit.refit_kept(weight, hessian, keep))
