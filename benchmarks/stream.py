@@ -181,7 +181,12 @@ def child(args: argparse.Namespace) -> None:
         ids = [torch.randint(0, vocab, (args.seq_len,), generator=gen) for _ in range(args.samples)]
         recipe = {"stages": [{"prune": {"method": args.method, "sparsity": args.sparsity}},
                              {"quantize": {"method": "gptq" if args.method == "sparsegpt" else "rtn", "bits": 8}}],
-                  "format": "bitmask", "solver": SOLVERS[args.solver]}
+                  "format": "bitmask", "solver": {**SOLVERS[args.solver],
+                                                  **({"mask_search": args.mask_search} if args.mask_search is not None else {})}}
+        if args.cg_steps is not None:
+            from sparsepress.prune import refit
+
+            refit.CG_ITERATIONS = args.cg_steps  # a benchmark's shortcut for memory-only readings
         last = [time.perf_counter()]
 
         def progress(what: str, done: int, total: int) -> None:
@@ -225,6 +230,10 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--solver", default="default", choices=sorted(SOLVERS))
+    parser.add_argument("--mask-search", type=int, default=None,
+                        help="ADMM steps (default: the solver's); with --cg-steps a short memory-only reading: "
+                             "every step reuses the same buffers, so the peak does not depend on their count")
+    parser.add_argument("--cg-steps", type=int, default=None, help="refit iterations (default: the library's)")
     parser.add_argument("--no-save", dest="save", action="store_false")
     parser.add_argument("--no-spill", dest="spill", action="store_false",
                         help="keep finished blocks' packed tensors in memory until the save (as before spilling)")
@@ -252,6 +261,8 @@ def main() -> None:
         command = [sys.executable, __file__, "--child", str(folder), "--out", str(out), "--method", args.method,
                    "--sparsity", str(args.sparsity), "--samples", str(args.samples), "--seq-len", str(args.seq_len),
                    "--batch-size", str(args.batch_size), "--solver", args.solver] + ([] if args.save else ["--no-save"]) + \
+            (["--mask-search", str(args.mask_search)] if args.mask_search is not None else []) + \
+            (["--cg-steps", str(args.cg_steps)] if args.cg_steps is not None else []) + \
             ([] if args.spill else ["--no-spill"])
         start = time.perf_counter()
         peak = 0

@@ -174,7 +174,10 @@ class BlockSolver:
                     layer_stats = stats.get(name)
                     if layer_stats is not None and layer_stats.n_tokens == 0 and self.ctx.nonfinite == "skip":
                         raise PoisonedWeightError(name, "calibration activations (every calibration token was dropped)")
-                    self._compress_layer(name, members[name], layer_stats)
+                targets = self._settle(group, members, stats)
+                for name in group:
+                    self._compress_layer(name, members[name], stats.get(name), targets.pop(name))
+                del stats, targets
             release_file_pages(dense_weights)
             del dense_weights
             trim_heap()
@@ -231,6 +234,32 @@ class BlockSolver:
         warn_dropped(ctx.dropped)
         return self.calibration.finish(block, stats, inputs)
 
+    def _settle(self, group: list[str], members: dict[str, nn.Module],
+                stats: dict[str, LayerStats]) -> dict[str, torch.Tensor]:
+        """Each layer's float32 weight to solve for (moved toward its dense target when the solve aims at
+        the dense model), then every statistics object of the group settled (`LayerStats.settle`): the
+        layers sharing one (q, k, v) share one factorisation, and the solve holds one Hessian per input."""
+        weights = {name: members[name].weight.detach().float() for name in group}
+        aims: dict[int, tuple[LayerStats, dict[float, list[str]]]] = {}
+        for name in group:
+            layer_stats = stats.get(name)
+            if layer_stats is None:
+                continue
+            _, by_dampening = aims.setdefault(id(layer_stats), (layer_stats, {}))
+            prune, quant = self._stages_for(name, self.ctx.targets.get(name, LayerTarget()))
+            if layer_stats.tracks_dense and (prune or quant) is not None:
+                by_dampening.setdefault((prune or quant).dampening, []).append(name)  # type: ignore[union-attr]
+        strength = self.recipe.solver.dense_target
+        for layer_stats, by_dampening in aims.values():
+            *others, last = list(by_dampening.items()) or [(0.01, [])]
+            for dampening, names in others:  # layers of one input with other dampenings: rare, unsettled
+                for name in names:
+                    weights[name] = layer_stats.dense_target(weights[name], strength, dampening)
+            dampening, names = last
+            for name, target in zip(names, layer_stats.settle([weights[n] for n in names], strength, dampening)):
+                weights[name] = target
+        return weights
+
     def _stages_for(self, name: str, target: LayerTarget) -> tuple[PruneStage | None, QuantizeStage | None]:
         """The prune and quantize stages of layer `name`: the recipe's, with the target's overrides."""
         prune = self.prune if name in self.prune_targets else None
@@ -245,17 +274,13 @@ class BlockSolver:
                 update={"bits": target.bits, "group_size": target.group_size})
         return prune, quant
 
-    def _compress_layer(self, name: str, layer: nn.Linear, stats: LayerStats | None) -> None:
+    def _compress_layer(self, name: str, layer: nn.Linear, stats: LayerStats | None, weight: torch.Tensor) -> None:
         target = self.ctx.targets.get(name, LayerTarget())
         prune, quant = self._stages_for(name, target)
         mask = self.ctx.masks.get(name) if self.mode == "finish" else None
         sparsity = target.sparsity if prune is not None else None
         if sparsity is not None and self.level != 1.0:
             sparsity *= self.level
-        weight = layer.weight.detach().float()
-        if stats is not None and stats.tracks_dense and (prune or quant) is not None:
-            weight = stats.dense_target(weight, self.recipe.solver.dense_target,
-                                        (prune or quant).dampening)  # type: ignore[union-attr]
         refit = self.recipe.solver.refit and stats is not None
         correct = stats is not None and stats.tracks_dense and self.recipe.solver.bias_correction and layer.bias is not None
         if prune is not None and target.elastic:  # never in the prune / finish modes (LayerSolvePass.plan)

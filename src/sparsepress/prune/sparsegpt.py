@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable, Protocol
@@ -47,16 +48,52 @@ def _damped_copy(hessian: torch.Tensor, damp: float, *, reversed_: bool = False)
     return work
 
 
-def _upper_inverse_factor(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, int]:
+def diagonal_mean(values: torch.Tensor) -> float:
+    """Mean of a float64 vector summed as torch sums a matrix diagonal (a strided view).
+
+    torch reduces a strided vector in another order than a contiguous one, so a diagonal gathered in
+    another column order (or repaired) gives the very bits of its permuted matrix's `diagonal().mean()`
+    only when summed strided too; every stride but 1 sums alike.
+
+    Example:
+        >>> h = torch.rand(50, 50, dtype=torch.float64)
+        >>> diagonal_mean(h.diagonal().clone()) == float(h.diagonal().mean())
+        True
+    """
+    strided = torch.empty(2 * values.numel(), dtype=torch.float64)[::2]
+    strided.copy_(values)
+    return float(strided.mean())
+
+
+def _reversed_work(hessian: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
+    # H in the sweep's order, reversed, as one new float64 tensor in column-major layout (the layout
+    # torch's out-of-place Cholesky writes: the factor made in place of it then has the same bits).
+    # One gather from the transpose (it writes row-major, so its transpose is the column-major copy;
+    # flip would keep the input's layout).
+    index = torch.arange(hessian.shape[0] - 1, -1, -1) if order is None else order.flip(0)
+    work = hessian.t()[index.unsqueeze(1), index.unsqueeze(0)]
+    return (work if work.dtype == torch.float64 else work.to(torch.float64)).t()
+
+
+def _upper_inverse_factor(hessian: torch.Tensor, damp: float, order: torch.Tensor | None = None,
+                          dtype: torch.dtype = torch.float64, repair_dead: bool = False) -> tuple[torch.Tensor, int]:
     # U with U^T U = A^-1 from one Cholesky and one triangular inverse: with J the reversal, J A J = M M^T
     # gives A = (J M J)(J M J)^T with J M J upper, so U = (J M J)^-1 = J M^-1 J. cholesky_inverse and a
     # second Cholesky (the reference) cost 20x more on MKL for a 1536-wide layer (3.5 s against 0.2).
-    lower, info = torch.linalg.cholesky_ex(_damped_copy(hessian, damp, reversed_=True))
+    # Two [in, in] float64 at most: the Cholesky overwrites its copy of H and the triangular solve its
+    # identity (column-major, the layout LAPACK writes, so the bits are those of the out-of-place calls).
+    work = _reversed_work(hessian, order)
+    if repair_dead:
+        work.diagonal().masked_fill_(work.diagonal() == 0, 1.0)
+    work.diagonal().add_(damp)
+    info = torch.empty((), dtype=torch.int32)
+    torch.linalg.cholesky_ex(work, out=(work, info))
     if int(info) != 0:
-        return lower, int(info)
-    inverse = torch.linalg.solve_triangular(lower, torch.eye(lower.shape[0], dtype=lower.dtype), upper=False)
-    del lower
-    return inverse.flip(0, 1), 0
+        return work, int(info)
+    inverse = torch.eye(work.shape[0], dtype=work.dtype).t()
+    torch.linalg.solve_triangular(work, inverse, upper=False, out=inverse)
+    del work
+    return inverse.to(dtype).flip(0, 1), 0
 
 
 def _upper_inverse_factor_reference(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, int]:
@@ -69,13 +106,18 @@ def _upper_inverse_factor_reference(hessian: torch.Tensor, damp: float) -> tuple
     return upper, int(info)
 
 
-def inverse_hessian_cholesky(hessian: torch.Tensor, dampening: float, *, reference: bool = False) -> torch.Tensor:
-    """Upper Cholesky factor U of (H + damp * mean(diag H) * I)^-1, in float64.
+def inverse_hessian_cholesky(hessian: torch.Tensor, dampening: float, *, reference: bool = False,
+                             order: torch.Tensor | None = None, dtype: torch.dtype = torch.float64,
+                             repair_dead: bool = False) -> torch.Tensor:
+    """Upper Cholesky factor U of (H + damp * mean(diag H) * I)^-1, in float64 (or `dtype`).
 
     Row j of U is the inverse Hessian of the columns j.. (still to process) scaled by 1/sqrt of its
     diagonal, which is what the OBS update of column j needs. Dampening grows x10 until H is positive
-    definite. `reference`: the textbook route (Cholesky, its inverse, the inverse's Cholesky), which
-    the default one-factorisation route equals up to rounding.
+    definite. `repair_dead`: inputs never active (H_jj == 0) count as H_jj = 1 (`repair_dead_inputs`,
+    without its copy of H). `order`: the factor of H with rows and columns in that order
+    (`H[order][:, order]`, without that copy).
+    `reference`: the textbook route (Cholesky, its inverse, the inverse's Cholesky), which the default
+    one-factorisation route equals up to rounding.
 
     Example:
         >>> import torch
@@ -84,13 +126,20 @@ def inverse_hessian_cholesky(hessian: torch.Tensor, dampening: float, *, referen
     """
     # One working copy, damped on its diagonal in place, and each factor freed as soon as the next
     # exists: the Hessian of a wide layer (11008 inputs: ~1 GB in float64) must not be held 5 times.
-    factor = _upper_inverse_factor_reference if reference else _upper_inverse_factor
-    mean_diag = float(hessian.diagonal().double().mean())
+    if reference:
+        hessian = hessian if order is None else hessian[order][:, order]
+        if repair_dead:
+            hessian = repair_dead_inputs(hessian, torch.zeros(0, hessian.shape[1]))[0]
+        order, repair_dead, factor = None, False, _upper_inverse_factor_reference
+    else:
+        factor = functools.partial(_upper_inverse_factor, order=order, dtype=dtype, repair_dead=repair_dead)
+    diagonal = (hessian.diagonal() if order is None else hessian.diagonal()[order]).to(torch.float64)
+    mean_diag = diagonal_mean(diagonal.masked_fill(diagonal == 0, 1.0) if repair_dead else diagonal)
     damp = dampening * mean_diag if mean_diag > 0 else dampening
     for _ in range(6):
         upper, info = factor(hessian, damp)
         if info == 0:
-            return upper
+            return upper.to(dtype)
         damp = max(damp * 10.0, 1e-8)
     raise ValueError("the calibration Hessian is not positive definite even with strong dampening")
 
@@ -212,11 +261,15 @@ def obs_sweep(
     blocksize: int,
     selector: SweepSelector | None = None,
     quantizer: ColumnQuantizer | None = None,
+    order: torch.Tensor | None = None,
 ) -> SweepResult:
     """Process columns left to right: prune / quantize each and compensate its error (OBS) on the rest.
 
     Blocks are widened to a multiple of the selector's and quantizer's groups so a group never
-    straddles the lazy-update boundary.
+    straddles the lazy-update boundary. `order` (a permutation of the columns): sweep them in that
+    order instead (GPTQ's act_order), as if `weight[:, order]` with `hessian[order][:, order]` were swept,
+    without that permuted copy of H; the selector and quantizer see sweep positions, the results are
+    in the original column order. Inputs never active (H_jj == 0) are zeroed.
 
     Example:
         >>> import torch
@@ -225,9 +278,12 @@ def obs_sweep(
         >>> out.weight.tolist(), out.pruned.tolist()
         ([[0.0, 2.0]], [[True, False]])
     """
-    hessian, work = repair_dead_inputs(hessian, weight)
+    # H itself is only read: the factor is built from one copy of it (a wide layer's H is ~1 GB).
+    work = weight.detach().float().clone() if order is None else weight.detach().float()[:, order]
+    dead = hessian.diagonal() == 0
+    work[:, dead if order is None else dead[order]] = 0.0
     rows, cols = work.shape
-    upper = inverse_hessian_cholesky(hessian, dampening).to(work.dtype)
+    upper = inverse_hessian_cholesky(hessian, dampening, order=order, dtype=work.dtype, repair_dead=True)
     diag = upper.diagonal()
     pruned = torch.zeros(rows, cols, dtype=torch.bool)
     q_all = torch.zeros(rows, cols) if quantizer is not None else None
@@ -260,6 +316,10 @@ def obs_sweep(
             errors[:, i] = error
         work[:, i1:i2] = done
         work[:, i2:] -= errors @ upper[i1:i2, i2:]
+    if order is not None:
+        inverse = torch.argsort(order)
+        work, pruned = work[:, inverse], pruned[:, inverse]
+        q_all = q_all[:, inverse] if q_all is not None else None
     return SweepResult(work, pruned, q_all)
 
 

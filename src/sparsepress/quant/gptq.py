@@ -114,8 +114,6 @@ def quantize_gptq(
         order = order if permuted is not None else None
         selector = permuted if permuted is not None else selector
     quantizer = _build_quantizer(weight, fixed, quant, order)
-    if order is not None:
-        weight, hessian = weight[:, order], hessian[order][:, order]
     result = obs_sweep(
         weight,
         hessian,
@@ -123,12 +121,10 @@ def quantize_gptq(
         blocksize=quant.blocksize if blocksize is None else blocksize,
         selector=selector,
         quantizer=quantizer,
+        order=order,
     )
     q, pruned = result.q, result.pruned
     assert q is not None
-    if order is not None:
-        inverse = torch.argsort(order)
-        q, pruned = q[:, inverse], pruned[:, inverse]
     q = q.to(torch.int8)
     keep = ~pruned if selector is not None else None
     return GptqResult(q, quantizer.scales, dequantize(q, quantizer.scales, quant.group_size), keep)
